@@ -1,0 +1,1 @@
+from shared.queue.port import MAX_BATCH, MessageQueue, QueueDepths, ReceivedMessage  # noqa: F401

@@ -1,0 +1,12 @@
+from shared.state.port import (  # noqa: F401
+    Claim,
+    ClaimOutcome,
+    ClaimResult,
+    ClaimStatus,
+    CopiedMessage,
+    FailureRecord,
+    RouteCounts,
+    StateStore,
+    UidKey,
+    Watermark,
+)

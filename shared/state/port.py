@@ -1,0 +1,202 @@
+"""The state store port: what the pipeline needs to remember, whatever holds it.
+
+Layout (DESIGN.md): per route a WATERMARK, a claim per source UID (`UID#<uidvalidity>#<uid>`),
+a failure record per UID (`FAIL#...`), and a fingerprint per copied message (`FP#...`).
+Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlite.SqliteStateStore`
+(embedded). Both pass the same contract suite, `tests/integration/test_state_contract.py`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from shared.message_ref import UidKey
+
+__all__ = [
+    "Claim",
+    "ClaimOutcome",
+    "ClaimResult",
+    "ClaimStatus",
+    "CopiedMessage",
+    "FailureRecord",
+    "RouteCounts",
+    "StateStore",
+    "UidKey",
+    "Watermark",
+]
+
+# Failure text kept in state is cut here: enough to act on, never a whole server dump.
+MAX_ERROR_TEXT = 1000
+
+
+class ClaimStatus(StrEnum):
+    IN_PROGRESS = "in_progress"
+    # APPEND was sent (or about to be): whoever takes the claim over must look in the destination
+    # before appending again. It stays APPENDING across takeovers until finalized.
+    APPENDING = "appending"
+    DONE = "done"
+    SKIPPED = "skipped"
+    # Released after an error; claimable again at once.
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (ClaimStatus.DONE, ClaimStatus.SKIPPED)
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"  # the caller owns the claim now (new, released, or lease expired)
+    FINAL = "final"  # done or skipped already: acknowledge and move on
+    HELD = "held"  # another owner's lease is still live
+
+
+@dataclass(frozen=True)
+class Watermark:
+    uidvalidity: int
+    last_uid: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: UidKey
+    status: ClaimStatus
+    owner: str | None
+    lease_until: float  # epoch seconds; 0 when released
+    attempts: int  # how many times it was claimed
+    dest_uid: int | None = None
+    fingerprint: str | None = None
+    reason: str | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    outcome: ClaimOutcome
+    # CLAIMED: the claim as now held (status APPENDING means a crashed append must be resolved);
+    # FINAL / HELD: the claim as found.
+    claim: Claim
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    key: UidKey
+    attempts: int
+    error_class: str
+    error_text: str
+    first_failure_at: float
+    last_failure_at: float
+
+
+@dataclass(frozen=True)
+class CopiedMessage:
+    """An `FP#` record: a message already copied, found by its fingerprint."""
+
+    route: str
+    fingerprint: str
+    uidvalidity: int
+    uid: int
+    dest_uid: int | None
+    copied_at: float
+
+
+@dataclass(frozen=True)
+class RouteCounts:
+    # Claims by status, e.g. {"done": 10, "skipped": 2}.
+    by_status: dict[str, int] = field(default_factory=dict)
+    # Skipped claims by their reason, e.g. {"duplicate": 1, "too large": 1}.
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    # Open failure records by error class.
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+class StateStore(abc.ABC):
+    """Every write that guards exactly-once is one conditional write (or one transaction).
+
+    Adapters raise `shared.errors.StateStoreUnavailable` when the backend cannot be reached,
+    and `shared.errors.ClaimLost` when a conditional change finds the caller no longer owns
+    the claim. Times come from the adapter's `clock` (epoch seconds), so tests can move it.
+    """
+
+    # -- watermark -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def read_watermark(self, route: str) -> Watermark | None: ...
+
+    @abc.abstractmethod
+    def advance_watermark(self, route: str, uidvalidity: int, last_uid: int) -> bool:
+        """Set the watermark when there is none, when `uidvalidity` differs from the stored one,
+        or when `last_uid` is above the stored one. Never moves it down for the same
+        uidvalidity: returns False (and writes nothing) then."""
+
+    # -- claims ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
+        """One conditional write. Claims when no claim exists, or when the claim is not final
+        and its lease has expired (released claims have lease 0). Increments `attempts`.
+        The new status is IN_PROGRESS, except that an APPENDING claim stays APPENDING."""
+
+    @abc.abstractmethod
+    def get_claim(self, key: UidKey) -> Claim | None: ...
+
+    @abc.abstractmethod
+    def extend_lease(self, key: UidKey, owner: str, lease_until: float) -> None:
+        """Raises ClaimLost unless `owner` holds a non-final claim."""
+
+    @abc.abstractmethod
+    def mark_appending(self, key: UidKey, owner: str) -> None:
+        """IN_PROGRESS or APPENDING -> APPENDING. Raises ClaimLost unless `owner` holds it."""
+
+    @abc.abstractmethod
+    def finalize(
+        self,
+        key: UidKey,
+        owner: str,
+        status: ClaimStatus,
+        *,
+        dest_uid: int | None = None,
+        fingerprint: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Make the claim DONE or SKIPPED, delete its failure record, and (DONE with a
+        fingerprint) put the `FP#` record: all in one transaction. Raises ClaimLost unless
+        `owner` holds a non-final claim; ValueError for a status that is not final."""
+
+    @abc.abstractmethod
+    def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
+        """Give the claim up after an error so it can be claimed again at once (lease 0).
+        Status becomes FAILED, except that an APPENDING claim stays APPENDING when
+        `append_outcome_unknown` (the APPEND may have reached the destination).
+        Raises ClaimLost unless `owner` holds a non-final claim."""
+
+    # -- failures --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def record_failure(self, key: UidKey, error_class: str, error_text: str) -> int:
+        """Upsert the failure record (text cut to MAX_ERROR_TEXT); returns its attempts.
+        The caller scrubs secrets from the text before it gets here."""
+
+    @abc.abstractmethod
+    def get_failure(self, key: UidKey) -> FailureRecord | None: ...
+
+    # -- fingerprints ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def find_copied(self, fingerprint: str, routes: Sequence[str]) -> CopiedMessage | None:
+        """The `FP#` record of `fingerprint` under any of `routes` (the routes that share one
+        destination folder), or None."""
+
+    # -- reporting and the gate ------------------------------------------------------------
+    @abc.abstractmethod
+    def route_counts(self, route: str) -> RouteCounts: ...
+
+    @abc.abstractmethod
+    def check_health(self) -> None:
+        """Write then read back a health item; raise StateStoreUnavailable naming the backend
+        and the cause when either fails. The fail-safe gate runs this before any IMAP."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where the state lives, for messages: `DynamoDB table T`, `SQLite /path`."""
+
+    def close(self) -> None:  # noqa: B027 - optional for adapters
+        """Release connections."""

@@ -1,0 +1,5 @@
+pytest_plugins = [
+    "tests.harness.aws",
+    "tests.harness.mail",
+    "tests.harness.oauth",
+]

@@ -1,0 +1,56 @@
+"""moto's server mode over HTTP, as boto3 reaches real AWS: one per test session."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """The endpoint URL of a moto server on loopback."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session", autouse=False)
+def aws_env(moto_server):
+    """Environment for boto3 (and the CLI in a subprocess) pointed at moto, with fake keys."""
+    values = {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    yield values
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def aws_client(aws_env):
+    """boto3 clients on moto: aws_client("sqs")."""
+
+    def make(service: str):
+        return boto3.client(service, endpoint_url=aws_env["AWS_ENDPOINT_URL"], region_name=REGION)
+
+    return make
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,1 @@
+"""Dovecot servers for tests (written next)."""

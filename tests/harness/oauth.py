@@ -1,0 +1,1 @@
+"""Local OAuth endpoints for tests (written next)."""
