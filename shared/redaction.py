@@ -1,0 +1,60 @@
+"""Keeps secrets out of everything a person or a log can read.
+
+Every secret the process learns (refresh tokens, access tokens, passwords, client secrets) is
+registered here the moment it is known; `scrub` replaces each with `[REDACTED]`. The log filter
+applies it to every record, and error texts pass through it before they are printed or stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+REDACTED = "[REDACTED]"
+# Shorter values would match ordinary words; no real token or password we handle is this short.
+MIN_SECRET_LENGTH = 6
+
+
+class SecretScrubber:
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, value: str | None) -> None:
+        if value and len(value) >= MIN_SECRET_LENGTH:
+            with self._lock:
+                self._secrets.add(value)
+
+    def scrub(self, text: str) -> str:
+        with self._lock:
+            secrets = sorted(self._secrets, key=len, reverse=True)
+        for secret in secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+scrubber = SecretScrubber()
+
+
+def register_secret(value: str | None) -> None:
+    scrubber.add(value)
+
+
+def scrub(text: str) -> str:
+    return scrubber.scrub(text)
+
+
+class ScrubbingFilter(logging.Filter):
+    """Formats each record's message once, scrubbed, so no handler sees the raw text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg = scrub(message)
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            # Tracebacks carry exception text; format it here, scrubbed, and drop the raw one.
+            formatted = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = scrub(formatted)
+            record.exc_info = None
+        return True

@@ -1,0 +1,433 @@
+"""All settings, from the environment, then `.env`, then AWS Secrets Manager (DESIGN.md).
+
+`load_settings()` is the one entry point. It returns a validated `Settings` whose `routes` are
+resolved (from `SYNC_ROUTES_JSON`, or the single-route fallback), or raises `SettingsInvalid`
+with one line per problem, each naming its place (`SYNC_ROUTES_JSON[1].outlook_folder`,
+`GMAIL_IMAP_PORT`, `secret mail-syncer/routes`) and never a value.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared.errors import SettingsInvalid
+from shared.redaction import register_secret
+
+ROUTE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# IMAP list wildcards and control characters can never be part of a folder we create or select.
+FORBIDDEN_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f*%]")
+FOLDER_SEPARATOR = "/"
+
+Auth = Literal["xoauth2", "password"]
+
+
+def validate_folder(value: str) -> str:
+    if not value or not value.strip():
+        raise ValueError("folder name is empty")
+    if value != value.strip():
+        raise ValueError("folder name has leading or trailing spaces")
+    if FORBIDDEN_FOLDER_CHARS.search(value):
+        raise ValueError("folder name has a control character, '*' or '%'")
+    parts = value.split(FOLDER_SEPARATOR)
+    if any(not part for part in parts):
+        raise ValueError(f"folder name has an empty level (separator is {FOLDER_SEPARATOR!r})")
+    if len(value.encode("utf-8")) > 255:
+        raise ValueError("folder name is longer than 255 bytes")
+    return value
+
+
+class Route(BaseModel):
+    """One Gmail folder copied into one folder of the Outlook mailbox."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="unique slug: lower-case letters, digits, '-'")
+    gmail_user: str
+    gmail_refresh_token: SecretStr | None = None
+    gmail_password: SecretStr | None = None
+    gmail_folder: str = "INBOX"
+    outlook_folder: str
+    since: dt.date | None = None
+    auth: Auth | None = None
+    gmail_imap_host: str | None = None
+    gmail_imap_port: int | None = Field(default=None, ge=1, le=65535)
+    gmail_imap_ssl: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not ROUTE_NAME_PATTERN.match(value):
+            raise ValueError("must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("gmail_user")
+    @classmethod
+    def _account(cls, value: str) -> str:
+        if not value.strip() or any(ch.isspace() for ch in value):
+            raise ValueError("must be an account name without spaces")
+        return value
+
+    @field_validator("gmail_folder", "outlook_folder")
+    @classmethod
+    def _folder(cls, value: str) -> str:
+        return validate_folder(value)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Route:
+        if self.auth is None and self.gmail_refresh_token is None and self.gmail_password is None:
+            raise ValueError("needs gmail_refresh_token or gmail_password")
+        if self.auth == "xoauth2" and self.gmail_refresh_token is None:
+            raise ValueError("auth is xoauth2 but gmail_refresh_token is missing")
+        if self.auth == "password" and self.gmail_password is None:
+            raise ValueError("auth is password but gmail_password is missing")
+        return self
+
+    @property
+    def source_auth(self) -> Auth:
+        if self.auth:
+            return self.auth
+        return "xoauth2" if self.gmail_refresh_token is not None or self.gmail_password is None else "password"
+
+
+_secret_values: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("secret_values", default={})
+
+
+class Settings(BaseSettings):
+    """Every setting of DESIGN.md's Configuration. Names are the upper-case env var names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    # Routes: SYNC_ROUTES_JSON, or the single-route fallback below it.
+    sync_routes_json: str | None = None
+    route_name: str = "default"
+    gmail_user: str | None = None
+    gmail_refresh_token: SecretStr | None = None
+    gmail_password: SecretStr | None = None
+    gmail_folder: str = "INBOX"
+    outlook_folder: str | None = None
+    since: dt.date | None = None
+
+    # The destination mailbox.
+    outlook_user: str | None = None
+    ms_client_id: str | None = None
+    ms_client_secret: SecretStr | None = None
+    ms_refresh_token: SecretStr | None = None
+    ms_tenant: str = "consumers"
+    outlook_password: SecretStr | None = None
+
+    # The Gmail OAuth client.
+    gmail_client_id: str | None = None
+    gmail_client_secret: SecretStr | None = None
+
+    # Endpoints: real services by default, local servers in tests.
+    gmail_imap_host: str = "imap.gmail.com"
+    gmail_imap_port: int = Field(default=993, ge=1, le=65535)
+    gmail_imap_ssl: bool = True
+    outlook_imap_host: str = "outlook.office365.com"
+    outlook_imap_port: int = Field(default=993, ge=1, le=65535)
+    outlook_imap_ssl: bool = True
+    imap_ca_bundle: Path | None = None
+    imap_timeout: float = Field(default=60.0, gt=0)
+    google_token_uri: str = "https://oauth2.googleapis.com/token"
+    ms_authority: str | None = None
+
+    # Where a route starts when it has no watermark.
+    fallback_since_days: int = Field(default=7, ge=0)
+
+    # Secrets Manager: comma-separated secret ids, each a JSON object merged in below env and .env.
+    aws_secrets_manager_secret_ids: str | None = None
+
+    # Backends: DynamoDB and SQS when named, else SQLite files.
+    state_table: str | None = None
+    state_db: Path | None = None
+    queue_url: str | None = None
+    dlq_url: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
+    # Local queue: deliveries of one message before it goes to the dead letters (SQS: the
+    # queue's RedrivePolicy decides).
+    max_receive_count: int = Field(default=5, ge=1, le=1000)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _routes: list[Route] = PrivateAttr(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: explicit env vars beat .env, which beats Secrets Manager.
+        secrets = InitSettingsSource(settings_cls, init_kwargs=dict(_secret_values.get()))
+        return init_settings, env_settings, dotenv_settings, secrets
+
+    @field_validator("gmail_folder", "outlook_folder")
+    @classmethod
+    def _folder(cls, value: str | None) -> str | None:
+        return None if value is None else validate_folder(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def routes(self) -> list[Route]:
+        return self._routes
+
+    @property
+    def state_db_path(self) -> Path:
+        return self.state_db or Path(platformdirs.user_state_dir("mail_syncer")) / "state.db"
+
+    @property
+    def ms_authority_url(self) -> str:
+        return (self.ms_authority or f"https://login.microsoftonline.com/{self.ms_tenant}").rstrip("/")
+
+    def route(self, name: str) -> Route:
+        for route in self._routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
+
+
+def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any = None) -> Settings:
+    """Read and validate every setting. Raises SettingsInvalid with one line per problem."""
+    location = _SecretsLocation(_env_file=env_file)  # type: ignore[call-arg]
+    secret_values = _read_secrets(location, secrets_client)
+    token = _secret_values.set(secret_values)
+    try:
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsInvalid(_problems(exc, place_of=_env_name, unknown="unknown setting in .env")) from None
+    finally:
+        _secret_values.reset(token)
+    settings._routes = _routes_of(settings)
+    _check_credentials(settings)
+    _register_secrets(settings)
+    return settings
+
+
+# -- Secrets Manager ---------------------------------------------------------------------
+
+
+class _SecretsLocation(BaseSettings):
+    """The few settings needed to find the secrets, read before everything else."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    aws_secrets_manager_secret_ids: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
+
+
+def _read_secrets(location: _SecretsLocation, client: Any) -> dict[str, Any]:
+    ids = [part.strip() for part in (location.aws_secrets_manager_secret_ids or "").split(",") if part.strip()]
+    if not ids:
+        return {}
+    if client is None:
+        from shared.aws import make_client
+
+        client = make_client("secretsmanager", location.aws_endpoint_url, location.aws_region)
+    merged: dict[str, Any] = {}
+    problems: list[str] = []
+    for secret_id in ids:
+        try:
+            merged.update(_read_secret(client, secret_id))
+        except SettingsInvalid as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SettingsInvalid(problems)
+    return merged
+
+
+def _read_secret(client: Any, secret_id: str) -> dict[str, Any]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    place = f"secret {secret_id}"
+    try:
+        response = client.get_secret_value(SecretId=secret_id)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "ResourceNotFoundException":
+            raise SettingsInvalid([f"{place} (AWS_SECRETS_MANAGER_SECRET_IDS): not found"]) from None
+        raise SettingsInvalid([f"{place}: cannot be read: {code}"]) from None
+    except BotoCoreError as exc:
+        raise SettingsInvalid([f"{place}: cannot be read: {type(exc).__name__}: {exc}"]) from None
+    text = response.get("SecretString")
+    if text is None:
+        raise SettingsInvalid([f"{place} is binary, not a JSON object"])
+    try:
+        data = json.loads(text)
+    except ValueError:
+        # The error position would point into the secret; say only that it is not JSON.
+        raise SettingsInvalid([f"{place} is not valid JSON"]) from None
+    if not isinstance(data, dict):
+        raise SettingsInvalid([f"{place} is not a JSON object"])
+    fields = Settings.model_fields
+    values: dict[str, Any] = {}
+    unknown = []
+    for key, value in data.items():
+        name = str(key).lower()
+        if name not in fields:
+            unknown.append(str(key))
+            continue
+        # Settings are env-style text; a nested list (SYNC_ROUTES_JSON) is kept as its JSON.
+        values[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    if unknown:
+        raise SettingsInvalid([f"{place}: unknown setting {key}" for key in sorted(unknown)])
+    return values
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+def _routes_of(settings: Settings) -> list[Route]:
+    if settings.sync_routes_json is not None:
+        return _routes_from_json(settings.sync_routes_json)
+    return [_fallback_route(settings)]
+
+
+def _routes_from_json(raw: str) -> list[Route]:
+    place = "SYNC_ROUTES_JSON"
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsInvalid([f"{place}: not valid JSON ({exc})"]) from None
+    if not isinstance(data, list) or not data:
+        raise SettingsInvalid([f"{place}: must be a non-empty JSON list of routes"])
+    try:
+        routes = TypeAdapter(list[Route]).validate_python(data)
+    except ValidationError as exc:
+        raise SettingsInvalid(_problems(exc, place_of=lambda loc: _json_place(place, loc))) from None
+    problems = []
+    seen: set[str] = set()
+    for index, route in enumerate(routes):
+        if route.name in seen:
+            problems.append(f"{place}[{index}].name: duplicate route name {route.name!r}")
+        seen.add(route.name)
+    if problems:
+        raise SettingsInvalid(problems)
+    return routes
+
+
+def _fallback_route(settings: Settings) -> Route:
+    missing = [
+        name
+        for name, value in (("GMAIL_USER", settings.gmail_user), ("OUTLOOK_FOLDER", settings.outlook_folder))
+        if not value
+    ]
+    if missing:
+        raise SettingsInvalid([f"{name}: required when SYNC_ROUTES_JSON is unset" for name in missing])
+    fields = {
+        "name": settings.route_name,
+        "gmail_user": settings.gmail_user,
+        "gmail_refresh_token": settings.gmail_refresh_token,
+        "gmail_password": settings.gmail_password,
+        "gmail_folder": settings.gmail_folder,
+        "outlook_folder": settings.outlook_folder,
+        "since": settings.since,
+    }
+    try:
+        return Route(**fields)
+    except ValidationError as exc:
+        names = {"name": "ROUTE_NAME"}
+
+        def place(loc: tuple) -> str:
+            if loc:
+                return names.get(str(loc[0]), str(loc[0]).upper())
+            return "GMAIL_REFRESH_TOKEN / GMAIL_PASSWORD"
+
+        raise SettingsInvalid(_problems(exc, place_of=place)) from None
+
+
+def _check_credentials(settings: Settings) -> None:
+    problems = []
+    if any(route.source_auth == "xoauth2" for route in settings.routes):
+        users = ", ".join(r.name for r in settings.routes if r.source_auth == "xoauth2")
+        for name in ("gmail_client_id", "gmail_client_secret"):
+            if getattr(settings, name) is None:
+                problems.append(f"{name.upper()}: required for XOAUTH2 on route {users}")
+    if not settings.outlook_user:
+        problems.append("OUTLOOK_USER: required (the destination mailbox)")
+    if settings.ms_refresh_token is None and settings.outlook_password is None:
+        problems.append("MS_REFRESH_TOKEN: required (or OUTLOOK_PASSWORD for a password login)")
+    if settings.ms_refresh_token is not None and not settings.ms_client_id:
+        problems.append("MS_CLIENT_ID: required with MS_REFRESH_TOKEN")
+    if settings.ms_refresh_token is not None and not settings.ms_authority_url.startswith("https://"):
+        problems.append("MS_AUTHORITY: must be an https:// URL (msal refuses plain http)")
+    if settings.imap_ca_bundle is not None and not settings.imap_ca_bundle.is_file():
+        problems.append(f"IMAP_CA_BUNDLE: no file at {settings.imap_ca_bundle}")
+    if problems:
+        raise SettingsInvalid(problems)
+
+
+def _register_secrets(settings: Settings) -> None:
+    values: Iterable[SecretStr | None] = [
+        settings.gmail_refresh_token,
+        settings.gmail_password,
+        settings.ms_client_secret,
+        settings.ms_refresh_token,
+        settings.outlook_password,
+        settings.gmail_client_secret,
+    ]
+    for route in settings.routes:
+        values = [*values, route.gmail_refresh_token, route.gmail_password]
+    for secret in values:
+        if secret is not None:
+            register_secret(secret.get_secret_value())
+
+
+# -- error text --------------------------------------------------------------------------
+
+
+def _problems(exc: ValidationError, *, place_of, unknown: str = "unknown key") -> list[str]:
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{place_of(loc)}: {unknown}")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{place_of(loc)}: {message}")
+    return problems
+
+
+def _env_name(loc: tuple) -> str:
+    return str(loc[0]).upper() if loc else "settings"
+
+
+def _json_place(root: str, loc: tuple) -> str:
+    place = root
+    for part in loc:
+        place += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return place

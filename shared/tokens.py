@@ -1,0 +1,192 @@
+"""OAuth access tokens for XOAUTH2, renewed from refresh tokens by the providers' own libraries.
+
+A `TokenSource` hands out an access token, cached until shortly before it expires, and can be
+told to forget it (after a login refused it). Google's refresh runs through google-auth,
+Microsoft's through msal; both POST a refresh grant to the configured endpoint, so tests point
+them at local stand-ins and the real refresh code runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+from urllib.parse import urlparse
+
+import google.auth.exceptions
+import google.auth.transport.requests
+import google.oauth2.credentials
+import msal
+import msal.authority
+import requests
+
+from shared.errors import TokenRefreshFailed
+from shared.redaction import register_secret, scrub
+
+GOOGLE_SCOPE = "https://mail.google.com/"
+# msal adds offline_access, openid and profile itself and refuses them in this list.
+MICROSOFT_SCOPES = ["https://outlook.office.com/IMAP.AccessAsUser.All"]
+# Renew this long before expiry, so a token never expires between fetch and use.
+EXPIRY_MARGIN_SECONDS = 300
+HTTP_TIMEOUT_SECONDS = 30
+
+
+class TokenSource(Protocol):
+    def access_token(self) -> str:
+        """A live access token, refreshed when the cached one is near expiry."""
+
+    def invalidate(self) -> None:
+        """Forget the cached access token; the next call refreshes."""
+
+
+class GoogleTokenSource:
+    def __init__(
+        self,
+        *,
+        account: str,
+        refresh_token: str,
+        client_id: str,
+        client_secret: str,
+        token_uri: str,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._account = account
+        self._credentials = google.oauth2.credentials.Credentials(
+            None,
+            refresh_token=refresh_token,
+            token_uri=token_uri,
+            client_id=client_id,
+            client_secret=client_secret,
+            scopes=[GOOGLE_SCOPE],
+        )
+        self._request = google.auth.transport.requests.Request(session or requests.Session())
+        self._token_uri = token_uri
+        self._lock = threading.Lock()
+        for secret in (refresh_token, client_secret):
+            register_secret(secret)
+
+    def access_token(self) -> str:
+        with self._lock:
+            # google-auth's `valid` already allows a margin (REFRESH_THRESHOLD) before expiry.
+            if not self._credentials.valid:
+                self._refresh()
+            return self._credentials.token
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._credentials.token = None
+
+    def _refresh(self) -> None:
+        try:
+            self._credentials.refresh(self._request)
+        except google.auth.exceptions.RefreshError as exc:
+            data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
+            error = data.get("error", "")
+            detail = data.get("error_description") or (str(exc.args[0]) if exc.args else "")
+            raise TokenRefreshFailed(
+                scrub(f"Google token refresh for {self._account} refused by {self._token_uri}: {error} {detail}".strip()),
+                refused=error == "invalid_grant",
+            ) from None
+        except google.auth.exceptions.TransportError as exc:
+            raise TokenRefreshFailed(
+                scrub(f"Google token refresh for {self._account}: cannot reach {self._token_uri}: {_short(exc)}")
+            ) from None
+        register_secret(self._credentials.token)
+
+
+class MicrosoftTokenSource:
+    def __init__(
+        self,
+        *,
+        account: str,
+        refresh_token: str,
+        client_id: str,
+        authority: str,
+        client_secret: str | None = None,
+        on_rotate: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._account = account
+        self._refresh_token = refresh_token
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._authority = authority
+        self._on_rotate = on_rotate
+        self._clock = clock
+        self._app: msal.ClientApplication | None = None
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = threading.Lock()
+        for secret in (refresh_token, client_secret):
+            register_secret(secret)
+
+    @property
+    def refresh_token(self) -> str:
+        """The newest refresh token: Microsoft issues a new one with every refresh."""
+        return self._refresh_token
+
+    def access_token(self) -> str:
+        with self._lock:
+            if self._token is None or self._clock() >= self._expires_at - EXPIRY_MARGIN_SECONDS:
+                self._refresh()
+            assert self._token is not None
+            return self._token
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._token = None
+
+    def _refresh(self) -> None:
+        app = self._application()
+        try:
+            result = app.acquire_token_by_refresh_token(self._refresh_token, scopes=MICROSOFT_SCOPES)
+        except (requests.RequestException, ValueError) as exc:
+            raise TokenRefreshFailed(
+                scrub(f"Microsoft token refresh for {self._account}: cannot reach {self._authority}: {_short(exc)}")
+            ) from None
+        if "error" in result:
+            error = result.get("error", "")
+            detail = (result.get("error_description") or "").splitlines()[0:1]
+            raise TokenRefreshFailed(
+                scrub(f"Microsoft token refresh for {self._account} refused by {self._authority}: {error} {' '.join(detail)}".strip()),
+                refused=error == "invalid_grant",
+            )
+        token = result.get("access_token")
+        if not token:
+            raise TokenRefreshFailed(f"Microsoft token refresh for {self._account}: the answer has no access_token")
+        register_secret(token)
+        self._token = token
+        self._expires_at = self._clock() + float(result.get("expires_in") or 3600)
+        rotated = result.get("refresh_token")
+        if rotated and rotated != self._refresh_token:
+            register_secret(rotated)
+            self._refresh_token = rotated
+            if self._on_rotate is not None:
+                self._on_rotate(rotated)
+
+    def _application(self) -> msal.ClientApplication:
+        # Built on first use: msal reads the authority's OpenID configuration when constructed,
+        # which is network I/O that must not happen before the fail-safe gate.
+        if self._app is None:
+            host = urlparse(self._authority).hostname or ""
+            # Instance discovery asks Microsoft about the authority; only its own hosts know it.
+            discovery = None if host in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS else False
+            kwargs = {"authority": self._authority, "instance_discovery": discovery, "timeout": HTTP_TIMEOUT_SECONDS}
+            try:
+                if self._client_secret:
+                    self._app = msal.ConfidentialClientApplication(
+                        self._client_id, client_credential=self._client_secret, **kwargs
+                    )
+                else:
+                    self._app = msal.PublicClientApplication(self._client_id, **kwargs)
+            except (requests.RequestException, ValueError) as exc:
+                raise TokenRefreshFailed(
+                    scrub(f"Microsoft token refresh for {self._account}: cannot use authority {self._authority}: {_short(exc)}")
+                ) from None
+        return self._app
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."

@@ -1,0 +1,198 @@
+"""Settings: every bad input gets one line naming its place, never a value."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from shared.errors import SettingsInvalid
+from shared.redaction import scrub
+from shared.settings import Settings, load_settings
+
+DESTINATION = {
+    "OUTLOOK_USER": "me@outlook.test",
+    "MS_CLIENT_ID": "ms-client",
+    "MS_REFRESH_TOKEN": "ms-refresh-SECRET-1",
+    "GMAIL_CLIENT_ID": "g-client",
+    "GMAIL_CLIENT_SECRET": "g-client-SECRET-2",
+}
+ROUTE = {"name": "work", "gmail_user": "alice@gmail.test", "gmail_refresh_token": "g-refresh-SECRET-3", "outlook_folder": "Work"}
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    """A clean environment holding only what a test sets, run from an empty folder (no .env)."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name in ("AWS_SECRETS_MANAGER_SECRET_IDS", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def set_env(**values):
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+
+    return set_env
+
+
+def problems(**_) -> list[str]:
+    with pytest.raises(SettingsInvalid) as caught:
+        load_settings()
+    return caught.value.problems
+
+
+def test_routes_from_json(env):
+    second = {**ROUTE, "name": "home", "gmail_folder": "[Gmail]/Starred", "outlook_folder": "Home/Starred", "since": "2024-05-01"}
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE, second]))
+    settings = load_settings()
+    assert [r.name for r in settings.routes] == ["work", "home"]
+    assert settings.routes[1].gmail_folder == "[Gmail]/Starred"
+    assert str(settings.routes[1].since) == "2024-05-01"
+    assert settings.routes[0].gmail_folder == "INBOX"
+    assert settings.routes[0].source_auth == "xoauth2"
+
+
+def test_single_route_fallback(env):
+    env(**DESTINATION, GMAIL_USER="bob@gmail.test", GMAIL_REFRESH_TOKEN="tok-123456", OUTLOOK_FOLDER="Bob", ROUTE_NAME="bob")
+    (route,) = load_settings().routes
+    assert (route.name, route.gmail_user, route.outlook_folder, route.gmail_folder) == ("bob", "bob@gmail.test", "Bob", "INBOX")
+
+
+@pytest.mark.parametrize(
+    ("routes_json", "expected"),
+    [
+        ("[{", "SYNC_ROUTES_JSON: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 3 (char 2))"),
+        ("{}", "SYNC_ROUTES_JSON: must be a non-empty JSON list of routes"),
+        (json.dumps([ROUTE, {**ROUTE, "gmail_user": "x@gmail.test"}]), "SYNC_ROUTES_JSON[1].name: duplicate route name 'work'"),
+        (json.dumps([{k: v for k, v in ROUTE.items() if k != "gmail_refresh_token"}]), "SYNC_ROUTES_JSON[0]: needs gmail_refresh_token or gmail_password"),
+        (json.dumps([{**ROUTE, "colour": "red"}]), "SYNC_ROUTES_JSON[0].colour: unknown key"),
+        (json.dumps([ROUTE, {k: v for k, v in ROUTE.items() if k != "outlook_folder"} | {"name": "b"}]), "SYNC_ROUTES_JSON[1].outlook_folder: Field required"),
+        (json.dumps([{**ROUTE, "name": "Work Mail"}]), "SYNC_ROUTES_JSON[0].name: must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit"),
+        (json.dumps([{**ROUTE, "outlook_folder": "A//B"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has an empty level (separator is '/')"),
+        (json.dumps([{**ROUTE, "outlook_folder": "Inbox/*"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has a control character, '*' or '%'"),
+        (json.dumps([{**ROUTE, "gmail_imap_port": 70000}]), "SYNC_ROUTES_JSON[0].gmail_imap_port: Input should be less than or equal to 65535"),
+        (json.dumps([{**ROUTE, "auth": "password"}]), "SYNC_ROUTES_JSON[0]: auth is password but gmail_password is missing"),
+    ],
+)
+def test_bad_routes_name_their_place(env, routes_json, expected):
+    env(**DESTINATION, SYNC_ROUTES_JSON=routes_json)
+    assert problems() == [expected]
+
+
+def test_fallback_needs_user_and_folder(env):
+    env(**DESTINATION)
+    assert problems() == [
+        "GMAIL_USER: required when SYNC_ROUTES_JSON is unset",
+        "OUTLOOK_FOLDER: required when SYNC_ROUTES_JSON is unset",
+    ]
+
+
+def test_fallback_without_credentials(env):
+    env(**DESTINATION, GMAIL_USER="bob@gmail.test", OUTLOOK_FOLDER="Bob")
+    assert problems() == ["GMAIL_REFRESH_TOKEN / GMAIL_PASSWORD: needs gmail_refresh_token or gmail_password"]
+
+
+def test_destination_and_client_requirements(env):
+    env(SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    assert problems() == [
+        "GMAIL_CLIENT_ID: required for XOAUTH2 on route work",
+        "GMAIL_CLIENT_SECRET: required for XOAUTH2 on route work",
+        "OUTLOOK_USER: required (the destination mailbox)",
+        "MS_REFRESH_TOKEN: required (or OUTLOOK_PASSWORD for a password login)",
+    ]
+
+
+def test_password_routes_need_no_oauth_client(env):
+    route = {"name": "plain", "gmail_user": "u", "gmail_password": "pw-123456", "outlook_folder": "X"}
+    env(SYNC_ROUTES_JSON=json.dumps([route]), OUTLOOK_USER="dest", OUTLOOK_PASSWORD="pw-654321")
+    settings = load_settings()
+    assert settings.routes[0].source_auth == "password"
+
+
+def test_bad_scalar_names_the_variable(env):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]), GMAIL_IMAP_PORT="imap", FALLBACK_SINCE_DAYS="-1")
+    assert problems() == [
+        "GMAIL_IMAP_PORT: Input should be a valid integer, unable to parse string as an integer",
+        "FALLBACK_SINCE_DAYS: Input should be greater than or equal to 0",
+    ]
+
+
+def test_unknown_setting_in_dotenv(env, tmp_path):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    (tmp_path / ".env").write_text("GMAIL_USR=typo@gmail.test\n")
+    assert problems() == ["GMAIL_USR: unknown setting in .env"]
+
+
+def test_env_beats_dotenv(env, tmp_path):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]), GMAIL_IMAP_HOST="from-env")
+    (tmp_path / ".env").write_text("GMAIL_IMAP_HOST=from-dotenv\nOUTLOOK_IMAP_HOST=dotenv-only\n")
+    settings = load_settings()
+    assert (settings.gmail_imap_host, settings.outlook_imap_host) == ("from-env", "dotenv-only")
+
+
+def test_no_value_in_any_problem(env):
+    secret = "very-SECRET-refresh-token"
+    env(
+        **DESTINATION,
+        SYNC_ROUTES_JSON=json.dumps([{**ROUTE, "gmail_refresh_token": secret, "gmail_imap_port": secret}]),
+    )
+    text = "\n".join(problems())
+    assert "gmail_imap_port" in text
+    assert secret not in text
+
+
+def test_secrets_are_registered_for_scrubbing(env):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    load_settings()
+    assert scrub("token g-refresh-SECRET-3 and ms-refresh-SECRET-1") == "token [REDACTED] and [REDACTED]"
+
+
+# -- Secrets Manager ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def secrets(env, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        client = boto3.client("secretsmanager", region_name="us-east-1")
+
+        def put(secret_id: str, value):
+            text = value if isinstance(value, str) else json.dumps(value)
+            client.create_secret(Name=secret_id, SecretString=text)
+
+        yield put
+
+
+def test_secrets_merged_env_wins(env, secrets):
+    secrets("mail-syncer/routes", {"SYNC_ROUTES_JSON": [ROUTE], "GMAIL_IMAP_HOST": "from-secret"})
+    secrets("mail-syncer/destination", DESTINATION | {"OUTLOOK_IMAP_HOST": "from-secret"})
+    env(AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/routes, mail-syncer/destination", OUTLOOK_IMAP_HOST="from-env")
+    settings = load_settings()
+    assert settings.routes[0].name == "work"
+    assert settings.gmail_imap_host == "from-secret"
+    assert settings.outlook_imap_host == "from-env"
+    assert settings.ms_refresh_token.get_secret_value() == "ms-refresh-SECRET-1"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("[1, 2]", "secret mail-syncer/routes is not a JSON object"),
+        ("not json SECRET-4", "secret mail-syncer/routes is not valid JSON"),
+        ({"GMAIL_USR": "x"}, "secret mail-syncer/routes: unknown setting GMAIL_USR"),
+    ],
+)
+def test_bad_secret_names_it(env, secrets, value, expected):
+    secrets("mail-syncer/routes", value)
+    env(AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/routes")
+    assert problems() == [expected]
+
+
+def test_missing_secret_id(env, secrets):
+    env(AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/nowhere")
+    assert problems() == ["secret mail-syncer/nowhere (AWS_SECRETS_MANAGER_SECRET_IDS): not found"]
