@@ -120,6 +120,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="forbid",
         case_sensitive=False,
+        # `GMAIL_CLIENT_SECRET=` (as .env.example has it) means unset, not an empty secret.
+        env_ignore_empty=True,
         validate_default=True,
     )
 
@@ -207,7 +209,9 @@ class Settings(BaseSettings):
 
     @property
     def state_db_path(self) -> Path:
-        return self.state_db or Path(platformdirs.user_state_dir("mail_syncer")) / "state.db"
+        if self.state_db is not None:
+            return self.state_db.expanduser()
+        return Path(platformdirs.user_state_dir("mail_syncer")) / "state.db"
 
     @property
     def ms_authority_url(self) -> str:

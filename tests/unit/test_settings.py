@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import boto3
 import pytest
@@ -196,3 +198,22 @@ def test_bad_secret_names_it(env, secrets, value, expected):
 def test_missing_secret_id(env, secrets):
     env(AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/nowhere")
     assert problems() == ["secret mail-syncer/nowhere (AWS_SECRETS_MANAGER_SECRET_IDS): not found"]
+
+
+def test_env_example_lists_every_setting_and_loads(env, tmp_path):
+    """A newcomer copies .env.example to .env: every setting is there, and the copy loads."""
+    example = (Path(__file__).parents[2] / ".env.example").read_text()
+    listed = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", example, flags=re.MULTILINE))
+    assert listed == {name.upper() for name in Settings.model_fields}
+    (tmp_path / ".env").write_text(example)
+    # Left empty, the secrets are unset, and named as missing.
+    assert problems() == [
+        "GMAIL_CLIENT_SECRET: required for XOAUTH2 on route work",
+        "MS_REFRESH_TOKEN: required (or OUTLOOK_PASSWORD for a password login)",
+    ]
+    filled = example.replace("MS_REFRESH_TOKEN=", "MS_REFRESH_TOKEN=x-123456")
+    (tmp_path / ".env").write_text(filled.replace("GMAIL_CLIENT_SECRET=", "GMAIL_CLIENT_SECRET=y-123456"))
+    settings = load_settings()
+    assert settings.routes[0].outlook_folder == "Gmail/Work"
+    assert settings.outlook_user == "me@outlook.com"
+    assert settings.ms_tenant == "consumers"
