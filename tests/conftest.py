@@ -2,4 +2,5 @@ pytest_plugins = [
     "tests.harness.aws",
     "tests.harness.mail",
     "tests.harness.oauth",
+    "tests.harness.sync_env",
 ]

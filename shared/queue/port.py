@@ -57,7 +57,8 @@ class MessageQueue(abc.ABC):
 
     @abc.abstractmethod
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
-        """Keep the message invisible for `seconds` from now (0: visible again at once)."""
+        """Keep the message invisible for `seconds` from now (0: visible again at once). A stale
+        receipt changes nothing and raises nothing, as in `delete`."""
 
     @abc.abstractmethod
     def quarantine(self, message: ReceivedMessage, reason: str) -> None:

@@ -13,8 +13,6 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.errors import QueueUnavailable
@@ -23,23 +21,12 @@ from shared.queue.port import MAX_BATCH, MessageQueue, QueueDepths, ReceivedMess
 
 # SQS caps a long poll at 20 s; the read timeout must outlast it or every idle poll fails.
 MAX_WAIT_SECONDS = 20
-READ_TIMEOUT_SECONDS = MAX_WAIT_SECONDS + 5
-CONNECT_TIMEOUT_SECONDS = 3
+MAX_VISIBILITY_SECONDS = 43200
 # Enough to act on in the DLQ, far below the 256 KiB message limit.
 MAX_REASON_CHARS = 1000
 REASON_ATTRIBUTE = "quarantine_reason"
 # Error codes SQS uses for a receipt handle that is not (or no longer) the current one.
 STALE_RECEIPT_CODES = {"ReceiptHandleIsInvalid", "MessageNotInflight"}
-
-
-def make_sqs_client(endpoint_url: str | None, region: str, *, max_attempts: int = 3):
-    """A boto3 SQS client that fails within seconds when SQS cannot be reached."""
-    config = Config(
-        connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        read_timeout=READ_TIMEOUT_SECONDS,
-        retries={"mode": "standard", "max_attempts": max_attempts},
-    )
-    return boto3.client("sqs", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def create_fifo_queue_pair(
@@ -93,8 +80,7 @@ class SqsQueue(MessageQueue):
     def receive(
         self, max_messages: int = MAX_BATCH, visibility_timeout: int = 60, wait_seconds: int = 0
     ) -> list[ReceivedMessage]:
-        if not 1 <= max_messages <= MAX_BATCH:
-            raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
+        _check_receive_arguments(max_messages, visibility_timeout, wait_seconds)
         with self._errors_as_unavailable(self._url):
             response = self._client.receive_message(
                 QueueUrl=self._url,
@@ -113,6 +99,7 @@ class SqsQueue(MessageQueue):
             self._client.delete_message(QueueUrl=self._url, ReceiptHandle=message.receipt)
 
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
+        _check_visibility(seconds)
         with self._errors_as_unavailable(self._url), _ignoring_stale_receipt():
             self._client.change_message_visibility(
                 QueueUrl=self._url, ReceiptHandle=message.receipt, VisibilityTimeout=seconds
@@ -218,3 +205,17 @@ def _received_message(raw: dict) -> ReceivedMessage:
 def _cut_reason(reason: str) -> str:
     # An empty String attribute is refused by SQS.
     return reason[:MAX_REASON_CHARS] or "(no reason given)"
+
+
+# The same checks as SqliteQueue's, so a caller's mistake is a ValueError on both backends.
+def _check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int) -> None:
+    if not 1 <= max_messages <= MAX_BATCH:
+        raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
+    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
+        raise ValueError(f"wait_seconds: {wait_seconds}, expected 0 to {MAX_WAIT_SECONDS}")
+    _check_visibility(visibility_timeout)
+
+
+def _check_visibility(seconds: int) -> None:
+    if not 0 <= seconds <= MAX_VISIBILITY_SECONDS:
+        raise ValueError(f"visibility timeout: {seconds}, expected 0 to {MAX_VISIBILITY_SECONDS}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 
 import boto3
 import pytest
+from moto.dynamodb.responses import DynamoHandler
 from moto.server import ThreadedMotoServer
 
 REGION = "us-east-1"
@@ -14,12 +16,35 @@ REGION = "us-east-1"
 
 @pytest.fixture(scope="session")
 def moto_server():
-    """The endpoint URL of a moto server on loopback."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    """The endpoint URL of a moto server on loopback, its DynamoDB made atomic."""
+    with pytest.MonkeyPatch.context() as patch:
+        _serialise_dynamodb(patch)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+        server.stop()
+
+
+def _serialise_dynamodb(patch: pytest.MonkeyPatch) -> None:
+    """Handle moto's DynamoDB requests one at a time.
+
+    Real DynamoDB applies each conditional write atomically. moto's threaded server reads the
+    item, evaluates the condition and writes in plain Python with no lock: an update of a new
+    item stores the bare key first and the attributes after, so a racing request can find an
+    item with no `status`, or two can both pass `attribute_not_exists`; a cancelled transaction
+    restores a deep copy of the whole table, undoing other requests' writes. Serialising the
+    requests gives back the atomicity the adapter relies on, so race tests fail only for the
+    adapter's own faults.
+    """
+    lock = threading.Lock()
+    original = DynamoHandler.call_action
+
+    def call_action(self):
+        with lock:
+            return original(self)
+
+    patch.setattr(DynamoHandler, "call_action", call_action)
 
 
 @pytest.fixture(scope="session", autouse=False)

@@ -1,0 +1,280 @@
+"""A durable local queue in an SQLite file, with SQS FIFO's semantics.
+
+Tables (prefixed `queue_`, so the file can be shared with the state store):
+- `queue_messages`: one row per message, `seq` giving the send order (FIFO within a group). A
+  message is in flight while `visible_at` is in the future; `receipt` is the one handed out by
+  its latest receive.
+- `queue_dedup`: deduplication ids sent within the last 5 minutes.
+- `queue_dead_letters`: messages moved out, with why and how often they were received.
+
+Every write runs in `BEGIN IMMEDIATE` on a connection of its own, so threads and processes that
+share the file take turns, and two receivers never get the same message while it is in flight.
+A receipt stays current until the message is received again (SQS FIFO also refuses one whose
+visibility timeout ran out; accepting it is safe, nobody else holds the message): a stale one
+changes nothing and raises nothing, in delete, extend_visibility and quarantine alike (see `shared.queue.sqs`; SQS
+cannot check a receipt before its quarantine copies the body to the DLQ, so there a stale
+quarantine leaves a harmless extra copy in the DLQ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from shared.errors import QueueUnavailable
+from shared.message_ref import MessageRef
+from shared.queue.port import MAX_BATCH, MessageQueue, QueueDepths, ReceivedMessage
+
+# As in SQS FIFO.
+DEDUP_WINDOW_SECONDS = 300
+MAX_WAIT_SECONDS = 20
+MAX_VISIBILITY_SECONDS = 43200
+# Same cut as the SQS adapter's quarantine_reason attribute.
+MAX_REASON_CHARS = 1000
+# How long a writer waits for another process's transaction before the queue counts as unavailable.
+BUSY_TIMEOUT_SECONDS = 30
+# How often a waiting receive looks at the table again.
+POLL_INTERVAL_SECONDS = 0.1
+
+SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS queue_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    group_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sent_at REAL NOT NULL,
+    visible_at REAL NOT NULL DEFAULT 0,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT
+);
+CREATE INDEX IF NOT EXISTS queue_messages_by_visible_at ON queue_messages (visible_at);
+CREATE TABLE IF NOT EXISTS queue_dedup (
+    dedup_id TEXT PRIMARY KEY,
+    sent_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue_dead_letters (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    group_id TEXT NOT NULL,
+    body TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    receive_count INTEGER NOT NULL,
+    sent_at REAL NOT NULL,
+    dead_at REAL NOT NULL
+);
+COMMIT;
+"""
+
+# The next visible messages in send order, skipping the groups that had a message in flight when
+# this receive began (later messages of a group delivered by this same receive do not block it).
+NEXT_VISIBLE = """
+SELECT seq, message_id, group_id, body, receive_count FROM queue_messages
+WHERE seq > :after AND visible_at <= :now
+  AND group_id NOT IN (SELECT value FROM json_each(:blocked))
+ORDER BY seq LIMIT :limit
+"""
+
+
+class SqliteQueue(MessageQueue):
+    def __init__(
+        self, path: str | os.PathLike, *, max_receive_count: int = 5, clock: Callable[[], float] = time.time
+    ):
+        if max_receive_count < 1:
+            raise ValueError(f"max_receive_count: {max_receive_count}, expected at least 1")
+        self._path = Path(path)
+        self._max_receive_count = max_receive_count
+        self._clock = clock
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"SQLite {self._path}"
+
+    def send_refs(self, refs: Sequence[MessageRef]) -> None:
+        # One transaction: every ref is accepted, or none.
+        with self._transaction() as conn:
+            now = self._clock()
+            conn.execute("DELETE FROM queue_dedup WHERE sent_at <= ?", (now - DEDUP_WINDOW_SECONDS,))
+            for ref in refs:
+                if _is_new_dedup_id(conn, ref.dedup_id, now):
+                    conn.execute(
+                        "INSERT INTO queue_messages (message_id, group_id, body, sent_at) VALUES (?, ?, ?, ?)",
+                        (uuid.uuid4().hex, ref.group_id, ref.to_body(), now),
+                    )
+
+    def receive(
+        self, max_messages: int = MAX_BATCH, visibility_timeout: int = 60, wait_seconds: int = 0
+    ) -> list[ReceivedMessage]:
+        _check_receive_arguments(max_messages, visibility_timeout, wait_seconds)
+        # Real time, not the injected clock: a frozen test clock must not make this wait forever.
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            messages = self._receive_now(max_messages, visibility_timeout)
+            remaining = deadline - time.monotonic()
+            if messages or remaining <= 0:
+                return messages
+            time.sleep(min(POLL_INTERVAL_SECONDS, remaining))
+
+    def delete(self, message: ReceivedMessage) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM queue_messages WHERE message_id = ? AND receipt = ?",
+                (message.message_id, message.receipt),
+            )
+
+    def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
+        _check_visibility(seconds)
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE queue_messages SET visible_at = ? WHERE message_id = ? AND receipt = ?",
+                (self._clock() + seconds, message.message_id, message.receipt),
+            )
+
+    def quarantine(self, message: ReceivedMessage, reason: str) -> None:
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT seq FROM queue_messages WHERE message_id = ? AND receipt = ?",
+                (message.message_id, message.receipt),
+            ).fetchone()
+            if row is not None:
+                self._move_to_dead_letters(conn, row[0], reason[:MAX_REASON_CHARS])
+
+    def depths(self) -> QueueDepths:
+        with self._connection() as conn:
+            # One statement: the three counts come from one snapshot.
+            visible, in_flight, dead = conn.execute(
+                """
+                SELECT (SELECT COUNT(*) FROM queue_messages WHERE visible_at <= :now),
+                       (SELECT COUNT(*) FROM queue_messages WHERE visible_at > :now),
+                       (SELECT COUNT(*) FROM queue_dead_letters)
+                """,
+                {"now": self._clock()},
+            ).fetchone()
+        return QueueDepths(visible=visible, in_flight=in_flight, dead=dead)
+
+    def _receive_now(self, max_messages: int, visibility_timeout: int) -> list[ReceivedMessage]:
+        with self._transaction() as conn:
+            now = self._clock()
+            blocked = json.dumps(_groups_in_flight(conn, now))
+            received: list[ReceivedMessage] = []
+            after = 0
+            while len(received) < max_messages:
+                rows = conn.execute(
+                    NEXT_VISIBLE,
+                    {"after": after, "now": now, "blocked": blocked, "limit": max_messages - len(received)},
+                ).fetchall()
+                if not rows:
+                    break
+                for seq, message_id, group_id, body, receive_count in rows:
+                    after = seq
+                    if receive_count >= self._max_receive_count:
+                        # As in SQS: dead-lettered instead of delivered, which unblocks its group.
+                        self._move_to_dead_letters(conn, seq, f"max receive count {self._max_receive_count} exceeded")
+                        continue
+                    receipt = _deliver(conn, seq, receive_count + 1, visible_at=now + visibility_timeout)
+                    received.append(ReceivedMessage(receipt, body, message_id, group_id, receive_count + 1))
+            return received
+
+    def _move_to_dead_letters(self, conn: sqlite3.Connection, seq: int, reason: str) -> None:
+        conn.execute(
+            """
+            INSERT INTO queue_dead_letters (message_id, group_id, body, reason, receive_count, sent_at, dead_at)
+            SELECT message_id, group_id, body, ?, receive_count, sent_at, ? FROM queue_messages WHERE seq = ?
+            """,
+            (reason, self._clock(), seq),
+        )
+        conn.execute("DELETE FROM queue_messages WHERE seq = ?", (seq,))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the file's write lock from its start."""
+        with self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        # A connection per operation: nothing shared between threads, nothing inherited by a fork.
+        with self._errors_as_unavailable():
+            self._ensure_schema()
+            conn = self._connect()
+            try:
+                yield conn
+            finally:
+                conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are the explicit BEGIN IMMEDIATE ... COMMIT above.
+        return sqlite3.connect(self._path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._connect()
+            try:
+                # WAL: readers (depths) never wait for the writer; the mode is stored in the file.
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(SCHEMA)
+            finally:
+                conn.close()
+            self._schema_ready = True
+
+    @contextlib.contextmanager
+    def _errors_as_unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise QueueUnavailable(f"SQLite queue {self._path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _groups_in_flight(conn: sqlite3.Connection, now: float) -> list[str]:
+    rows = conn.execute("SELECT DISTINCT group_id FROM queue_messages WHERE visible_at > ?", (now,))
+    return [group for (group,) in rows]
+
+
+def _deliver(conn: sqlite3.Connection, seq: int, receive_count: int, *, visible_at: float) -> str:
+    """Hand the message out under a new receipt, which makes every earlier receipt stale."""
+    receipt = secrets.token_urlsafe(24)
+    conn.execute(
+        "UPDATE queue_messages SET receipt = ?, receive_count = ?, visible_at = ? WHERE seq = ?",
+        (receipt, receive_count, visible_at, seq),
+    )
+    return receipt
+
+
+def _is_new_dedup_id(conn: sqlite3.Connection, dedup_id: str, now: float) -> bool:
+    """Remember `dedup_id`; False when it was already sent within the window (the send is dropped)."""
+    cursor = conn.execute("INSERT OR IGNORE INTO queue_dedup (dedup_id, sent_at) VALUES (?, ?)", (dedup_id, now))
+    return cursor.rowcount == 1
+
+
+def _check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int) -> None:
+    if not 1 <= max_messages <= MAX_BATCH:
+        raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
+    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
+        raise ValueError(f"wait_seconds: {wait_seconds}, expected 0 to {MAX_WAIT_SECONDS}")
+    _check_visibility(visibility_timeout)
+
+
+def _check_visibility(seconds: int) -> None:
+    if not 0 <= seconds <= MAX_VISIBILITY_SECONDS:
+        raise ValueError(f"visibility timeout: {seconds}, expected 0 to {MAX_VISIBILITY_SECONDS}")

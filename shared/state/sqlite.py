@@ -1,0 +1,442 @@
+"""The state store in one SQLite file (the embedded adapter, for a local process).
+
+The tables mirror the DynamoDB layout (DESIGN.md "State"): a watermark per route, a claim and a
+failure record per source UID, a fingerprint record per copied message, and a health row.
+
+Concurrency: one connection per store, used under a lock, so threads take turns; processes
+sharing the file are kept apart by SQLite itself. Every change reads and writes inside
+`BEGIN IMMEDIATE`, which takes the write lock before the read, so two processes can never both
+find a claim free. WAL mode lets readers go on while a writer works.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from shared.errors import StateStoreUnavailable
+from shared.state.port import (
+    Claim,
+    ClaimOutcome,
+    ClaimResult,
+    ClaimStatus,
+    CopiedMessage,
+    FailureRecord,
+    RouteCounts,
+    StateStore,
+    UidKey,
+    Watermark,
+)
+from shared.state.rules import (
+    NO_REASON,
+    answer_without_taking,
+    claim_lost,
+    cut_error_text,
+    is_owned_by,
+    require_final,
+    status_after_release,
+    status_after_taking,
+    watermark_moves,
+)
+
+# A writer waits this long for another process's transaction before giving up.
+BUSY_TIMEOUT_SECONDS = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS watermarks (
+    route TEXT PRIMARY KEY,
+    uidvalidity INTEGER NOT NULL,
+    last_uid INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    route TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    owner TEXT,
+    lease_until REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    dest_uid INTEGER,
+    fingerprint TEXT,
+    reason TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (route, uidvalidity, uid)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    route TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    error_class TEXT NOT NULL,
+    error_text TEXT NOT NULL,
+    first_failure_at REAL NOT NULL,
+    last_failure_at REAL NOT NULL,
+    PRIMARY KEY (route, uidvalidity, uid)
+);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    route TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    dest_uid INTEGER,
+    copied_at REAL NOT NULL,
+    PRIMARY KEY (route, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at REAL NOT NULL
+);
+"""
+
+_KEY_MATCH = "route = :route AND uidvalidity = :uidvalidity AND uid = :uid"
+
+
+class SqliteStateStore(StateStore):
+    def __init__(self, path: str | os.PathLike, *, clock: Callable[[], float] = time.time):
+        self._path = Path(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Opened on first use, so a bad path surfaces in check_health (the gate), not here.
+        self._db: sqlite3.Connection | None = None
+
+    def describe(self) -> str:
+        return f"SQLite {self._path}"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- watermark -------------------------------------------------------------------------
+    def read_watermark(self, route: str) -> Watermark | None:
+        with self._reading() as db:
+            return self._select_watermark(db, route)
+
+    def advance_watermark(self, route: str, uidvalidity: int, last_uid: int) -> bool:
+        with self._writing() as db:
+            if not watermark_moves(self._select_watermark(db, route), uidvalidity, last_uid):
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO watermarks (route, uidvalidity, last_uid, updated_at)"
+                " VALUES (?, ?, ?, ?)",
+                (route, uidvalidity, last_uid, self._clock()),
+            )
+            return True
+
+    # -- claims ----------------------------------------------------------------------------
+    def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
+        now = self._clock()
+        with self._writing() as db:
+            found = self._select_claim(db, key)
+            answer = answer_without_taking(found, owner, now)
+            if answer is not None:
+                return answer
+            claim = Claim(
+                key=key,
+                status=status_after_taking(found),
+                owner=owner,
+                lease_until=lease_until,
+                attempts=(found.attempts if found else 0) + 1,
+                updated_at=now,
+            )
+            self._save_claim(db, claim)
+            return ClaimResult(ClaimOutcome.CLAIMED, claim)
+
+    def get_claim(self, key: UidKey) -> Claim | None:
+        with self._reading() as db:
+            return self._select_claim(db, key)
+
+    def extend_lease(self, key: UidKey, owner: str, lease_until: float) -> None:
+        with self._writing() as db:
+            claim = self._owned_claim(db, key, owner)
+            self._save_claim(db, replace(claim, lease_until=lease_until, updated_at=self._clock()))
+
+    def mark_appending(self, key: UidKey, owner: str) -> None:
+        with self._writing() as db:
+            claim = self._owned_claim(db, key, owner)
+            self._save_claim(db, replace(claim, status=ClaimStatus.APPENDING, updated_at=self._clock()))
+
+    def finalize(
+        self,
+        key: UidKey,
+        owner: str,
+        status: ClaimStatus,
+        *,
+        dest_uid: int | None = None,
+        fingerprint: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        status = require_final(status)
+        now = self._clock()
+        with self._writing() as db:
+            claim = self._owned_claim(db, key, owner)
+            done = replace(
+                claim,
+                status=status,
+                lease_until=0.0,
+                dest_uid=dest_uid,
+                fingerprint=fingerprint,
+                reason=reason,
+                updated_at=now,
+            )
+            self._save_claim(db, done)
+            db.execute(f"DELETE FROM failures WHERE {_KEY_MATCH}", _key_params(key))
+            if status is ClaimStatus.DONE and fingerprint:
+                db.execute(
+                    "INSERT OR REPLACE INTO fingerprints"
+                    " (route, fingerprint, uidvalidity, uid, dest_uid, copied_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (key.route, fingerprint, key.uidvalidity, key.uid, dest_uid, now),
+                )
+
+    def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
+        with self._writing() as db:
+            claim = self._owned_claim(db, key, owner)
+            released = replace(
+                claim,
+                status=status_after_release(claim.status, append_outcome_unknown),
+                owner=None,
+                lease_until=0.0,
+                updated_at=self._clock(),
+            )
+            self._save_claim(db, released)
+
+    # -- failures --------------------------------------------------------------------------
+    def record_failure(self, key: UidKey, error_class: str, error_text: str) -> int:
+        now = self._clock()
+        with self._writing() as db:
+            found = self._select_failure(db, key)
+            record = FailureRecord(
+                key=key,
+                attempts=(found.attempts if found else 0) + 1,
+                error_class=error_class,
+                error_text=cut_error_text(error_text),
+                first_failure_at=found.first_failure_at if found else now,
+                last_failure_at=now,
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO failures (route, uidvalidity, uid, attempts, error_class,"
+                " error_text, first_failure_at, last_failure_at) VALUES (:route, :uidvalidity, :uid,"
+                " :attempts, :error_class, :error_text, :first_failure_at, :last_failure_at)",
+                _key_params(key)
+                | {
+                    "attempts": record.attempts,
+                    "error_class": record.error_class,
+                    "error_text": record.error_text,
+                    "first_failure_at": record.first_failure_at,
+                    "last_failure_at": record.last_failure_at,
+                },
+            )
+            return record.attempts
+
+    def get_failure(self, key: UidKey) -> FailureRecord | None:
+        with self._reading() as db:
+            return self._select_failure(db, key)
+
+    # -- fingerprints ----------------------------------------------------------------------
+    def find_copied(self, fingerprint: str, routes: Sequence[str]) -> CopiedMessage | None:
+        with self._reading() as db:
+            for route in dict.fromkeys(routes):
+                row = db.execute(
+                    "SELECT * FROM fingerprints WHERE route = ? AND fingerprint = ?", (route, fingerprint)
+                ).fetchone()
+                if row is not None:
+                    return CopiedMessage(
+                        route=row["route"],
+                        fingerprint=row["fingerprint"],
+                        uidvalidity=row["uidvalidity"],
+                        uid=row["uid"],
+                        dest_uid=row["dest_uid"],
+                        copied_at=row["copied_at"],
+                    )
+        return None
+
+    # -- reporting and the gate ------------------------------------------------------------
+    def route_counts(self, route: str) -> RouteCounts:
+        with self._reading() as db:
+            by_status = db.execute(
+                "SELECT status, COUNT(*) FROM claims WHERE route = ? GROUP BY status", (route,)
+            ).fetchall()
+            skipped_reasons = db.execute(
+                "SELECT COALESCE(reason, ?), COUNT(*) FROM claims WHERE route = ? AND status = ? GROUP BY 1",
+                (NO_REASON, route, ClaimStatus.SKIPPED.value),
+            ).fetchall()
+            failures = db.execute(
+                "SELECT error_class, COUNT(*) FROM failures WHERE route = ? GROUP BY error_class", (route,)
+            ).fetchall()
+        return RouteCounts(
+            by_status=_counts(by_status),
+            skipped_reasons=_counts(skipped_reasons),
+            failures=_counts(failures),
+        )
+
+    def check_health(self) -> None:
+        with self._writing() as db:
+            db.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (self._clock(),))
+        with self._reading() as db:
+            if db.execute("SELECT checked_at FROM health WHERE id = 1").fetchone() is None:
+                raise self._unavailable("the health row written was not read back")
+
+    # -- transactions and connection -------------------------------------------------------
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE: take the write lock before reading, so read-decide-write is atomic
+        # across processes too (a deferred transaction could read, then lose the upgrade).
+        with self._transaction("BEGIN IMMEDIATE") as db:
+            yield db
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        # A transaction even for reads, so several SELECTs see one snapshot.
+        with self._transaction("BEGIN") as db:
+            yield db
+
+    @contextmanager
+    def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._translated_errors():
+            db = self._connection()
+            db.execute(begin)
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _translated_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise self._unavailable(str(exc)) from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = self._open()
+        return self._db
+
+    def _open(self) -> sqlite3.Connection:
+        self._make_parent_directory()
+        db = sqlite3.connect(
+            self._path,
+            timeout=BUSY_TIMEOUT_SECONDS,  # SQLite's busy_timeout
+            isolation_level=None,  # autocommit; transactions are begun explicitly
+            check_same_thread=False,  # shared by threads, always under self._lock
+        )
+        try:
+            db.row_factory = sqlite3.Row
+            _use_wal(db)
+            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _make_parent_directory(self) -> None:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as exc:
+            raise self._unavailable(f"cannot create directory {exc.filename}: a file is in the way") from exc
+        except OSError as exc:
+            where = exc.filename or self._path.parent
+            raise self._unavailable(f"cannot create directory {where}: {exc.strerror}") from exc
+
+    def _unavailable(self, cause: str) -> StateStoreUnavailable:
+        return StateStoreUnavailable(f"SQLite {self._path}: {cause}")
+
+    # -- rows ------------------------------------------------------------------------------
+    @staticmethod
+    def _select_watermark(db: sqlite3.Connection, route: str) -> Watermark | None:
+        row = db.execute("SELECT uidvalidity, last_uid FROM watermarks WHERE route = ?", (route,)).fetchone()
+        return Watermark(row["uidvalidity"], row["last_uid"]) if row else None
+
+    @staticmethod
+    def _select_claim(db: sqlite3.Connection, key: UidKey) -> Claim | None:
+        row = db.execute(f"SELECT * FROM claims WHERE {_KEY_MATCH}", _key_params(key)).fetchone()
+        if row is None:
+            return None
+        return Claim(
+            key=key,
+            status=ClaimStatus(row["status"]),
+            owner=row["owner"],
+            lease_until=row["lease_until"],
+            attempts=row["attempts"],
+            dest_uid=row["dest_uid"],
+            fingerprint=row["fingerprint"],
+            reason=row["reason"],
+            updated_at=row["updated_at"],
+        )
+
+    def _owned_claim(self, db: sqlite3.Connection, key: UidKey, owner: str) -> Claim:
+        claim = self._select_claim(db, key)
+        if not is_owned_by(claim, owner):
+            raise claim_lost(key, owner, claim)
+        return claim
+
+    @staticmethod
+    def _save_claim(db: sqlite3.Connection, claim: Claim) -> None:
+        db.execute(
+            "INSERT OR REPLACE INTO claims (route, uidvalidity, uid, status, owner, lease_until,"
+            " attempts, dest_uid, fingerprint, reason, updated_at) VALUES (:route, :uidvalidity,"
+            " :uid, :status, :owner, :lease_until, :attempts, :dest_uid, :fingerprint, :reason,"
+            " :updated_at)",
+            _key_params(claim.key)
+            | {
+                "status": claim.status.value,
+                "owner": claim.owner,
+                "lease_until": claim.lease_until,
+                "attempts": claim.attempts,
+                "dest_uid": claim.dest_uid,
+                "fingerprint": claim.fingerprint,
+                "reason": claim.reason,
+                "updated_at": claim.updated_at,
+            },
+        )
+
+    @staticmethod
+    def _select_failure(db: sqlite3.Connection, key: UidKey) -> FailureRecord | None:
+        row = db.execute(f"SELECT * FROM failures WHERE {_KEY_MATCH}", _key_params(key)).fetchone()
+        if row is None:
+            return None
+        return FailureRecord(
+            key=key,
+            attempts=row["attempts"],
+            error_class=row["error_class"],
+            error_text=row["error_text"],
+            first_failure_at=row["first_failure_at"],
+            last_failure_at=row["last_failure_at"],
+        )
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL mode (it stays so: later opens find it already done).
+
+    The switch needs the file to itself for a moment, and there SQLite answers "database is
+    locked" at once instead of waiting out busy_timeout, as when several processes open a new
+    file together. So wait here, within the same budget."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _key_params(key: UidKey) -> dict[str, object]:
+    return {"route": key.route, "uidvalidity": key.uidvalidity, "uid": key.uid}
+
+
+def _counts(rows: list[sqlite3.Row]) -> dict[str, int]:
+    return {name: count for name, count in rows}

@@ -1,0 +1,556 @@
+"""The state store contract: one suite, run against both adapters.
+
+SQLite on a file under tmp_path; DynamoDB on moto's server over HTTP, a fresh table per test.
+A controllable clock moves leases past their expiry without sleeping.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import socket
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from moto.dynamodb.responses import DynamoHandler
+
+from shared.errors import ClaimLost, StateStoreUnavailable
+from shared.aws import make_client
+from shared.state.dynamodb import DynamoStateStore, create_state_table
+from shared.state.port import (
+    MAX_ERROR_TEXT,
+    ClaimOutcome,
+    ClaimStatus,
+    CopiedMessage,
+    FailureRecord,
+    RouteCounts,
+    UidKey,
+    Watermark,
+)
+from shared.state.sqlite import SqliteStateStore
+from tests.harness.aws import REGION, unique_name
+
+pytestmark = pytest.mark.integration
+
+START = 1_700_000_000.0
+LEASE = 60.0
+ROUTE = "work"
+
+
+class FakeClock:
+    def __init__(self, now: float = START):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def uid_key(uid: int = 42, *, route: str = ROUTE, uidvalidity: int = 7) -> UidKey:
+    return UidKey(route, uidvalidity, uid)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def dynamodb_client(aws_env):
+    return make_client("dynamodb", aws_env["AWS_ENDPOINT_URL"], REGION)
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def store(request, tmp_path, clock):
+    if request.param == "sqlite":
+        store = SqliteStateStore(tmp_path / "state" / "state.db", clock=clock)
+        yield store
+        store.close()
+    else:
+        client = request.getfixturevalue("dynamodb_client")
+        table = unique_name("state")
+        create_state_table(client, table)
+        store = DynamoStateStore(table, client=client, clock=clock)
+        yield store
+        store.close()
+        client.delete_table(TableName=table)
+
+
+def claim(store, key: UidKey, owner: str, clock: FakeClock, lease: float = LEASE):
+    return store.claim_uid(key, owner, clock.now + lease)
+
+
+# -- watermark -----------------------------------------------------------------------------
+def test_watermark_is_absent_until_set(store):
+    assert store.read_watermark(ROUTE) is None
+    assert store.advance_watermark(ROUTE, 7, 100) is True
+    assert store.read_watermark(ROUTE) == Watermark(7, 100)
+    assert store.read_watermark("other") is None
+
+
+def test_watermark_moves_only_up_for_the_same_uidvalidity(store):
+    store.advance_watermark(ROUTE, 7, 100)
+
+    assert store.advance_watermark(ROUTE, 7, 99) is False
+    assert store.advance_watermark(ROUTE, 7, 100) is False
+    assert store.read_watermark(ROUTE) == Watermark(7, 100)
+
+    assert store.advance_watermark(ROUTE, 7, 101) is True
+    assert store.read_watermark(ROUTE) == Watermark(7, 101)
+
+
+def test_watermark_of_a_new_uidvalidity_replaces_the_old_one(store):
+    store.advance_watermark(ROUTE, 7, 100)
+
+    assert store.advance_watermark(ROUTE, 8, 3) is True
+
+    assert store.read_watermark(ROUTE) == Watermark(8, 3)
+
+
+# -- claiming ------------------------------------------------------------------------------
+def test_claiming_a_new_uid(store, clock):
+    result = claim(store, uid_key(), "a", clock)
+
+    assert result.outcome is ClaimOutcome.CLAIMED
+    assert result.claim.status is ClaimStatus.IN_PROGRESS
+    assert (result.claim.owner, result.claim.attempts, result.claim.lease_until) == ("a", 1, START + LEASE)
+    assert store.get_claim(uid_key()) == result.claim
+    assert store.get_claim(uid_key(43)) is None
+
+
+def test_a_live_claim_is_held_and_shows_its_holder(store, clock):
+    claim(store, uid_key(), "a", clock)
+    clock.advance(LEASE - 1)
+
+    result = claim(store, uid_key(), "b", clock)
+
+    assert result.outcome is ClaimOutcome.HELD
+    assert (result.claim.owner, result.claim.attempts) == ("a", 1)
+    assert store.get_claim(uid_key()).owner == "a"
+
+
+def test_the_holder_claiming_again_keeps_its_claim(store, clock):
+    # As when a request is retried after its first answer was lost.
+    first = claim(store, uid_key(), "a", clock)
+
+    again = claim(store, uid_key(), "a", clock)
+
+    assert again.outcome is ClaimOutcome.CLAIMED
+    assert again.claim == first.claim
+
+
+def test_an_expired_claim_is_taken_over(store, clock):
+    claim(store, uid_key(), "a", clock)
+    clock.advance(LEASE + 1)
+
+    result = claim(store, uid_key(), "b", clock)
+
+    assert result.outcome is ClaimOutcome.CLAIMED
+    assert result.claim.status is ClaimStatus.IN_PROGRESS
+    assert (result.claim.owner, result.claim.attempts) == ("b", 2)
+    assert store.get_claim(uid_key()) == result.claim
+
+
+def test_an_appending_claim_taken_over_stays_appending(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.mark_appending(uid_key(), "a")
+    clock.advance(LEASE + 1)
+
+    result = claim(store, uid_key(), "b", clock)
+
+    assert result.outcome is ClaimOutcome.CLAIMED
+    assert result.claim.status is ClaimStatus.APPENDING
+    assert (result.claim.owner, result.claim.attempts) == ("b", 2)
+
+
+def test_extending_the_lease_keeps_the_claim_held(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.extend_lease(uid_key(), "a", clock.now + 10 * LEASE)
+    clock.advance(2 * LEASE)
+
+    assert claim(store, uid_key(), "b", clock).outcome is ClaimOutcome.HELD
+
+
+def test_mark_appending(store, clock):
+    claim(store, uid_key(), "a", clock)
+
+    store.mark_appending(uid_key(), "a")
+    store.mark_appending(uid_key(), "a")  # already APPENDING: still fine
+
+    assert store.get_claim(uid_key()).status is ClaimStatus.APPENDING
+
+
+# -- release -------------------------------------------------------------------------------
+def test_a_released_claim_is_failed_and_claimable_at_once(store, clock):
+    claim(store, uid_key(), "a", clock)
+
+    store.release(uid_key(), "a")
+
+    released = store.get_claim(uid_key())
+    assert (released.status, released.owner, released.lease_until) == (ClaimStatus.FAILED, None, 0)
+    result = claim(store, uid_key(), "b", clock)
+    assert result.outcome is ClaimOutcome.CLAIMED
+    assert (result.claim.status, result.claim.owner, result.claim.attempts) == (ClaimStatus.IN_PROGRESS, "b", 2)
+
+
+def test_releasing_an_append_of_unknown_outcome_keeps_appending(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.mark_appending(uid_key(), "a")
+
+    store.release(uid_key(), "a", append_outcome_unknown=True)
+
+    assert store.get_claim(uid_key()).status is ClaimStatus.APPENDING
+    result = claim(store, uid_key(), "b", clock)
+    assert (result.outcome, result.claim.status) == (ClaimOutcome.CLAIMED, ClaimStatus.APPENDING)
+
+
+def test_an_unknown_outcome_before_any_append_releases_as_failed(store, clock):
+    claim(store, uid_key(), "a", clock)
+
+    store.release(uid_key(), "a", append_outcome_unknown=True)
+
+    assert store.get_claim(uid_key()).status is ClaimStatus.FAILED
+
+
+# -- ownership -----------------------------------------------------------------------------
+CHANGES = {
+    "mark_appending": lambda store, key, owner: store.mark_appending(key, owner),
+    "extend_lease": lambda store, key, owner: store.extend_lease(key, owner, START + 10 * LEASE),
+    "finalize": lambda store, key, owner: store.finalize(key, owner, ClaimStatus.DONE, dest_uid=1),
+    "release": lambda store, key, owner: store.release(key, owner),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_only_the_owner_changes_a_claim(store, clock, change):
+    held = claim(store, uid_key(), "a", clock).claim
+
+    with pytest.raises(ClaimLost) as lost:
+        CHANGES[change](store, uid_key(), "b")
+
+    assert str(lost.value) == (
+        "claim on route work UID 42 (UIDVALIDITY 7) is not held by b: it is in_progress, owner a"
+    )
+    assert store.get_claim(uid_key()) == held
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_an_owner_taken_over_has_lost_its_claim(store, clock, change):
+    claim(store, uid_key(), "a", clock)
+    clock.advance(LEASE + 1)
+    taken = claim(store, uid_key(), "b", clock).claim
+
+    with pytest.raises(ClaimLost):
+        CHANGES[change](store, uid_key(), "a")
+
+    assert store.get_claim(uid_key()) == taken
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_an_owner_that_released_has_lost_its_claim(store, clock, change):
+    claim(store, uid_key(), "a", clock)
+    store.release(uid_key(), "a")
+
+    with pytest.raises(ClaimLost):
+        CHANGES[change](store, uid_key(), "a")
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_changing_a_claim_that_does_not_exist_is_lost(store, change):
+    with pytest.raises(ClaimLost, match="is not held by a: there is no claim"):
+        CHANGES[change](store, uid_key(), "a")
+
+    assert store.get_claim(uid_key()) is None
+
+
+# -- finalize ------------------------------------------------------------------------------
+def test_finalize_done_records_the_copy(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.record_failure(uid_key(), "ImapFailure", "APPEND timed out")
+    clock.advance(5)
+
+    store.finalize(uid_key(), "a", ClaimStatus.DONE, dest_uid=9001, fingerprint="gm:1234")
+
+    done = store.get_claim(uid_key())
+    assert (done.status, done.dest_uid, done.fingerprint, done.owner) == (ClaimStatus.DONE, 9001, "gm:1234", "a")
+    assert store.get_failure(uid_key()) is None
+    assert store.find_copied("gm:1234", [ROUTE]) == CopiedMessage(
+        route=ROUTE, fingerprint="gm:1234", uidvalidity=7, uid=42, dest_uid=9001, copied_at=START + 5
+    )
+
+
+def test_find_copied_searches_only_the_given_routes(store, clock):
+    claim(store, uid_key(route="home"), "a", clock)
+    store.finalize(uid_key(route="home"), "a", ClaimStatus.DONE, dest_uid=5, fingerprint="gm:1")
+
+    assert store.find_copied("gm:1", [ROUTE]) is None
+    assert store.find_copied("gm:1", []) is None
+    assert store.find_copied("gm:2", [ROUTE, "home"]) is None
+    found = store.find_copied("gm:1", [ROUTE, "home"])
+    assert (found.route, found.uid, found.dest_uid) == ("home", 42, 5)
+
+
+def test_finalize_skipped_keeps_the_reason(store, clock):
+    claim(store, uid_key(), "a", clock)
+
+    store.finalize(uid_key(), "a", ClaimStatus.SKIPPED, reason="too large", fingerprint="gm:9")
+
+    skipped = store.get_claim(uid_key())
+    assert (skipped.status, skipped.reason, skipped.dest_uid) == (ClaimStatus.SKIPPED, "too large", None)
+    # Only a copy is a fingerprint record: a skipped message never reached the destination.
+    assert store.find_copied("gm:9", [ROUTE]) is None
+
+
+def test_a_final_claim_is_never_claimed_again(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.finalize(uid_key(), "a", ClaimStatus.DONE, dest_uid=9001)
+    done = store.get_claim(uid_key())
+    clock.advance(1000 * LEASE)
+
+    result = claim(store, uid_key(), "b", clock)
+
+    assert result.outcome is ClaimOutcome.FINAL
+    assert result.claim == done
+    assert store.get_claim(uid_key()) == done
+
+
+def test_finalizing_twice_is_lost(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.finalize(uid_key(), "a", ClaimStatus.DONE, dest_uid=9001)
+
+    with pytest.raises(ClaimLost, match="it is done, owner a"):
+        store.finalize(uid_key(), "a", ClaimStatus.DONE, dest_uid=9002)
+
+    assert store.get_claim(uid_key()).dest_uid == 9001
+
+
+@pytest.mark.parametrize("status", [ClaimStatus.IN_PROGRESS, ClaimStatus.APPENDING, ClaimStatus.FAILED])
+def test_finalize_needs_a_final_status(store, clock, status):
+    held = claim(store, uid_key(), "a", clock).claim
+
+    with pytest.raises(ValueError, match="final status"):
+        store.finalize(uid_key(), "a", status)
+
+    assert store.get_claim(uid_key()) == held
+
+
+# -- failures ------------------------------------------------------------------------------
+def test_record_failure_counts_attempts_and_keeps_the_first_time(store, clock):
+    assert store.get_failure(uid_key()) is None
+    assert store.record_failure(uid_key(), "ImapFailure", "connection reset") == 1
+    clock.advance(30)
+
+    assert store.record_failure(uid_key(), "TimeoutError", "read timed out") == 2
+
+    assert store.get_failure(uid_key()) == FailureRecord(
+        key=uid_key(),
+        attempts=2,
+        error_class="TimeoutError",
+        error_text="read timed out",
+        first_failure_at=START,
+        last_failure_at=START + 30,
+    )
+
+
+def test_record_failure_cuts_long_text(store):
+    store.record_failure(uid_key(), "ImapFailure", "x" * (MAX_ERROR_TEXT + 500))
+
+    assert store.get_failure(uid_key()).error_text == "x" * MAX_ERROR_TEXT
+
+
+# -- reporting and health ------------------------------------------------------------------
+def test_route_counts(store, clock):
+    def finish(uid, status, **fields):
+        claim(store, uid_key(uid), "a", clock)
+        store.finalize(uid_key(uid), "a", status, **fields)
+
+    finish(1, ClaimStatus.DONE, dest_uid=1, fingerprint="gm:1")
+    finish(2, ClaimStatus.DONE, dest_uid=2)
+    finish(3, ClaimStatus.SKIPPED, reason="too large")
+    finish(4, ClaimStatus.SKIPPED, reason="too large")
+    finish(5, ClaimStatus.SKIPPED, reason="duplicate")
+    finish(6, ClaimStatus.SKIPPED)
+    claim(store, uid_key(7), "a", clock)
+    claim(store, uid_key(8), "a", clock)
+    store.release(uid_key(8), "a")
+    store.record_failure(uid_key(8), "ImapFailure", "rejected")
+    store.record_failure(uid_key(8), "ImapFailure", "rejected")
+    store.record_failure(uid_key(9), "TimeoutError", "slow")
+    store.advance_watermark(ROUTE, 7, 9)
+    # Another route's records are not counted.
+    claim(store, uid_key(1, route="home"), "a", clock)
+    store.record_failure(uid_key(1, route="home"), "ImapFailure", "rejected")
+
+    assert store.route_counts(ROUTE) == RouteCounts(
+        by_status={"done": 2, "skipped": 4, "in_progress": 1, "failed": 1},
+        skipped_reasons={"too large": 2, "duplicate": 1, "no reason given": 1},
+        failures={"ImapFailure": 1, "TimeoutError": 1},
+    )
+    assert store.route_counts("empty") == RouteCounts()
+
+
+def test_route_counts_reads_every_page(store, clock):
+    # DynamoDB returns a query in pages of at most 1 MB; these claims take three pages.
+    reason = "r" * 60_000
+    for uid in range(1, 41):
+        claim(store, uid_key(uid), "a", clock)
+        store.finalize(uid_key(uid), "a", ClaimStatus.SKIPPED, reason=reason)
+
+    counts = store.route_counts(ROUTE)
+
+    assert counts.by_status == {"skipped": 40}
+    assert counts.skipped_reasons == {reason: 40}
+
+
+def test_check_health_passes_on_a_good_store(store):
+    store.check_health()
+    store.check_health()
+
+
+def test_describe_names_the_backend(store):
+    assert re.fullmatch(r"SQLite /\S+/state/state\.db|DynamoDB table state-[0-9a-f]{10}", store.describe())
+
+
+# -- races ---------------------------------------------------------------------------------
+THREADS = 16
+RACED_UIDS = range(1, 21)
+
+
+def test_one_claim_wins_per_uid_across_threads(store, clock):
+    start = threading.Barrier(THREADS, timeout=30)
+
+    def worker(n: int) -> list[tuple[int, str, ClaimOutcome]]:
+        owner = f"worker-{n}"
+        start.wait()
+        return [(uid, owner, claim(store, uid_key(uid), owner, clock).outcome) for uid in RACED_UIDS]
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        results = [row for rows in pool.map(worker, range(THREADS)) for row in rows]
+
+    assert_one_winner_per_uid(store, results, contenders=THREADS)
+
+
+def assert_one_winner_per_uid(store, results, *, contenders: int) -> None:
+    winners = defaultdict(list)
+    for uid, owner, outcome in results:
+        if outcome is ClaimOutcome.CLAIMED:
+            winners[uid].append(owner)
+    assert {uid: len(owners) for uid, owners in winners.items()} == dict.fromkeys(RACED_UIDS, 1)
+    assert Counter(outcome for _, _, outcome in results) == {
+        ClaimOutcome.CLAIMED: len(RACED_UIDS),
+        ClaimOutcome.HELD: len(RACED_UIDS) * (contenders - 1),
+    }
+    for uid, (owner,) in winners.items():
+        won = store.get_claim(uid_key(uid))
+        assert (won.owner, won.attempts) == (owner, 1)
+
+
+PROCESSES = 4
+
+
+def _claim_in_child(path: str, n: int, start, results) -> None:
+    """Runs in a child process: claim every raced UID once, report the outcomes."""
+    store = SqliteStateStore(path)
+    owner = f"process-{n}"
+    try:
+        start.wait()
+        outcomes = [store.claim_uid(uid_key(uid), owner, time.time() + 600).outcome for uid in RACED_UIDS]
+        results.put([(uid, owner, outcome.value) for uid, outcome in zip(RACED_UIDS, outcomes)])
+    except Exception as exc:  # reported to the parent, which fails the test with it
+        results.put(f"{owner}: {type(exc).__name__}: {exc}")
+    finally:
+        store.close()
+
+
+def test_one_sqlite_claim_wins_per_uid_across_processes(tmp_path):
+    path = str(tmp_path / "shared" / "state.db")
+    # spawn: a fresh interpreter, not a fork of this threaded one (moto's server runs here).
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(PROCESSES, timeout=60)
+    results = context.Queue()
+    children = [
+        context.Process(target=_claim_in_child, args=(path, n, start, results)) for n in range(PROCESSES)
+    ]
+    for child in children:
+        child.start()
+    try:
+        reports = [results.get(timeout=120) for _ in children]
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.terminate()
+
+    errors = [report for report in reports if isinstance(report, str)]
+    assert errors == []
+    outcomes = [(uid, owner, ClaimOutcome(outcome)) for report in reports for uid, owner, outcome in report]
+    store = SqliteStateStore(path)
+    assert_one_winner_per_uid(store, outcomes, contenders=PROCESSES)
+    store.close()
+
+
+# -- when the store cannot be used ---------------------------------------------------------
+def test_dynamodb_health_names_a_missing_table(aws_env):
+    client = make_client("dynamodb", aws_env["AWS_ENDPOINT_URL"], REGION)
+    store = DynamoStateStore("no-such-table", client=client)
+
+    with pytest.raises(StateStoreUnavailable) as unavailable:
+        store.check_health()
+
+    assert str(unavailable.value) == (
+        "DynamoDB table no-such-table: ResourceNotFoundException: Requested resource not found"
+    )
+
+
+def test_dynamodb_health_fails_fast_when_nothing_listens(aws_env):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    client = make_client("dynamodb", endpoint, REGION)
+    store = DynamoStateStore("state", client=client)
+
+    with pytest.raises(StateStoreUnavailable) as unavailable:
+        store.check_health()
+
+    assert str(unavailable.value) == (
+        f'DynamoDB table state: EndpointConnectionError: Could not connect to the endpoint URL: "{endpoint}/"'
+    )
+    # A silent endpoint (packets dropped, not refused) is cut short too: botocore's defaults
+    # would wait 60 s per connection attempt, and retry.
+    config = client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (3, 30)
+    assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: one the OS just handed out and we closed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_sqlite_health_names_a_path_under_a_regular_file(tmp_path):
+    (tmp_path / "not-a-dir").write_text("a file where a directory should be")
+    path = tmp_path / "not-a-dir" / "state.db"
+    store = SqliteStateStore(path)
+
+    with pytest.raises(StateStoreUnavailable) as unavailable:
+        store.check_health()
+
+    assert str(unavailable.value) == (
+        f"SQLite {path}: cannot create directory {tmp_path / 'not-a-dir'}: a file is in the way"
+    )
+
+
+def test_sqlite_health_names_a_file_that_is_not_a_database(tmp_path):
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not SQLite " * 100)
+    store = SqliteStateStore(path)
+
+    with pytest.raises(StateStoreUnavailable) as unavailable:
+        store.check_health()
+
+    assert str(unavailable.value) == f"SQLite {path}: file is not a database"
