@@ -15,7 +15,7 @@ $(PY): pyproject.toml
 
 # Tests start their own Dovecot servers; only the binaries are needed (Debian: dovecot-imapd).
 system-packages:
-	@command -v dovecot >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v dovecot >/dev/null 2>&1 || { \
+	@command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || { \
 		echo "installing dovecot-imapd (the tests' IMAP servers)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dovecot-imapd; }
