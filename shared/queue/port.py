@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from shared.message_ref import MessageRef
 
-# SQS takes at most 10 entries per SendMessageBatch / ReceiveMessage.
-MAX_BATCH = 10
+# SQS's limits, kept by both adapters so a caller's mistake is a ValueError on either.
+MAX_BATCH = 10  # entries per SendMessageBatch / ReceiveMessage
+MAX_WAIT_SECONDS = 20  # longest long poll
+MAX_VISIBILITY_SECONDS = 43200  # 12 hours
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,16 @@ class MessageQueue(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional for adapters
         """Release connections."""
+
+
+def check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int) -> None:
+    if not 1 <= max_messages <= MAX_BATCH:
+        raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
+    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
+        raise ValueError(f"wait_seconds: {wait_seconds}, expected 0 to {MAX_WAIT_SECONDS}")
+    check_visibility(visibility_timeout)
+
+
+def check_visibility(seconds: int) -> None:
+    if not 0 <= seconds <= MAX_VISIBILITY_SECONDS:
+        raise ValueError(f"visibility timeout: {seconds}, expected 0 to {MAX_VISIBILITY_SECONDS}")

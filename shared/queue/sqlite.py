@@ -31,12 +31,17 @@ from pathlib import Path
 
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
-from shared.queue.port import MAX_BATCH, MessageQueue, QueueDepths, ReceivedMessage
+from shared.queue.port import (
+    MAX_BATCH,
+    MessageQueue,
+    QueueDepths,
+    ReceivedMessage,
+    check_receive_arguments,
+    check_visibility,
+)
 
 # As in SQS FIFO.
 DEDUP_WINDOW_SECONDS = 300
-MAX_WAIT_SECONDS = 20
-MAX_VISIBILITY_SECONDS = 43200
 # Same cut as the SQS adapter's quarantine_reason attribute.
 MAX_REASON_CHARS = 1000
 # How long a writer waits for another process's transaction before the queue counts as unavailable.
@@ -114,7 +119,7 @@ class SqliteQueue(MessageQueue):
     def receive(
         self, max_messages: int = MAX_BATCH, visibility_timeout: int = 60, wait_seconds: int = 0
     ) -> list[ReceivedMessage]:
-        _check_receive_arguments(max_messages, visibility_timeout, wait_seconds)
+        check_receive_arguments(max_messages, visibility_timeout, wait_seconds)
         # Real time, not the injected clock: a frozen test clock must not make this wait forever.
         deadline = time.monotonic() + wait_seconds
         while True:
@@ -132,7 +137,7 @@ class SqliteQueue(MessageQueue):
             )
 
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
-        _check_visibility(seconds)
+        check_visibility(seconds)
         with self._transaction() as conn:
             conn.execute(
                 "UPDATE queue_messages SET visible_at = ? WHERE message_id = ? AND receipt = ?",
@@ -265,16 +270,3 @@ def _is_new_dedup_id(conn: sqlite3.Connection, dedup_id: str, now: float) -> boo
     """Remember `dedup_id`; False when it was already sent within the window (the send is dropped)."""
     cursor = conn.execute("INSERT OR IGNORE INTO queue_dedup (dedup_id, sent_at) VALUES (?, ?)", (dedup_id, now))
     return cursor.rowcount == 1
-
-
-def _check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int) -> None:
-    if not 1 <= max_messages <= MAX_BATCH:
-        raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
-    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
-        raise ValueError(f"wait_seconds: {wait_seconds}, expected 0 to {MAX_WAIT_SECONDS}")
-    _check_visibility(visibility_timeout)
-
-
-def _check_visibility(seconds: int) -> None:
-    if not 0 <= seconds <= MAX_VISIBILITY_SECONDS:
-        raise ValueError(f"visibility timeout: {seconds}, expected 0 to {MAX_VISIBILITY_SECONDS}")

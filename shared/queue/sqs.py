@@ -17,11 +17,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
-from shared.queue.port import MAX_BATCH, MessageQueue, QueueDepths, ReceivedMessage
+from shared.queue.port import (
+    MAX_BATCH,
+    MessageQueue,
+    QueueDepths,
+    ReceivedMessage,
+    check_receive_arguments,
+    check_visibility,
+)
 
 # SQS caps a long poll at 20 s; the read timeout must outlast it or every idle poll fails.
-MAX_WAIT_SECONDS = 20
-MAX_VISIBILITY_SECONDS = 43200
 # Enough to act on in the DLQ, far below the 256 KiB message limit.
 MAX_REASON_CHARS = 1000
 REASON_ATTRIBUTE = "quarantine_reason"
@@ -80,7 +85,7 @@ class SqsQueue(MessageQueue):
     def receive(
         self, max_messages: int = MAX_BATCH, visibility_timeout: int = 60, wait_seconds: int = 0
     ) -> list[ReceivedMessage]:
-        _check_receive_arguments(max_messages, visibility_timeout, wait_seconds)
+        check_receive_arguments(max_messages, visibility_timeout, wait_seconds)
         with self._errors_as_unavailable(self._url):
             response = self._client.receive_message(
                 QueueUrl=self._url,
@@ -99,7 +104,7 @@ class SqsQueue(MessageQueue):
             self._client.delete_message(QueueUrl=self._url, ReceiptHandle=message.receipt)
 
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
-        _check_visibility(seconds)
+        check_visibility(seconds)
         with self._errors_as_unavailable(self._url), _ignoring_stale_receipt():
             self._client.change_message_visibility(
                 QueueUrl=self._url, ReceiptHandle=message.receipt, VisibilityTimeout=seconds
@@ -207,15 +212,3 @@ def _cut_reason(reason: str) -> str:
     return reason[:MAX_REASON_CHARS] or "(no reason given)"
 
 
-# The same checks as SqliteQueue's, so a caller's mistake is a ValueError on both backends.
-def _check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int) -> None:
-    if not 1 <= max_messages <= MAX_BATCH:
-        raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
-    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
-        raise ValueError(f"wait_seconds: {wait_seconds}, expected 0 to {MAX_WAIT_SECONDS}")
-    _check_visibility(visibility_timeout)
-
-
-def _check_visibility(seconds: int) -> None:
-    if not 0 <= seconds <= MAX_VISIBILITY_SECONDS:
-        raise ValueError(f"visibility timeout: {seconds}, expected 0 to {MAX_VISIBILITY_SECONDS}")

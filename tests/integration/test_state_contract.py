@@ -15,7 +15,6 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from moto.dynamodb.responses import DynamoHandler
 
 from shared.errors import ClaimLost, StateStoreUnavailable
 from shared.aws import make_client
