@@ -7,12 +7,20 @@ Nothing here opens a connection: the fail-safe gate decides first.
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import socket
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 from shared.aws import make_client
+from shared.connections import MailboxConnections
+from shared.copy import Copier
 from shared.imap import ImapAccount, ImapEndpoint
 from shared.queue import MessageQueue
+from shared.scan import ScanLimits
 from shared.settings import Route, Settings
 from shared.state import StateStore
 from shared.tokens import GoogleTokenSource, MicrosoftTokenSource, TokenSource
@@ -85,7 +93,29 @@ class App:
         )
         return ImapAccount(label, settings.outlook_user, endpoint, token_source=tokens)
 
+    @cached_property
+    def connections(self) -> MailboxConnections:
+        return MailboxConnections(self.source_account, lambda: self.destination_account)
+
+    def copier(self, lease_until: Callable[[], float], owner: str | None = None) -> Copier:
+        return Copier(
+            state=self.state,
+            connections=self.connections,
+            routes={route.name: route for route in self.settings.routes},
+            owner=owner or process_owner(),
+            lease_until=lease_until,
+        )
+
+    def scan_limits(self, today: dt.date | None = None) -> ScanLimits:
+        return ScanLimits(
+            max_enqueue_per_run=self.settings.max_enqueue_per_run,
+            fallback_since_days=self.settings.fallback_since_days,
+            today=today or dt.date.today(),
+        )
+
     def close(self) -> None:
+        if "connections" in self.__dict__:
+            self.connections.close()
         for name in ("state", "queue"):
             adapter = self.__dict__.get(name)  # only those that were built
             if adapter is not None:
@@ -108,6 +138,29 @@ class App:
 
 def build(settings: Settings) -> App:
     return App(settings)
+
+
+_lambda_app: App | None = None
+
+
+def lambda_app() -> App:
+    """The App of this Lambda container: built on the first invocation, reused while warm, so
+    IMAP sessions, access tokens and AWS clients outlive one invocation. Settings come from the
+    environment and Secrets Manager (no .env in Lambda)."""
+    global _lambda_app
+    if _lambda_app is None:
+        from shared.logs import configure_logging
+        from shared.settings import load_settings
+
+        settings = load_settings(env_file=None)
+        configure_logging(settings.log_level)
+        _lambda_app = build(settings)
+    return _lambda_app
+
+
+def process_owner() -> str:
+    """Who holds a claim: unique per process, readable in `status` and the logs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _reveal(secret) -> str | None:

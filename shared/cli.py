@@ -8,17 +8,23 @@ expected failure, and nothing printed carries a secret.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 
 from shared import bootstrap
+from shared.consume import consume_queue
+from shared.copy import CopyResult, lease_for
 from shared.errors import ImapFailure, MailSyncerError, QueueUnavailable, SettingsInvalid, StateStoreUnavailable
 from shared.imap import open_session
 from shared.logs import configure_logging
+from shared.progress import Progress, RunTally
 from shared.redaction import scrub
-from shared.settings import Settings, load_settings
+from shared.scan import RouteScan, scan_routes
+from shared.settings import load_settings
 
 log = logging.getLogger("mail_syncer.cli")
 
@@ -57,8 +63,9 @@ class Report:
 # -- check -------------------------------------------------------------------------------
 
 
-def check(settings: Settings, app: bootstrap.App, report: Report) -> ExitCode:
+def check(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Settings are valid by now; the gate, the queue, then every login. Copies nothing."""
+    settings = app.settings
     routes = settings.routes
     report.ok("settings", f"{len(routes)} route(s) ({', '.join(r.name for r in routes)}), destination {settings.outlook_user}")
     try:
@@ -111,9 +118,164 @@ def _check_destination(app: bootstrap.App, report: Report) -> None:
         report.fail("destination", f"{account.user} at {account.endpoint}: {exc}")
 
 
+# -- scanning and copying ----------------------------------------------------------------
+
+
+def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    scans = _scan(args, app)
+    _print_scans(scans, dry_run=args.dry_run)
+    return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
+
+
+def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    tally = RunTally()
+    _consume(app, tally)
+    tally.print_summary(app.settings.routes)
+    return _exit_code(tally)
+
+
+def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    scans = _scan(args, app)
+    if args.dry_run:
+        _print_scans(scans, dry_run=True)
+        return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
+    tally = RunTally()
+    tally.add_scans(scans)
+    _consume(app, tally)
+    tally.print_summary(app.settings.routes)
+    return _exit_code(tally)
+
+
+def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """Scan and copy, again and again, until no route has anything left to enqueue."""
+    tally = RunTally()
+    while True:
+        scans = _scan(args, app)
+        tally.add_scans(scans)
+        _consume(app, tally)
+        if not any(s.left_for_next_run for s in scans if not s.error):
+            break
+    tally.print_summary(app.settings.routes)
+    return _exit_code(tally)
+
+
+def _exit_code(tally: RunTally) -> ExitCode:
+    if tally.scan_errors:
+        return ExitCode.UNREACHABLE
+    return ExitCode.COPY_FAILURES if tally.copy_failed else ExitCode.OK
+
+
+def _scan(args: argparse.Namespace, app: bootstrap.App) -> list[RouteScan]:
+    return scan_routes(
+        app.settings.routes,
+        state=app.state,
+        queue=app.queue,
+        open_source=app.connections.borrowed_source,
+        limits=app.scan_limits(),
+        dry_run=getattr(args, "dry_run", False),
+    )
+
+
+def _consume(app: bootstrap.App, tally: RunTally) -> None:
+    app.state.check_health()  # the gate, also when consuming alone
+    lease = app.settings.lease_seconds
+    progress = Progress(total=app.queue.depths().visible)
+
+    def on_result(result: CopyResult) -> None:
+        tally.add(result)
+        progress.advance(result)
+
+    try:
+        consume_queue(app.queue, app.copier(lease_for(lease)), visibility_timeout=lease, on_result=on_result)
+    finally:
+        progress.finish()
+
+
+def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:
+    for scan in scans:
+        if scan.error:
+            print(f"route {scan.route}: scan failed: {scan.error}")
+            continue
+        verb = "would enqueue" if dry_run else "enqueued"
+        mark = f"UIDVALIDITY {scan.watermark.uidvalidity}, UID {scan.watermark.last_uid}" if scan.watermark else "none"
+        print(f"route {scan.route}: {scan.found} new, {verb} {scan.enqueued}, {scan.left_for_next_run} left for the next run; watermark {mark}")
+        if dry_run:
+            for ref in scan.refs:
+                print(f"  UID {ref.uid} (UIDVALIDITY {ref.uidvalidity}, {ref.size} bytes, fingerprint {ref.fingerprint or 'none'})")
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    app.state.check_health()
+    routes = []
+    for route in app.settings.routes:
+        mark = app.state.read_watermark(route.name)
+        counts = app.state.route_counts(route.name)
+        last_scan = app.state.read_scan(route.name)
+        routes.append(
+            {
+                "route": route.name,
+                "source": f"{route.gmail_user} {route.gmail_folder}",
+                "destination_folder": route.outlook_folder,
+                "watermark": None if mark is None else {"uidvalidity": mark.uidvalidity, "last_uid": mark.last_uid},
+                "claims": counts.by_status,
+                "skipped_reasons": counts.skipped_reasons,
+                "failures": counts.failures,
+                "last_scan": None if last_scan is None else {
+                    "at": _iso(last_scan.at),
+                    "error": last_scan.error,
+                    "failing_since": None if last_scan.failing_since is None else _iso(last_scan.failing_since),
+                },
+            }
+        )
+    try:
+        depths = app.queue.depths()
+        queue = {"where": app.queue.describe(), "queued": depths.visible, "in_flight": depths.in_flight, "dead": depths.dead}
+    except QueueUnavailable as exc:
+        queue = {"where": app.queue.describe(), "error": str(exc)}
+    if args.json:
+        print(json.dumps({"routes": routes, "queue": queue}, indent=2))
+        return ExitCode.OK
+    for item in routes:
+        mark = item["watermark"]
+        where = f"UIDVALIDITY {mark['uidvalidity']}, UID {mark['last_uid']}" if mark else "none yet"
+        claims = item["claims"]
+        print(f"route {item['route']}: {item['source']} -> {item['destination_folder']}; watermark {where}")
+        print(
+            f"  done {claims.get('done', 0)}, skipped {claims.get('skipped', 0)}{_reasons(item['skipped_reasons'])}, "
+            f"failed {claims.get('failed', 0)}, in progress {claims.get('in_progress', 0) + claims.get('appending', 0)}"
+        )
+        if item["failures"]:
+            print(f"  open failure records{_reasons(item['failures'])}")
+        scanned = item["last_scan"]
+        if scanned is None:
+            print("  never scanned")
+        elif scanned["error"]:
+            print(f"  last scan {scanned['at']} FAILED (failing since {scanned['failing_since']}): {scanned['error']}")
+        else:
+            print(f"  last scan {scanned['at']} ok")
+    if "error" in queue:
+        print(f"queue: {queue['error']}")
+    else:
+        print(f"queue: {queue['where']}: {queue['queued']} queued, {queue['in_flight']} in flight, {queue['dead']} dead")
+    return ExitCode.OK
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) + ")"
+
+
 # -- wiring ------------------------------------------------------------------------------
 
-Command = Callable[[Settings, bootstrap.App, Report], ExitCode]
+Command = Callable[[argparse.Namespace, bootstrap.App, Report], ExitCode]
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
@@ -127,13 +289,37 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser.add_argument("--env-file", default=".env", help="settings file read after the environment (default: .env)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers: dict[str, Command] = {}
-    commands.add_parser(
-        "check",
-        help="validate settings, check the state store and queue, log in to every mailbox; copies nothing",
-        description="Validate settings, check the state store (the fail-safe gate) and the queue, then "
+
+    def command(name: str, handler: Command, summary: str, description: str) -> argparse.ArgumentParser:
+        handlers[name] = handler
+        return commands.add_parser(name, help=summary, description=description)
+
+    command(
+        "drain", drain, "scan every route, then copy until the queue is empty; again while a backlog remains",
+        "Scan every route for new messages and copy them until the queue is empty, repeating while a "
+        "route has more than MAX_ENQUEUE_PER_RUN waiting. Shows progress, then a summary per route.",
+    )
+    once = command(
+        "run-once", run_once, "one scheduled cycle: scan every route once, then copy what was queued",
+        "One cycle as the schedule runs it: scan every route (at most MAX_ENQUEUE_PER_RUN each), then copy.",
+    )
+    once.add_argument("--dry-run", action="store_true", help="list what would be enqueued; write and copy nothing")
+    scan_parser = command(
+        "scan", scan, "enqueue references to new messages (the producer)",
+        "The producer: find each route's new UIDs and enqueue references to them; copies nothing.",
+    )
+    scan_parser.add_argument("--dry-run", action="store_true", help="list what would be enqueued; write nothing")
+    command("consume", consume, "copy what is queued until the queue is empty (the consumer)", "The consumer: copy queued messages until the queue is empty.")
+    status_parser = command(
+        "status", status, "per route: watermark, copied/skipped/failed counts with reasons, queue depths",
+        "Per route: the watermark, claims by status with skip reasons, open failure records; the queue's depths.",
+    )
+    status_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    command(
+        "check", check, "validate settings, check the state store and queue, log in to every mailbox; copies nothing",
+        "Validate settings, check the state store (the fail-safe gate) and the queue, then "
         "log in to every route's source and to the destination. One line per check.",
     )
-    handlers["check"] = check
     return parser, handlers
 
 
@@ -150,13 +336,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level)
     app = bootstrap.build(settings)
     try:
-        return handlers[args.command](settings, app, report)
+        return handlers[args.command](args, app, report)
     except StateStoreUnavailable as exc:
         report.fail("state store", str(exc))
+        if args.command != "check":
+            print("nothing was copied: the state store must work before any IMAP connection", file=sys.stderr)
         return ExitCode.GATE
     except MailSyncerError as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return ExitCode.UNREACHABLE
+    except KeyboardInterrupt:
+        print("interrupted: claims left behind expire after LEASE_SECONDS; run again to finish", file=sys.stderr)
+        return 130
     except Exception:  # noqa: BLE001 - a bug: log it scrubbed rather than crash with raw text
         log.exception("internal error in %s", args.command)
         return ExitCode.INTERNAL

@@ -161,6 +161,10 @@ class Settings(BaseSettings):
 
     # Where a route starts when it has no watermark.
     fallback_since_days: int = Field(default=7, ge=0)
+    # References one scan sends per route, so a backlog of 100k spreads over several runs.
+    max_enqueue_per_run: int = Field(default=1000, ge=1)
+    # How long a local process's claim on a UID lasts (a Lambda's follows its remaining time).
+    lease_seconds: int = Field(default=300, ge=10, le=43200)
 
     # Secrets Manager: comma-separated secret ids, each a JSON object merged in below env and .env.
     aws_secrets_manager_secret_ids: str | None = None

@@ -6,6 +6,7 @@ from shared.state.port import (  # noqa: F401
     CopiedMessage,
     FailureRecord,
     RouteCounts,
+    ScanRecord,
     StateStore,
     UidKey,
     Watermark,

@@ -1,14 +1,15 @@
 """The state store on one DynamoDB table (the AWS adapter).
 
-Layout (DESIGN.md "State"): pk `ROUTE#<route>` with sk `WATERMARK`, `UID#<uidvalidity>#<uid>`
-(the claim), `FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>`; the gate's probe item under pk
-and sk `HEALTH`. Each change that guards exactly-once is one conditional write, or for finalize
+Layout (DESIGN.md "State"): pk `ROUTE#<route>` with sk `WATERMARK`, `SCAN` (the last scan's
+outcome), `UID#<uidvalidity>#<uid>` (the claim), `FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>`;
+the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is one conditional write, or for finalize
 one transaction; every read is strongly consistent, so a write just made is never missed.
 
 Expiry (TTL on `expires_at`): only the HEALTH probe carries it. Watermarks, claims and
 fingerprints are the exactly-once guards, and one that expired would let a message be copied
 twice. Failure records go when their claim is finalized; those left are what `status` shows
-and `redrive` acts on, so they must stay until then too.
+and `redrive` acts on, so they must stay until then too. The SCAN item is one per route,
+overwritten by each scan, so it needs no expiry either.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from shared.state.port import (
     CopiedMessage,
     FailureRecord,
     RouteCounts,
+    ScanRecord,
     StateStore,
     UidKey,
     Watermark,
@@ -46,6 +48,8 @@ from shared.state.rules import (
 EXPIRES_AT = "expires_at"
 HEALTH_TTL_SECONDS = 7 * 24 * 3600
 WATERMARK_SK = "WATERMARK"
+# Its own item: the watermark's conditional put replaces the whole WATERMARK item.
+SCAN_SK = "SCAN"
 _HEALTH_KEY = {"pk": {"S": "HEALTH"}, "sk": {"S": "HEALTH"}}
 
 # A claim write can fail because the claim changed between two attempts (another owner took it
@@ -140,6 +144,36 @@ class DynamoStateStore(StateStore):
         except _ConditionFailed:
             return False
         return True
+
+    # -- scans -----------------------------------------------------------------------------
+    def record_scan(self, route: str, error: str | None) -> None:
+        # One update, no read: if_not_exists keeps the first failure's time while failures go
+        # on; a scan that worked removes the error and failing_since.
+        values: dict[str, Any] = {":now": _n(self._clock())}
+        if error is None:
+            update = "SET #at = :now REMOVE #error, failing_since"
+        else:
+            update = "SET #at = :now, #error = :error, failing_since = if_not_exists(failing_since, :now)"
+            values[":error"] = _s(cut_error_text(error))
+        self._call(
+            "update_item",
+            TableName=self._table,
+            Key=_item_key(route_pk(route), SCAN_SK),
+            UpdateExpression=update,
+            # `at` and `error` may be reserved words: named through placeholders.
+            ExpressionAttributeNames={"#at": "at", "#error": "error"},
+            ExpressionAttributeValues=values,
+        )
+
+    def read_scan(self, route: str) -> ScanRecord | None:
+        item = self._get(route_pk(route), SCAN_SK)
+        if item is None:
+            return None
+        return ScanRecord(
+            at=_float(item, "at"),
+            error=_optional_str(item, "error"),
+            failing_since=_optional_float(item, "failing_since"),
+        )
 
     # -- claims ----------------------------------------------------------------------------
     def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
@@ -372,6 +406,7 @@ class DynamoStateStore(StateStore):
 
     # -- reporting and the gate ------------------------------------------------------------
     def route_counts(self, route: str) -> RouteCounts:
+        # By sort-key prefix: the WATERMARK and SCAN items of the partition are not counted.
         by_status: Counter[str] = Counter()
         skipped_reasons: Counter[str] = Counter()
         for item in self._query_prefix(route, "UID#", "#status, reason", {"#status": "status"}):
@@ -502,3 +537,7 @@ def _optional_int(item: dict, name: str) -> int | None:
 
 def _float(item: dict, name: str) -> float:
     return float(item[name]["N"])
+
+
+def _optional_float(item: dict, name: str) -> float | None:
+    return float(item[name]["N"]) if name in item else None

@@ -1,7 +1,8 @@
 """The state store port: what the pipeline needs to remember, whatever holds it.
 
-Layout (DESIGN.md): per route a WATERMARK, a claim per source UID (`UID#<uidvalidity>#<uid>`),
-a failure record per UID (`FAIL#...`), and a fingerprint per copied message (`FP#...`).
+Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), a claim per
+source UID (`UID#<uidvalidity>#<uid>`), a failure record per UID (`FAIL#...`), and a fingerprint
+per copied message (`FP#...`).
 Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlite.SqliteStateStore`
 (embedded). Both pass the same contract suite, `tests/integration/test_state_contract.py`.
 """
@@ -23,6 +24,7 @@ __all__ = [
     "CopiedMessage",
     "FailureRecord",
     "RouteCounts",
+    "ScanRecord",
     "StateStore",
     "UidKey",
     "Watermark",
@@ -103,6 +105,16 @@ class CopiedMessage:
 
 
 @dataclass(frozen=True)
+class ScanRecord:
+    """A route's last scan of its source: when, and why it failed (None: it worked)."""
+
+    at: float
+    error: str | None
+    # When the current run of failed scans began; None once a scan works again.
+    failing_since: float | None
+
+
+@dataclass(frozen=True)
 class RouteCounts:
     # Claims by status, e.g. {"done": 10, "skipped": 2}.
     by_status: dict[str, int] = field(default_factory=dict)
@@ -129,6 +141,16 @@ class StateStore(abc.ABC):
         """Set the watermark when there is none, when `uidvalidity` differs from the stored one,
         or when `last_uid` is above the stored one. Never moves it down for the same
         uidvalidity: returns False (and writes nothing) then."""
+
+    # -- scans -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def record_scan(self, route: str, error: str | None) -> None:
+        """Upsert the route's scan record: `at` now, `error` (cut to MAX_ERROR_TEXT; None for a
+        scan that worked). `failing_since` keeps the time of the first failure while failures
+        go on, and is cleared by a scan that worked. The caller scrubs secrets from the text."""
+
+    @abc.abstractmethod
+    def read_scan(self, route: str) -> ScanRecord | None: ...
 
     # -- claims ----------------------------------------------------------------------------
     @abc.abstractmethod

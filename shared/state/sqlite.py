@@ -1,7 +1,8 @@
 """The state store in one SQLite file (the embedded adapter, for a local process).
 
-The tables mirror the DynamoDB layout (DESIGN.md "State"): a watermark per route, a claim and a
-failure record per source UID, a fingerprint record per copied message, and a health row.
+The tables mirror the DynamoDB layout (DESIGN.md "State"): a watermark and a last-scan record per
+route, a claim and a failure record per source UID, a fingerprint record per copied message, and
+a health row.
 
 Concurrency: one connection per store, used under a lock, so threads take turns; processes
 sharing the file are kept apart by SQLite itself. Every change reads and writes inside
@@ -29,6 +30,7 @@ from shared.state.port import (
     CopiedMessage,
     FailureRecord,
     RouteCounts,
+    ScanRecord,
     StateStore,
     UidKey,
     Watermark,
@@ -54,6 +56,12 @@ CREATE TABLE IF NOT EXISTS watermarks (
     uidvalidity INTEGER NOT NULL,
     last_uid INTEGER NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scans (
+    route TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    error TEXT,
+    failing_since REAL
 );
 CREATE TABLE IF NOT EXISTS claims (
     route TEXT NOT NULL,
@@ -130,6 +138,25 @@ class SqliteStateStore(StateStore):
                 (route, uidvalidity, last_uid, self._clock()),
             )
             return True
+
+    # -- scans -----------------------------------------------------------------------------
+    def record_scan(self, route: str, error: str | None) -> None:
+        now = self._clock()
+        with self._writing() as db:
+            found = self._select_scan(db, route)
+            if error is None:
+                failing_since = None
+            else:
+                error = cut_error_text(error)
+                failing_since = found.failing_since if found and found.failing_since is not None else now
+            db.execute(
+                "INSERT OR REPLACE INTO scans (route, at, error, failing_since) VALUES (?, ?, ?, ?)",
+                (route, now, error, failing_since),
+            )
+
+    def read_scan(self, route: str) -> ScanRecord | None:
+        with self._reading() as db:
+            return self._select_scan(db, route)
 
     # -- claims ----------------------------------------------------------------------------
     def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
@@ -358,6 +385,11 @@ class SqliteStateStore(StateStore):
     def _select_watermark(db: sqlite3.Connection, route: str) -> Watermark | None:
         row = db.execute("SELECT uidvalidity, last_uid FROM watermarks WHERE route = ?", (route,)).fetchone()
         return Watermark(row["uidvalidity"], row["last_uid"]) if row else None
+
+    @staticmethod
+    def _select_scan(db: sqlite3.Connection, route: str) -> ScanRecord | None:
+        row = db.execute("SELECT at, error, failing_since FROM scans WHERE route = ?", (route,)).fetchone()
+        return ScanRecord(row["at"], row["error"], row["failing_since"]) if row else None
 
     @staticmethod
     def _select_claim(db: sqlite3.Connection, key: UidKey) -> Claim | None:

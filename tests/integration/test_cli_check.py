@@ -240,5 +240,5 @@ def test_help_lists_only_working_commands(sync_env):
     done = setup.cli("--help")
     assert done.returncode == 0
     # argparse lists each command indented by four spaces under "positional arguments".
-    assert re.findall(r"^    ([a-z][a-z-]*)\s", done.stdout, flags=re.MULTILINE) == ["check"]
+    assert re.findall(r"^    ([a-z][a-z-]*)\s", done.stdout, flags=re.MULTILINE) == ["drain", "run-once", "scan", "consume", "status", "check"]
     assert "Exit codes: 0 ok" in " ".join(done.stdout.split())

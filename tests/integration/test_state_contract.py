@@ -26,6 +26,7 @@ from shared.state.port import (
     CopiedMessage,
     FailureRecord,
     RouteCounts,
+    ScanRecord,
     UidKey,
     Watermark,
 )
@@ -109,6 +110,55 @@ def test_watermark_of_a_new_uidvalidity_replaces_the_old_one(store):
     assert store.advance_watermark(ROUTE, 8, 3) is True
 
     assert store.read_watermark(ROUTE) == Watermark(8, 3)
+
+
+# -- scans ---------------------------------------------------------------------------------
+def test_scan_record_is_absent_until_recorded(store):
+    assert store.read_scan(ROUTE) is None
+    store.record_scan(ROUTE, None)
+
+    assert store.read_scan(ROUTE) == ScanRecord(at=START, error=None, failing_since=None)
+    assert store.read_scan("other") is None
+
+
+def test_failed_scans_keep_the_time_of_the_first_failure(store, clock):
+    store.record_scan(ROUTE, None)
+    clock.advance(10)
+    store.record_scan(ROUTE, "connection refused")
+    clock.advance(30)
+
+    store.record_scan(ROUTE, "login failed")
+
+    assert store.read_scan(ROUTE) == ScanRecord(at=START + 40, error="login failed", failing_since=START + 10)
+
+
+def test_a_scan_that_works_clears_the_error(store, clock):
+    store.record_scan(ROUTE, "connection refused")
+    clock.advance(30)
+    store.record_scan(ROUTE, None)
+
+    assert store.read_scan(ROUTE) == ScanRecord(at=START + 30, error=None, failing_since=None)
+    # A later failure starts a new run of failures.
+    clock.advance(30)
+    store.record_scan(ROUTE, "timed out")
+    assert store.read_scan(ROUTE) == ScanRecord(at=START + 60, error="timed out", failing_since=START + 60)
+
+
+def test_record_scan_cuts_long_text(store):
+    store.record_scan(ROUTE, "x" * (MAX_ERROR_TEXT + 500))
+
+    assert store.read_scan(ROUTE).error == "x" * MAX_ERROR_TEXT
+
+
+def test_the_scan_record_and_the_watermark_do_not_overwrite_each_other(store, clock):
+    store.record_scan(ROUTE, "connection refused")
+    store.advance_watermark(ROUTE, 7, 100)
+    clock.advance(5)
+    store.advance_watermark(ROUTE, 7, 101)
+    store.record_scan(ROUTE, "connection refused")
+
+    assert store.read_watermark(ROUTE) == Watermark(7, 101)
+    assert store.read_scan(ROUTE) == ScanRecord(at=START + 5, error="connection refused", failing_since=START)
 
 
 # -- claiming ------------------------------------------------------------------------------
@@ -381,6 +431,7 @@ def test_route_counts(store, clock):
     store.record_failure(uid_key(8), "ImapFailure", "rejected")
     store.record_failure(uid_key(9), "TimeoutError", "slow")
     store.advance_watermark(ROUTE, 7, 9)
+    store.record_scan(ROUTE, "connection refused")
     # Another route's records are not counted.
     claim(store, uid_key(1, route="home"), "a", clock)
     store.record_failure(uid_key(1, route="home"), "ImapFailure", "rejected")

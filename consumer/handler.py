@@ -1,0 +1,39 @@
+"""The consumer Lambda: copy each message of an SQS FIFO batch; report the ones to retry.
+
+Returns `batchItemFailures` (the function uses ReportBatchItemFailures): messages not
+acknowledged, and after one of those the rest of its route's messages, unprocessed, so SQS
+redelivers them in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared import bootstrap
+from shared.copy import copy_batch, lease_for
+from shared.queue import ReceivedMessage
+
+# A claim outlives the invocation by this much, so a function killed at its timeout leaves a
+# claim that expires shortly after, and the redelivery can take it.
+LEASE_MARGIN_SECONDS = 30
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    app = bootstrap.lambda_app()
+    messages = [_received(record) for record in event.get("Records", [])]
+    remaining = context.get_remaining_time_in_millis() / 1000
+    copier = app.copier(lease_for(remaining + LEASE_MARGIN_SECONDS), owner=f"lambda:{context.aws_request_id}")
+    results = copy_batch(messages, copier=copier, queue=app.queue)
+    retry = [message.message_id for message, result in results if not result.outcome.acknowledged]
+    return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in retry]}
+
+
+def _received(record: dict[str, Any]) -> ReceivedMessage:
+    attributes = record.get("attributes", {})
+    return ReceivedMessage(
+        receipt=record["receiptHandle"],
+        body=record["body"],
+        message_id=record["messageId"],
+        group_id=attributes.get("MessageGroupId", ""),
+        receive_count=int(attributes.get("ApproximateReceiveCount", "1")),
+    )

@@ -1,0 +1,33 @@
+"""The producer Lambda: on its schedule, scan every route and enqueue new message references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared import bootstrap
+from shared.errors import MailSyncerError
+from shared.scan import scan_routes
+
+
+class RoutesFailed(MailSyncerError):
+    """Raised after every route had its turn, so the function's Errors metric (and alarm) sees it."""
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    app = bootstrap.lambda_app()
+    scans = scan_routes(
+        app.settings.routes,
+        state=app.state,
+        queue=app.queue,
+        open_source=app.connections.borrowed_source,
+        limits=app.scan_limits(),
+    )
+    failed = [f"{scan.route}: {scan.error}" for scan in scans if scan.error]
+    if failed:
+        raise RoutesFailed("scan failed for route " + "; ".join(failed))
+    return {
+        "routes": [
+            {"route": s.route, "found": s.found, "enqueued": s.enqueued, "left_for_next_run": s.left_for_next_run}
+            for s in scans
+        ]
+    }

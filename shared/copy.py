@@ -1,0 +1,179 @@
+"""The consumer's use case: copy one referenced message, exactly once; and a batch of them.
+
+`copy_message` reads top to bottom as the path of one message: claim the UID; acknowledge what
+is already final; skip a duplicate; fetch (BODY.PEEK[], so the source is never changed); mark
+appending; APPEND; finalize with the destination UID and the fingerprint. An error records the
+failure and releases the claim, so the queue's retry (and at last its dead letters) take over.
+
+`copy_batch` is what the Lambda handler and the local `consume` loop both call: it quarantines
+bodies that are not message references, and keeps FIFO order per route (after a message of a
+route is not acknowledged, the rest of that route's messages in the batch are left unprocessed).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from shared.connections import MailboxConnections
+from shared.errors import MalformedMessageRef, QueueUnavailable, StateStoreUnavailable
+from shared.mailbox import AppendRejected
+from shared.message_ref import MessageRef, UidKey
+from shared.queue import MessageQueue, ReceivedMessage
+from shared.redaction import scrub
+from shared.settings import Route
+from shared.state import ClaimOutcome, ClaimStatus, StateStore
+
+log = logging.getLogger("mail_syncer.copy")
+
+
+class Outcome(StrEnum):
+    COPIED = "copied"
+    SKIPPED = "skipped"  # final, with a reason (duplicate, gone, rejected for good)
+    ALREADY_DONE = "already done"  # a redelivery of a message finished before
+    BUSY = "busy"  # another consumer holds the claim: try again later
+    FAILED = "failed"  # recorded; the queue retries it
+    QUARANTINED = "quarantined"  # not a valid reference: dead-lettered at once
+    UNPROCESSED = "unprocessed"  # left for later to keep its route's order
+
+    @property
+    def acknowledged(self) -> bool:
+        """Delete it from the queue: nothing more will ever be done with it."""
+        return self in (Outcome.COPIED, Outcome.SKIPPED, Outcome.ALREADY_DONE, Outcome.QUARANTINED)
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    outcome: Outcome
+    key: UidKey | None = None  # None for a body that is not a message reference
+    detail: str = ""  # the skip reason or the error
+    dest_uid: int | None = None
+
+
+@dataclass
+class Copier:
+    """What copying needs, passed in by the handler or the CLI (see shared.bootstrap)."""
+
+    state: StateStore
+    connections: MailboxConnections
+    routes: Mapping[str, Route]
+    owner: str  # unique per process (and per Lambda invocation)
+    lease_until: Callable[[], float]  # when a claim taken now must expire
+
+    def copy_message(self, ref: MessageRef) -> CopyResult:
+        route = self.routes[ref.route]
+        key = ref.key
+        claimed = self.state.claim_uid(key, self.owner, self.lease_until())
+        if claimed.outcome is ClaimOutcome.FINAL:
+            return CopyResult(Outcome.ALREADY_DONE, key, claimed.claim.reason or "")
+        if claimed.outcome is ClaimOutcome.HELD:
+            return CopyResult(Outcome.BUSY, key, f"claimed by {claimed.claim.owner}")
+        resuming_append = claimed.claim.status is ClaimStatus.APPENDING
+        appending = False
+        try:
+            if ref.fingerprint and not resuming_append:
+                twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
+                if twin is not None:
+                    return self._skip(ref, f"duplicate of route {twin.route} UID {twin.uid}")
+            source, folder = self.connections.source(route)
+            if folder.uidvalidity != ref.uidvalidity:
+                # The UID names another message now; the producer rescans the renumbered folder
+                # and fingerprints recognise what was copied already.
+                return self._skip(ref, f"UIDVALIDITY changed to {folder.uidvalidity} since it was queued")
+            message = source.fetch(ref.uid)
+            if message is None:
+                return self._skip(ref, "gone from the source")
+            destination = self.connections.destination()
+            if resuming_append:
+                # A process died after sending APPEND and before finalize: it may be there already.
+                found = destination.find_copies(
+                    route.outlook_folder, _message_id(message.body), len(message.body), message.internaldate
+                )
+                if found:
+                    return self._done(ref, found[0], "found in the destination after an interrupted APPEND")
+            destination.ensure_folder(route.outlook_folder)
+            self.state.mark_appending(key, self.owner)
+            appending = True
+            dest_uid = destination.append(route.outlook_folder, message)
+            return self._done(ref, dest_uid)
+        except AppendRejected as rejected:
+            if rejected.permanent:
+                return self._skip(ref, rejected.reason)
+            # A refusal (not a lost connection): the APPEND certainly did not land.
+            return self._fail(ref, rejected, append_outcome_unknown=False)
+        except (StateStoreUnavailable, QueueUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded and retried by the queue
+            self.connections.drop_source(route)
+            self.connections.drop_destination()
+            return self._fail(ref, exc, append_outcome_unknown=appending or resuming_append)
+
+    def _routes_into(self, folder: str) -> list[str]:
+        """Routes that share a destination folder also share what counts as a duplicate."""
+        return [name for name, route in self.routes.items() if route.outlook_folder == folder]
+
+    def _done(self, ref: MessageRef, dest_uid: int | None, note: str = "") -> CopyResult:
+        self.state.finalize(ref.key, self.owner, ClaimStatus.DONE, dest_uid=dest_uid, fingerprint=ref.fingerprint)
+        return CopyResult(Outcome.COPIED, ref.key, note, dest_uid)
+
+    def _skip(self, ref: MessageRef, reason: str) -> CopyResult:
+        self.state.finalize(ref.key, self.owner, ClaimStatus.SKIPPED, reason=reason)
+        log.info("route %s UID %d skipped: %s", ref.route, ref.uid, reason)
+        return CopyResult(Outcome.SKIPPED, ref.key, reason)
+
+    def _fail(self, ref: MessageRef, exc: BaseException, *, append_outcome_unknown: bool) -> CopyResult:
+        text = scrub(str(exc)) or type(exc).__name__
+        attempts = self.state.record_failure(ref.key, type(exc).__name__, text)
+        self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
+        log.warning("route %s UID %d failed (attempt %d): %s", ref.route, ref.uid, attempts, text)
+        return CopyResult(Outcome.FAILED, ref.key, text)
+
+
+def copy_batch(
+    messages: Sequence[ReceivedMessage], *, copier: Copier, queue: MessageQueue
+) -> list[tuple[ReceivedMessage, CopyResult]]:
+    """Each message with what became of it, in the order given."""
+    held_back: set[str] = set()  # routes (FIFO groups) with a message not acknowledged
+    results = []
+    for message in messages:
+        if message.group_id in held_back:
+            results.append((message, CopyResult(Outcome.UNPROCESSED)))
+            continue
+        result = _copy_received(message, copier=copier, queue=queue)
+        if not result.outcome.acknowledged:
+            held_back.add(message.group_id)
+        results.append((message, result))
+    return results
+
+
+def _copy_received(message: ReceivedMessage, *, copier: Copier, queue: MessageQueue) -> CopyResult:
+    try:
+        ref = MessageRef.from_body(message.body)
+    except MalformedMessageRef as exc:
+        return _quarantine(message, str(exc), queue)
+    if ref.route not in copier.routes:
+        return _quarantine(message, f"queue body.route: unknown route {ref.route!r}", queue)
+    return copier.copy_message(ref)
+
+
+def _quarantine(message: ReceivedMessage, reason: str, queue: MessageQueue) -> CopyResult:
+    queue.quarantine(message, reason)
+    log.error("queue message %s quarantined: %s", message.message_id, reason)
+    return CopyResult(Outcome.QUARANTINED, None, reason)
+
+
+def lease_for(seconds: float, clock: Callable[[], float] = time.time) -> Callable[[], float]:
+    return lambda: clock() + seconds
+
+
+_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+
+
+def _message_id(body: bytes) -> str | None:
+    value = _HEADERS.parsebytes(body).get("Message-ID")
+    return " ".join(str(value).split()) or None if value else None

@@ -1,0 +1,405 @@
+"""The mailbox ports over IMAP: `ImapSource` reads a Gmail folder, `ImapDestination` writes to
+Outlook.com. Both wrap a logged-in `IMAPClient` (see `shared.imap.open_session`) and take over
+its `normalise_times` setting, so every INTERNALDATE they see is timezone-aware.
+
+The source is never changed (DESIGN.md guarantee 3): folders are EXAMINEd, bodies and headers
+are fetched with BODY.PEEK, and nothing is stored.
+
+APPEND does not go through imapclient: its `append()` passes the message to imaplib, which
+rewrites every CR, LF and CRLF into CRLF, and `multiappend()` sends exact bytes but cannot send a
+literal8 and does not report a NO. `_run_with_literal` is the one place that speaks the
+protocol itself; everything else uses imapclient's public API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import imaplib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from imapclient import IMAPClient
+from imapclient.datetime_util import datetime_to_INTERNALDATE
+from imapclient.imap_utf7 import encode as encode_mailbox_name
+
+from shared.errors import ImapFailure
+from shared.imap import ImapAccount
+from shared.mailbox import (
+    SYSTEM_FLAGS_COPIED,
+    AppendRejected,
+    FolderState,
+    MessageSummary,
+    SourceMessage,
+)
+from shared.redaction import scrub
+
+# UIDs per UID FETCH in `summaries`: a few hundred keeps the command line short (servers cap
+# line length; Gmail UIDs have up to 10 digits) while saving round trips.
+SUMMARY_CHUNK = 300
+FOLDER_SEPARATOR = "/"
+# RFC 7888: LITERAL- allows non-synchronising literals only up to this size.
+LITERAL_MINUS_MAX = 4096
+
+_HEADER_FIELDS_KEY_PREFIX = b"BODY[HEADER.FIELDS"
+_SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
+# A keyword is an IMAP atom: printable ASCII without atom-specials. Anything else would make the
+# whole APPEND a syntax error, retried forever.
+_KEYWORD = re.compile(r'[!#$&\'+-Z^-z|}~]+')
+_APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
+_RESPONSE_CODE = re.compile(r"^\[([A-Za-z0-9.-]+)")
+# How servers without the RFC 5530 codes say it (Outlook.com: "message size exceeds ...").
+_TOO_LARGE_TEXT = re.compile(r"too (?:large|big)|size exceeds|exceeds? the (?:maximum|max|size|limit)", re.IGNORECASE)
+_LINE_TOO_LONG_TEXT = re.compile(r"line (?:is )?too long|too long line", re.IGNORECASE)
+_THROTTLED_TEXT = re.compile(r"throttled.*?Suggested Backoff Time: (\d+) ?milliseconds", re.IGNORECASE)
+_TOO_LARGE = "too large for the destination"
+
+# What a broken or closed connection raises: socket errors and timeouts are OSError; imaplib
+# raises IMAP4.abort (a subclass of IMAP4.error, which imapclient calls IMAPClientError) on EOF,
+# BYE or a reply it cannot parse, and IMAP4.error for a NO or BAD to imapclient's commands.
+_IMAP_ERRORS = (OSError, imaplib.IMAP4.error)
+
+
+class ImapSource:
+    """`SourceMailbox` over IMAP. Call `examine` first; the other methods read that folder."""
+
+    def __init__(self, client: IMAPClient, account: ImapAccount):
+        self._client = client
+        self._account = account
+        self._folder: str | None = None  # for error texts; the session may have it EXAMINEd already
+        client.normalise_times = False  # aware datetimes: the zone is part of INTERNALDATE
+
+    def examine(self, folder: str) -> FolderState:
+        self._folder = folder
+        with _failures_as_imap_failure(self._account, "examine", folder):
+            response = self._client.select_folder(folder, readonly=True)
+        return FolderState(
+            uidvalidity=int(response[b"UIDVALIDITY"]),
+            uidnext=int(response[b"UIDNEXT"]) if b"UIDNEXT" in response else None,
+            exists=int(response[b"EXISTS"]),
+        )
+
+    def uids_above(self, last_uid: int) -> list[int]:
+        # "n:*" always includes the highest UID, even one below n (RFC 3501 6.4.8): filter it.
+        with _failures_as_imap_failure(self._account, "search", self._folder):
+            found = self._client.search(["UID", f"{last_uid + 1}:*"])
+        return sorted(uid for uid in found if uid > last_uid)
+
+    def uids_since(self, day: dt.date) -> list[int]:
+        with _failures_as_imap_failure(self._account, "search", self._folder):
+            return sorted(self._client.search(["SINCE", day]))
+
+    def summaries(self, uids: Sequence[int]) -> list[MessageSummary]:
+        items = [b"RFC822.SIZE", b"INTERNALDATE", b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
+        with _failures_as_imap_failure(self._account, "fetch summaries", self._folder):
+            with_gmail_ids = self._client.has_capability("X-GM-EXT-1")
+            if with_gmail_ids:
+                items.append(b"X-GM-MSGID")
+            summaries = []
+            ordered = sorted(set(uids))
+            for start in range(0, len(ordered), SUMMARY_CHUNK):
+                fetched = self._client.fetch(ordered[start : start + SUMMARY_CHUNK], items)
+                for uid, data in fetched.items():
+                    if b"RFC822.SIZE" not in data:  # an unsolicited FETCH (a flag change) only
+                        continue
+                    summaries.append(
+                        MessageSummary(
+                            uid=uid,
+                            size=int(data[b"RFC822.SIZE"]),
+                            internaldate=data[b"INTERNALDATE"],
+                            message_id=_message_id(_header_fields(data)),
+                            gmail_msgid=int(data[b"X-GM-MSGID"]) if with_gmail_ids and b"X-GM-MSGID" in data else None,
+                        )
+                    )
+        return sorted(summaries, key=lambda summary: summary.uid)
+
+    def fetch(self, uid: int) -> SourceMessage | None:
+        with _failures_as_imap_failure(self._account, f"fetch UID {uid}", self._folder):
+            fetched = self._client.fetch([uid], [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
+        data = fetched.get(uid)
+        # Gone: no answer at all, or (expunged by another session while this one still lists it)
+        # Dovecot's "BODY[] NIL" with [EXPUNGEISSUED].
+        if data is None or data.get(b"BODY[]") is None:
+            return None
+        return SourceMessage(
+            uid=uid,
+            body=data[b"BODY[]"],
+            flags=tuple(flag.decode("utf-8", "replace") for flag in data.get(b"FLAGS", ())),
+            internaldate=data[b"INTERNALDATE"],
+        )
+
+
+@dataclass(frozen=True)
+class _FolderFacts:
+    """What the destination says about a folder that decides how to APPEND to it."""
+
+    any_keyword: bool  # PERMANENTFLAGS has \*: new keywords can be stored
+    known_keywords: frozenset[str]  # lower case; keywords PERMANENTFLAGS lists by name
+    append_limit: int | None  # bytes, from STATUS (APPENDLIMIT) where the limit is per folder
+
+
+class ImapDestination:
+    """`DestinationMailbox` over IMAP.
+
+    After an ImapFailure the session may be in the middle of a command: drop it and reconnect.
+    """
+
+    def __init__(self, client: IMAPClient, account: ImapAccount):
+        self._client = client
+        self._account = account
+        self._ensured: set[str] = set()
+        self._folder_facts: dict[str, _FolderFacts] = {}
+        client.normalise_times = False
+
+    # ---- folders -----------------------------------------------------------------------------
+    def ensure_folder(self, folder: str) -> None:
+        if folder in self._ensured:
+            return
+        parts = folder.split(FOLDER_SEPARATOR)
+        # Parents first: not every server creates them (and some make them \Noselect).
+        for depth in range(1, len(parts) + 1):
+            self._create_if_missing(FOLDER_SEPARATOR.join(parts[:depth]))
+        self._ensured.add(folder)
+
+    def _create_if_missing(self, folder: str) -> None:
+        with _failures_as_imap_failure(self._account, "create folder", folder):
+            if self._folder_exists(folder):
+                return
+            try:
+                self._client.create_folder(folder)
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error as refused:
+                # Another session created it since the LIST: [ALREADYEXISTS] (RFC 5530), or a
+                # server without the code that lists it now.
+                if "[ALREADYEXISTS]" in str(refused).upper() or self._folder_exists(folder):
+                    return
+                raise
+
+    def _folder_exists(self, folder: str) -> bool:
+        # Compare names: LIST treats "%" and "*" in a folder name as wildcards.
+        return any(name == folder for _, _, name in self._client.list_folders("", folder))
+
+    # ---- append ------------------------------------------------------------------------------
+    def append(self, folder: str, message: SourceMessage) -> int | None:
+        body = message.body
+        capabilities = self._capabilities()
+        binary = b"\0" in body
+        if binary and b"BINARY" not in capabilities:
+            raise AppendRejected(
+                self._text(f"APPEND to {folder!r}: UID {message.uid} contains NUL bytes; the server has no BINARY"),
+                permanent=True,
+                reason="contains NUL bytes and the destination has no BINARY extension",
+            )
+        facts = self._facts(folder)
+        limit = _global_append_limit(capabilities)
+        if limit is None:
+            limit = facts.append_limit
+        if limit is not None and len(body) > limit:
+            raise AppendRejected(
+                self._text(f"APPEND to {folder!r}: {len(body)} bytes is above the server's APPENDLIMIT of {limit}"),
+                permanent=True,
+                reason=_TOO_LARGE,
+            )
+
+        flags = _flags_to_copy(message.flags, facts)
+        command = b"APPEND %s (%s) \"%s\"" % (
+            _quoted_mailbox(folder),
+            " ".join(flags).encode("ascii"),
+            datetime_to_INTERNALDATE(message.internaldate).encode("ascii"),
+        )
+        with _failures_as_imap_failure(self._account, "append", folder):
+            status, text = _run_with_literal(self._client, command, body, binary=binary)
+        if status == "OK":
+            appended = _APPENDUID.search(text)
+            return int(appended.group(2)) if appended else None
+        raise _refusal(self._text(f"APPEND to {folder!r} ({len(body)} bytes)"), status, text)
+
+    def _capabilities(self) -> tuple[bytes, ...]:
+        with _failures_as_imap_failure(self._account, "capability"):
+            return self._client.capabilities()
+
+    def _facts(self, folder: str) -> _FolderFacts:
+        facts = self._folder_facts.get(folder)
+        if facts is not None:
+            return facts
+        with _failures_as_imap_failure(self._account, "append", folder):
+            append_limit = None
+            if b"APPENDLIMIT" in self._client.capabilities():  # a limit per folder (RFC 7889)
+                # Before the SELECT: STATUS of the selected folder is discouraged (RFC 3501).
+                append_limit = self._client.folder_status(folder, [b"APPENDLIMIT"]).get(b"APPENDLIMIT")
+            # SELECT, not EXAMINE: a read-only folder reports PERMANENTFLAGS () (Dovecot does).
+            selected = self._client.select_folder(folder)
+        permanent = [flag.decode("ascii", "replace") for flag in selected.get(b"PERMANENTFLAGS", ())]
+        facts = _FolderFacts(
+            any_keyword="\\*" in permanent,
+            known_keywords=frozenset(flag.lower() for flag in permanent if not flag.startswith("\\")),
+            append_limit=int(append_limit) if append_limit is not None else None,
+        )
+        self._folder_facts[folder] = facts
+        return facts
+
+    # ---- crash recovery ----------------------------------------------------------------------
+    def find_copies(self, folder: str, message_id: str | None, size: int, internaldate: dt.datetime) -> list[int]:
+        """UIDs in `folder` with the same RFC822.SIZE and INTERNALDATE instant, among those
+        whose Message-ID header contains `message_id`.
+
+        Without a Message-ID it is a best effort: every message whose INTERNALDATE falls within
+        a day either side of `internaldate`'s date (servers differ in the zone they take SEARCH
+        dates in) is compared by size and INTERNALDATE, which a different message rarely shares
+        to the second. A folder that does not exist holds no copies.
+        """
+        if internaldate.tzinfo is None:
+            raise ValueError("find_copies needs a timezone-aware internaldate")
+        with _failures_as_imap_failure(self._account, "find copies", folder):
+            try:
+                self._client.select_folder(folder, readonly=True)
+            except imaplib.IMAP4.abort:
+                raise
+            except imaplib.IMAP4.error:
+                if not self._folder_exists(folder):
+                    return []
+                raise
+            if message_id:
+                charset = None if message_id.isascii() else "UTF-8"
+                candidates = self._client.search(["HEADER", "Message-ID", message_id], charset)
+            else:
+                day = internaldate.date()
+                candidates = self._client.search(
+                    ["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)]
+                )
+            if not candidates:
+                return []
+            found = self._client.fetch(candidates, [b"RFC822.SIZE", b"INTERNALDATE"])
+        return sorted(
+            uid
+            for uid, data in found.items()
+            if data.get(b"RFC822.SIZE") == size and data.get(b"INTERNALDATE") == internaldate
+        )
+
+    def _text(self, detail: str) -> str:
+        return scrub(f"{self._account.label} at {self._account.endpoint}: {detail}")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+@contextmanager
+def _failures_as_imap_failure(account: ImapAccount, step: str, folder: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except _IMAP_ERRORS as exc:
+        where = f" {folder!r}" if folder is not None else ""
+        detail = str(exc).strip() or type(exc).__name__
+        raise ImapFailure(
+            scrub(f"{account.label} at {account.endpoint}: {step}{where} failed: {detail[:300]}"), step=step
+        ) from None
+
+
+def _header_fields(data: dict[bytes, object]) -> bytes | None:
+    # The key echoes the request as the server wrote it back ("BODY[HEADER.FIELDS (MESSAGE-ID)]"
+    # from Dovecot; other servers quote or case the field name differently).
+    for key, value in data.items():
+        if isinstance(key, bytes) and key.upper().startswith(_HEADER_FIELDS_KEY_PREFIX):
+            return value if isinstance(value, bytes) else None
+    return None
+
+
+def _message_id(header_block: bytes | None) -> str | None:
+    """The first Message-ID field's value, unfolded and stripped; None when absent or empty."""
+    if not header_block:
+        return None
+    unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", header_block)
+    for line in unfolded.splitlines():
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"message-id":
+            # RFC 6532 allows UTF-8; "replace" keeps anything else printable and hashable.
+            return value.strip().decode("utf-8", "replace") or None
+    return None
+
+
+def _flags_to_copy(flags: Sequence[str], facts: _FolderFacts) -> list[str]:
+    copied = []
+    for flag in flags:
+        system_flag = _SYSTEM_FLAG_BY_LOWER.get(flag.lower())
+        if system_flag is not None:
+            copied.append(system_flag)
+        elif not flag.startswith("\\") and _KEYWORD.fullmatch(flag):
+            if facts.any_keyword or flag.lower() in facts.known_keywords:
+                copied.append(flag)
+    return list(dict.fromkeys(copied))
+
+
+def _global_append_limit(capabilities: Sequence[bytes]) -> int | None:
+    for capability in capabilities:
+        name, equals, value = capability.partition(b"=")
+        if name == b"APPENDLIMIT" and equals and value.isdigit():
+            return int(value)
+    return None
+
+
+def _quoted_mailbox(folder: str) -> bytes:
+    name = encode_mailbox_name(folder)  # modified UTF-7 (RFC 3501 5.1.3)
+    return b'"' + name.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
+    """A tagged NO or BAD as an AppendRejected: permanent only when retrying cannot help."""
+    server_text = text.decode("utf-8", "replace").strip()
+    message = f"{context} answered {status} {server_text}"
+    code_match = _RESPONSE_CODE.match(server_text)
+    code = code_match.group(1).upper() if code_match else None
+    if code == "TOOBIG" or _TOO_LARGE_TEXT.search(server_text):
+        return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
+    if code == "LIMIT" or _LINE_TOO_LONG_TEXT.search(server_text):
+        return AppendRejected(message, permanent=True, reason=f"rejected by the destination: {server_text}")
+    # [UNAVAILABLE], [SERVERBUG], [INUSE], Outlook's "Request is throttled. Suggested Backoff
+    # Time: N milliseconds" (kept in the message for whoever schedules the retry), and anything
+    # not recognised: worth another try later.
+    throttled = _THROTTLED_TEXT.search(server_text)
+    reason = (
+        f"throttled by the destination (suggested backoff {throttled.group(1)} ms)"
+        if throttled
+        else f"refused for now by the destination: {server_text}"
+    )
+    return AppendRejected(message, permanent=False, reason=reason)
+
+
+def _run_with_literal(client: IMAPClient, command: bytes, literal: bytes, *, binary: bool) -> tuple[str, bytes]:
+    """Send `<tag> <command> {n}` and `literal` byte for byte; return the tagged (status, text).
+
+    The literal is non-synchronising (`{n+}`) where the server allows it (LITERAL+, or LITERAL-
+    for small ones), else synchronising: the server's "+" is awaited, and a tagged reply instead
+    of it (e.g. NO [TOOBIG]) is returned without sending the literal. `binary` sends a literal8
+    (`~{n}`, RFC 3516), the only kind that may carry NUL bytes.
+
+    Built on imaplib's internals because neither imaplib nor imapclient sends a literal
+    unchanged and reports a NO: `_new_tag` registers the tag, `send` writes raw bytes, and
+    `_get_response` reads one response (returning None for a continuation request) and files
+    the tagged one under `tagged_commands[tag]`.
+    """
+    capabilities = client.capabilities()  # cached; it cannot be asked in the middle of a command
+    non_synchronising = b"LITERAL+" in capabilities or (
+        b"LITERAL-" in capabilities and len(literal) <= LITERAL_MINUS_MAX
+    )
+    imap = client._imap
+    tag = imap._new_tag()
+    announcement = b"%s{%d%s}" % (b"~" if binary else b"", len(literal), b"+" if non_synchronising else b"")
+    if non_synchronising:
+        imap.send(b"%s %s %s\r\n%s\r\n" % (tag, command, announcement, literal))
+    else:
+        imap.send(b"%s %s %s\r\n" % (tag, command, announcement))
+        while imap._get_response() is not None:
+            if imap.tagged_commands[tag] is not None:
+                break  # refused before the literal was sent
+        else:
+            imap.send(literal + b"\r\n")
+    while imap.tagged_commands[tag] is None:
+        imap._get_response()
+    status, (text,) = imap.tagged_commands.pop(tag)
+    # imaplib files untagged data by name and only a SELECT clears it: drop what an APPEND
+    # brings (EXISTS and RECENT of a selected folder, the response code imaplib copies out of
+    # the tagged line) so that a long session does not pile it up.
+    response_code = _RESPONSE_CODE.match(text.decode("ascii", "replace"))
+    for name in ("EXISTS", "RECENT", response_code.group(1).upper() if response_code else None):
+        imap.untagged_responses.pop(name, None)
+    return status, text

@@ -1,0 +1,98 @@
+"""The mailbox ports: what the pipeline reads from a source folder and writes to the destination.
+
+Adapters over IMAP are in `shared.imap_mailbox`. The source is only ever read: EXAMINE and
+BODY.PEEK[] (DESIGN.md guarantee 3).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.errors import MailSyncerError
+
+# The flags copied to the destination. \Recent belongs to a session and \Deleted would hide the
+# copy; keywords (no backslash) are copied too where the destination accepts them.
+SYSTEM_FLAGS_COPIED = ("\\Seen", "\\Flagged", "\\Answered", "\\Draft")
+
+
+@dataclass(frozen=True)
+class FolderState:
+    uidvalidity: int
+    uidnext: int | None
+    exists: int
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    """Light metadata for a fingerprint, fetched by the producer without the body."""
+
+    uid: int
+    size: int
+    internaldate: dt.datetime
+    message_id: str | None  # the Message-ID header's value, stripped; None when absent
+    gmail_msgid: int | None = None  # X-GM-MSGID where the server has X-GM-EXT-1
+
+
+@dataclass(frozen=True)
+class SourceMessage:
+    uid: int
+    body: bytes  # BODY[] exactly as the source served it
+    flags: tuple[str, ...]
+    internaldate: dt.datetime  # timezone-aware
+
+
+class AppendRejected(MailSyncerError):
+    """The destination refused an APPEND. `permanent`: it can never succeed (too large, NUL
+    bytes without BINARY, lines too long), so the message is skipped with `reason`, not retried."""
+
+    def __init__(self, message: str, *, permanent: bool, reason: str):
+        self.permanent = permanent
+        self.reason = reason
+        super().__init__(message)
+
+
+class SourceMailbox(Protocol):
+    def examine(self, folder: str) -> FolderState:
+        """EXAMINE (read-only SELECT) `folder`; later calls read from it."""
+
+    def uids_above(self, last_uid: int) -> list[int]:
+        """UIDs greater than `last_uid`, ascending (`UID SEARCH last_uid+1:*` always answers
+        the highest UID, even when it is not above `last_uid`: it is filtered out)."""
+
+    def uids_since(self, day: dt.date) -> list[int]:
+        """UIDs of messages whose INTERNALDATE is on or after `day`, ascending."""
+
+    def summaries(self, uids: Sequence[int]) -> list[MessageSummary]:
+        """Summaries of the UIDs that still exist, in UID order."""
+
+    def fetch(self, uid: int) -> SourceMessage | None:
+        """`FETCH BODY.PEEK[] FLAGS INTERNALDATE`; None when the message is gone."""
+
+
+class DestinationMailbox(Protocol):
+    def ensure_folder(self, folder: str) -> None:
+        """Create `folder` (and its parents) if missing."""
+
+    def append(self, folder: str, message: SourceMessage) -> int | None:
+        """APPEND the exact bytes with the copied flags and INTERNALDATE; the new UID from
+        APPENDUID, or None when the server has no UIDPLUS. Raises AppendRejected."""
+
+    def find_copies(self, folder: str, message_id: str | None, size: int, internaldate: dt.datetime) -> list[int]:
+        """UIDs in `folder` that look like a copy of a message (the crash window)."""
+
+
+def fingerprint(summary: MessageSummary) -> str | None:
+    """The `FP#` key of a message: Gmail's X-GM-MSGID where there is one, else a hash of
+    Message-ID, INTERNALDATE and size. None without a Message-ID: INTERNALDATE and size alone
+    could match two different messages, and a false match would drop one as a duplicate."""
+    if summary.gmail_msgid is not None:
+        return f"gm:{summary.gmail_msgid}"
+    if not summary.message_id:
+        return None
+    instant = summary.internaldate.astimezone(dt.timezone.utc).isoformat()
+    digest = hashlib.sha256(f"{summary.message_id}\n{instant}\n{summary.size}".encode()).hexdigest()
+    return f"h:{digest[:40]}"

@@ -1,0 +1,104 @@
+"""What a person watching a run sees: a progress line while copying, a summary per route after."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import TextIO
+
+from shared.copy import CopyResult, Outcome
+from shared.message_ref import UidKey
+from shared.scan import RouteScan
+from shared.settings import Route
+
+# Not on a terminal (cron, CI, a log file): one line this often instead of a redrawn one.
+LOG_EVERY_SECONDS = 10.0
+
+
+class Progress:
+    def __init__(self, total: int, stream: TextIO | None = None, clock=time.monotonic) -> None:
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.started = clock()
+        self.counts: Counter[Outcome] = Counter()
+        self._last_shown = 0.0
+        self._tty = self.stream.isatty()
+
+    def advance(self, result: CopyResult) -> None:
+        self.counts[result.outcome] += 1
+        now = self.clock()
+        if now - self._last_shown >= (0.2 if self._tty else LOG_EVERY_SECONDS):
+            self._show(now)
+
+    def finish(self) -> None:
+        if sum(self.counts.values()):
+            self._show(self.clock())
+            if self._tty:
+                self.stream.write("\n")
+                self.stream.flush()
+
+    def _show(self, now: float) -> None:
+        self._last_shown = now
+        done = self.counts[Outcome.COPIED] + self.counts[Outcome.SKIPPED] + self.counts[Outcome.ALREADY_DONE]
+        rate = self.counts[Outcome.COPIED] / max(now - self.started, 1e-6)
+        line = (
+            f"{done}/{max(self.total, done)} done: {self.counts[Outcome.COPIED]} copied, "
+            f"{self.counts[Outcome.SKIPPED]} skipped, {self.counts[Outcome.FAILED]} failures; {rate:.1f} messages/s"
+        )
+        self.stream.write(f"\r{line}\033[K" if self._tty else f"{line}\n")
+        self.stream.flush()
+
+
+class RunTally:
+    """What happened to each message and route in this run, for the summary and the exit code."""
+
+    def __init__(self) -> None:
+        self.last: dict[UidKey, CopyResult] = {}
+        self.scan_errors: dict[str, str] = {}
+        self.quarantined = 0
+
+    def add_scans(self, scans: Sequence[RouteScan]) -> None:
+        for scan in scans:
+            if scan.error:
+                self.scan_errors[scan.route] = scan.error
+            else:
+                self.scan_errors.pop(scan.route, None)
+
+    def add(self, result: CopyResult) -> None:
+        if result.key is None:
+            self.quarantined += 1
+        else:
+            self.last[result.key] = result
+
+    @property
+    def copy_failed(self) -> bool:
+        return self.quarantined > 0 or any(r.outcome is Outcome.FAILED for r in self.last.values())
+
+    def print_summary(self, routes: Sequence[Route], stream: TextIO | None = None) -> None:
+        stream = stream or sys.stdout
+        by_route: dict[str, list[CopyResult]] = defaultdict(list)
+        for key, result in self.last.items():
+            by_route[key.route].append(result)
+        for route in routes:
+            results = by_route.get(route.name, [])
+            outcomes = Counter(r.outcome for r in results)
+            reasons = Counter(r.detail for r in results if r.outcome is Outcome.SKIPPED)
+            skipped = outcomes[Outcome.SKIPPED]
+            why = " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())) + ")" if reasons else ""
+            line = (
+                f"route {route.name}: {outcomes[Outcome.COPIED]} copied, {skipped} skipped{why}, "
+                f"{outcomes[Outcome.FAILED]} failed"
+            )
+            if outcomes[Outcome.ALREADY_DONE]:
+                line += f", {outcomes[Outcome.ALREADY_DONE]} already done"
+            if route.name in self.scan_errors:
+                line += f"; scan failed: {self.scan_errors[route.name]}"
+            print(line, file=stream)
+            for result in results:
+                if result.outcome is Outcome.FAILED:
+                    print(f"  UID {result.key.uid}: {result.detail}", file=stream)
+        if self.quarantined:
+            print(f"{self.quarantined} queue message(s) quarantined (not valid references; see the log)", file=stream)

@@ -1,0 +1,135 @@
+"""The producer's use case: find each route's new source UIDs and enqueue references to them.
+
+Per route: EXAMINE the source folder; with a watermark of the same UIDVALIDITY, the new UIDs are
+those above it; otherwise (first run, or the mailbox was renumbered) the `SINCE` window from the
+route's start point. References go to the queue in chunks, and the watermark moves up to a
+chunk's last UID only after that chunk was sent, so a crash resends at most one chunk (the UID
+claim makes a resend harmless). A cap per run spreads a large backlog over several runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from shared.errors import QueueUnavailable, StateStoreUnavailable
+from shared.mailbox import SourceMailbox, fingerprint
+from shared.message_ref import MessageRef
+from shared.queue import MessageQueue
+from shared.redaction import scrub
+from shared.settings import Route
+from shared.state import StateStore, Watermark
+
+log = logging.getLogger("mail_syncer.scan")
+
+# UIDs whose metadata is fetched, sent and committed to the watermark together.
+CHUNK = 100
+
+OpenSource = Callable[[Route], AbstractContextManager[SourceMailbox]]
+
+
+@dataclass
+class RouteScan:
+    route: str
+    found: int = 0  # new UIDs found
+    enqueued: int = 0  # references sent this run (or, dry run, that would be sent)
+    left_for_next_run: int = 0  # found but over the cap
+    watermark: Watermark | None = None  # after the run
+    refs: list[MessageRef] = field(default_factory=list)  # what was (or would be) sent
+    error: str | None = None  # why the route could not be scanned
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    max_enqueue_per_run: int
+    fallback_since_days: int
+    today: dt.date
+
+
+def scan_routes(
+    routes: Sequence[Route],
+    *,
+    state: StateStore,
+    queue: MessageQueue,
+    open_source: OpenSource,
+    limits: ScanLimits,
+    dry_run: bool = False,
+) -> list[RouteScan]:
+    """Scan every route; one route's failure is recorded and the others go on.
+
+    The fail-safe gate comes first: if the state store cannot be read and written this raises
+    StateStoreUnavailable before any IMAP connection is opened. A queue or state store that
+    fails mid-run fails every route alike, so that ends the run too."""
+    state.check_health()
+    scans = []
+    for route in routes:
+        try:
+            scan = scan_route(route, state=state, queue=queue, open_source=open_source, limits=limits, dry_run=dry_run)
+        except (StateStoreUnavailable, QueueUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one route's failure must not stop the others
+            error = scrub(str(exc)) or type(exc).__name__
+            log.error("route %s: scan failed: %s", route.name, error)
+            scan = RouteScan(route.name, error=error, watermark=state.read_watermark(route.name))
+        if not dry_run:
+            # Kept in state, so `status` can say why a route is not being copied.
+            state.record_scan(route.name, scan.error)
+        scans.append(scan)
+    return scans
+
+
+def scan_route(
+    route: Route,
+    *,
+    state: StateStore,
+    queue: MessageQueue,
+    open_source: OpenSource,
+    limits: ScanLimits,
+    dry_run: bool = False,
+) -> RouteScan:
+    scan = RouteScan(route.name)
+    with open_source(route) as source:
+        folder = source.examine(route.gmail_folder)
+        mark = state.read_watermark(route.name)
+        renumbered = mark is not None and mark.uidvalidity != folder.uidvalidity
+        if mark is not None and not renumbered:
+            uids = source.uids_above(mark.last_uid)
+        else:
+            since = route.since or limits.today - dt.timedelta(days=limits.fallback_since_days)
+            if renumbered:
+                log.warning(
+                    "route %s: UIDVALIDITY changed from %s to %s; rescanning since %s (copied messages are "
+                    "recognised by fingerprint)", route.name, mark.uidvalidity, folder.uidvalidity, since,
+                )
+            uids = source.uids_since(since)
+        scan.found = len(uids)
+        pending = uids[: limits.max_enqueue_per_run]
+        scan.left_for_next_run = len(uids) - len(pending)
+        for start in range(0, len(pending), CHUNK):
+            chunk = pending[start : start + CHUNK]
+            refs = [
+                MessageRef(route.name, folder.uidvalidity, summary.uid, fingerprint(summary), summary.size)
+                for summary in source.summaries(chunk)
+            ]
+            scan.refs.extend(refs)
+            scan.enqueued += len(refs)
+            if dry_run:
+                continue
+            queue.send_refs(refs)
+            # Up to the chunk's last UID, not its last summary: UIDs expunged since the search
+            # have no summary and must not be searched again.
+            state.advance_watermark(route.name, folder.uidvalidity, chunk[-1])
+        if not dry_run and (mark is None or renumbered) and not scan.left_for_next_run and folder.uidnext:
+            # The whole window is queued: every other UID below UIDNEXT is older than the start
+            # point. Start the watermark at the folder's top, so the next run asks only for UIDs
+            # above it.
+            state.advance_watermark(route.name, folder.uidvalidity, folder.uidnext - 1)
+    scan.watermark = mark if dry_run else state.read_watermark(route.name)
+    log.info(
+        "route %s: %d new, %s %d, %d left for the next run",
+        route.name, scan.found, "would enqueue" if dry_run else "enqueued", scan.enqueued, scan.left_for_next_run,
+    )
+    return scan

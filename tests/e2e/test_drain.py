@@ -1,0 +1,124 @@
+"""`drain` end to end on the embedded backends: real Dovecot pair, XOAUTH2 with real token
+refresh, the CLI in a subprocess, exactly as a user runs it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from tests.harness.mail import connect, corpus, read_folder, seed
+
+UTC = dt.timezone.utc
+
+
+def corpus_seed(count: int | None = None):
+    """Corpus messages with flags and distinct INTERNALDATEs in the last two days, in many zones."""
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    flag_sets = [(), ("\\Seen",), ("\\Flagged", "\\Seen"), ("\\Answered",), ("\\Draft",), ("$Label1", "\\Seen")]
+    messages = []
+    for index, message in enumerate(corpus()[:count]):
+        zone = dt.timezone(dt.timedelta(hours=(index % 25) - 12))
+        when = (now - dt.timedelta(minutes=17 * (index + 1))).astimezone(zone)
+        messages.append((message.bytes, flag_sets[index % len(flag_sets)], when))
+    return messages
+
+
+def assert_copied_exactly(source, destination) -> None:
+    """Same messages in the same order: BODY[] bytes, flags and INTERNALDATE (the instant)."""
+    assert len(destination) == len(source)
+    for src, dst in zip(source, destination):
+        assert dst.body == src.body, f"source UID {src.uid}: bytes differ"
+        assert dst.flags == src.flags, f"source UID {src.uid}: flags differ"
+        assert dst.internaldate == src.internaldate, f"source UID {src.uid}: INTERNALDATE differs"
+
+
+def uidnext(server, user, folder) -> int:
+    client = connect(server, user)
+    try:
+        return client.folder_status(folder, [b"UIDNEXT"])[b"UIDNEXT"]
+    finally:
+        client.logout()
+
+
+def test_drain_copies_the_corpus_exactly_once(sync_env, dovecot_pair, oauth_server):
+    setup = sync_env(routes=(("corpus", "INBOX", "Gmail/Corpus"),))
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed())
+    source_before = read_folder(dovecot_pair.gmail, user, "INBOX")
+    refreshes = oauth_server.refresh_count("google"), oauth_server.refresh_count("microsoft")
+
+    done = setup.cli("drain", timeout=600)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"route corpus: {len(source_before)} copied, 0 skipped, 0 failed" in done.stdout
+    destination = read_folder(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus")
+    assert_copied_exactly(source_before, destination)
+    # The source is unchanged: EXAMINE and BODY.PEEK[] only, no \Seen added.
+    assert read_folder(dovecot_pair.gmail, user, "INBOX") == source_before
+    # XOAUTH2 on both sides, with tokens from real refresh calls.
+    assert oauth_server.refresh_count("google") > refreshes[0]
+    assert oauth_server.refresh_count("microsoft") > refreshes[1]
+    for secret in setup.secrets:
+        assert secret not in done.stdout + done.stderr
+
+    # Run again: nothing new, zero APPENDs (the destination's UIDNEXT does not move).
+    top = uidnext(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus")
+    again = setup.cli("drain")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "route corpus: 0 copied, 0 skipped, 0 failed" in again.stdout
+    assert uidnext(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus") == top
+
+    status = json.loads(setup.cli("status", "--json").stdout)
+    (route,) = status["routes"]
+    assert route["claims"] == {"done": len(source_before)}
+    assert route["watermark"]["last_uid"] == source_before[-1].uid
+    assert status["queue"]["queued"] == status["queue"]["in_flight"] == status["queue"]["dead"] == 0
+
+
+def test_new_messages_between_runs(sync_env, dovecot_pair):
+    setup = sync_env()
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(5))
+    assert setup.cli("drain").returncode == 0
+
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(8)[5:])
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
+    assert_copied_exactly(read_folder(dovecot_pair.gmail, user, "INBOX"), read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"))
+
+
+def test_one_route_down_the_other_is_copied(sync_env, dovecot_pair):
+    setup = sync_env(routes=(("up", "INBOX", "Up"), ("down", "INBOX", "Down/Nested")))
+    up, down = setup.routes
+    seed(dovecot_pair.gmail, up.gmail_user, "INBOX", corpus_seed(4))
+    seed(dovecot_pair.gmail, down.gmail_user, "INBOX", corpus_seed(2))
+    routes = [up.as_json(), down.as_json() | {"gmail_imap_port": 9}]  # nothing listens on port 9
+    setup.set_routes(routes)
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "route up: 4 copied, 0 skipped, 0 failed" in done.stdout
+    assert f"route down: 0 copied, 0 skipped, 0 failed; scan failed: route down source {down.gmail_user} at 127.0.0.1:9: connect failed: connection refused" in done.stdout
+    assert_copied_exactly(read_folder(dovecot_pair.gmail, up.gmail_user, "INBOX"), read_folder(dovecot_pair.outlook, setup.outlook_user, "Up"))
+    status = setup.cli("status")
+    assert "route down" in status.stdout and "connect failed: connection refused" in status.stdout
+
+
+def test_gate_state_store_unreachable_opens_no_imap_connection(sync_env, dovecot_pair, tmp_path):
+    setup = sync_env()
+    seed(dovecot_pair.gmail, setup.routes[0].gmail_user, "INBOX", corpus_seed(2))
+    logins_before = dovecot_pair.gmail.logins(setup.routes[0].gmail_user)
+    (tmp_path / "blocker").write_text("")
+    setup.env["STATE_DB"] = str(tmp_path / "blocker" / "state.db")
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "FAIL  state store" in done.stdout
+    assert "nothing was copied: the state store must work before any IMAP connection" in done.stderr
+    assert dovecot_pair.gmail.logins(setup.routes[0].gmail_user) == logins_before
+    assert dovecot_pair.outlook.logins(setup.outlook_user) == 0
+    assert "Traceback" not in done.stdout + done.stderr

@@ -1,0 +1,129 @@
+"""The Lambda handlers end to end: SQS FIFO and DynamoDB on moto's server, real Dovecot pair,
+real token refresh. The test plays Lambda's part: it receives real batches, calls the consumer
+handler with them, and deletes what the handler did not report as failed."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from consumer import handler as consumer
+from producer import handler as producer
+from shared import bootstrap
+from shared.queue.sqs import create_fifo_queue_pair
+from shared.state.dynamodb import create_state_table
+from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
+from tests.harness.aws import unique_name
+from tests.harness.mail import read_folder, seed
+
+
+class LambdaContext:
+    def __init__(self) -> None:
+        self.aws_request_id = str(uuid.uuid4())
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+@pytest.fixture
+def lambda_env(sync_env, aws_env, aws_client, monkeypatch):
+    """A deployed pipeline in miniature: the table, the FIFO queue pair, the functions' env."""
+    setup = sync_env(routes=(("corpus", "INBOX", "Gmail/Corpus"),))
+    table = unique_name("state")
+    create_state_table(aws_client("dynamodb"), table)
+    queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("refs"), max_receive_count=3)
+    setup.env.update(aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url})
+    for key, value in setup.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(bootstrap, "_lambda_app", None)  # a cold start
+    yield setup, queue_url
+    if bootstrap._lambda_app is not None:
+        bootstrap._lambda_app.close()
+
+
+def lambda_records(messages: list[dict]) -> dict:
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+                "eventSource": "aws:sqs",
+            }
+            for m in messages
+        ]
+    }
+
+
+def run_consumer_until_empty(sqs, queue_url: str) -> list[dict]:
+    """Feed real receive batches to the handler until the queue is empty; the handler's answers."""
+    answers = []
+    for _ in range(200):  # bounded: 107 messages in batches of 10 need far fewer
+        received = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=60, MessageSystemAttributeNames=["All"]
+        ).get("Messages", [])
+        if not received:
+            attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+            if attributes["ApproximateNumberOfMessages"] == attributes["ApproximateNumberOfMessagesNotVisible"] == "0":
+                return answers
+            continue
+        answer = consumer.handler(lambda_records(received), LambdaContext())
+        answers.append(answer)
+        retry = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
+        for message in received:
+            if message["MessageId"] in retry:
+                sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+            else:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    raise AssertionError("the queue did not empty")
+
+
+def test_handlers_copy_the_corpus_exactly_once(lambda_env, dovecot_pair, aws_client):
+    setup, queue_url = lambda_env
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed())
+    source = read_folder(dovecot_pair.gmail, user, "INBOX")
+    sqs = aws_client("sqs")
+
+    summary = producer.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, LambdaContext())
+
+    assert summary == {"routes": [{"route": "corpus", "found": len(source), "enqueued": len(source), "left_for_next_run": 0}]}
+    answers = run_consumer_until_empty(sqs, queue_url)
+    assert all(answer == {"batchItemFailures": []} for answer in answers)
+    assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus"))
+    assert read_folder(dovecot_pair.gmail, user, "INBOX") == source
+
+    # The next scheduled run finds nothing; redelivered references are acknowledged, not copied.
+    assert producer.handler({}, LambdaContext())["routes"][0]["enqueued"] == 0
+    assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus")) == len(source)
+
+
+def test_consumer_quarantines_a_malformed_body_and_goes_on(lambda_env, dovecot_pair, aws_client):
+    setup, queue_url = lambda_env
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(3))
+    sqs = aws_client("sqs")
+    producer.handler({}, LambdaContext())
+    sqs.send_message(QueueUrl=queue_url, MessageBody="not a reference", MessageGroupId="corpus", MessageDeduplicationId="junk")
+    sqs.send_message(
+        QueueUrl=queue_url,
+        MessageBody=json.dumps({"v": 1, "route": "nobody", "uidvalidity": 1, "uid": 1}),
+        MessageGroupId="nobody",
+        MessageDeduplicationId="unknown-route",
+    )
+
+    answers = run_consumer_until_empty(sqs, queue_url)
+
+    assert all(answer == {"batchItemFailures": []} for answer in answers)
+    assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus")) == 3
+    dead = sqs.receive_message(
+        QueueUrl=setup.env["DLQ_URL"], MaxNumberOfMessages=10, MessageAttributeNames=["All"]
+    ).get("Messages", [])
+    reasons = sorted(m["MessageAttributes"]["quarantine_reason"]["StringValue"] for m in dead)
+    assert reasons == [
+        "queue body.route: unknown route 'nobody'",
+        "queue body: not JSON (Expecting value: line 1 column 1 (char 0))",
+    ]
