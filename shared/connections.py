@@ -29,6 +29,8 @@ IDLE_CHECK_SECONDS = 60.0
 @dataclass
 class _Session:
     client: imapclient.IMAPClient
+    # One adapter per session, so what it caches (folders seen, their flags) lasts as long.
+    mailbox: ImapSource | ImapDestination
     last_used: float
     folder: FolderState | None = None
 
@@ -53,11 +55,12 @@ class MailboxConnections:
         if session is not None and not self._alive(session):
             self.drop_source(route)
             session = None
-        account = self._source_account(route)
         if session is None:
-            session = _Session(open_session(account), self._clock())
-            self._sources[route.name] = session
-        source = ImapSource(session.client, account)
+            account = self._source_account(route)
+            client = open_session(account)
+            session = self._sources[route.name] = _Session(client, ImapSource(client, account), self._clock())
+        source = session.mailbox
+        assert isinstance(source, ImapSource)
         if session.folder is None:
             session.folder = source.examine(route.gmail_folder)
         session.last_used = self._clock()
@@ -68,11 +71,13 @@ class MailboxConnections:
         if session is not None and not self._alive(session):
             self.drop_destination()
             session = None
-        account = self._destination_account()
         if session is None:
-            session = self._destination = _Session(open_session(account), self._clock())
+            account = self._destination_account()
+            client = open_session(account)
+            session = self._destination = _Session(client, ImapDestination(client, account), self._clock())
         session.last_used = self._clock()
-        return ImapDestination(session.client, account)
+        assert isinstance(session.mailbox, ImapDestination)
+        return session.mailbox
 
     @contextmanager
     def borrowed_source(self, route: Route) -> Iterator[ImapSource]:

@@ -46,13 +46,17 @@ _HEADER_FIELDS_KEY_PREFIX = b"BODY[HEADER.FIELDS"
 _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
 # A keyword is an IMAP atom: printable ASCII without atom-specials. Anything else would make the
 # whole APPEND a syntax error, retried forever.
-_KEYWORD = re.compile(r'[!#$&\'+-Z^-z|}~]+')
+_KEYWORD = re.compile(r'[^(){%*"\\\]\x00-\x20\x7f-\U0010ffff]+')
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
 _RESPONSE_CODE = re.compile(r"^\[([A-Za-z0-9.-]+)")
-# How servers without the RFC 5530 codes say it (Outlook.com: "message size exceeds ...").
-_TOO_LARGE_TEXT = re.compile(r"too (?:large|big)|size exceeds|exceeds? the (?:maximum|max|size|limit)", re.IGNORECASE)
+# How servers without the RFC 5530 codes say it (Outlook.com: "message size exceeds ...",
+# "Line is too long"). Only about size: "exceeds the limit" alone may be a rate limit.
+_TOO_LARGE_TEXT = re.compile(
+    r"too (?:large|big)|size exceeds|exceeds? the (?:maximum |max |allowed )*(?:message )?size", re.IGNORECASE
+)
 _LINE_TOO_LONG_TEXT = re.compile(r"line (?:is )?too long|too long line", re.IGNORECASE)
-_THROTTLED_TEXT = re.compile(r"throttled.*?Suggested Backoff Time: (\d+) ?milliseconds", re.IGNORECASE)
+_THROTTLED_TEXT = re.compile(r"throttled(?:.*?Suggested Backoff Time: (\d+) ?milliseconds)?", re.IGNORECASE)
+_TRANSIENT_CODES = {"UNAVAILABLE", "SERVERBUG", "INUSE"}  # RFC 5530: try again later
 _TOO_LARGE = "too large for the destination"
 
 # What a broken or closed connection raises: socket errors and timeouts are OSError; imaplib
@@ -204,7 +208,7 @@ class ImapDestination:
             )
 
         flags = _flags_to_copy(message.flags, facts)
-        command = b"APPEND %s (%s) \"%s\"" % (
+        command = b'APPEND %s (%s) "%s"' % (
             _quoted_mailbox(folder),
             " ".join(flags).encode("ascii"),
             datetime_to_INTERNALDATE(message.internaldate).encode("ascii"),
@@ -348,20 +352,21 @@ def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
     message = f"{context} answered {status} {server_text}"
     code_match = _RESPONSE_CODE.match(server_text)
     code = code_match.group(1).upper() if code_match else None
-    if code == "TOOBIG" or _TOO_LARGE_TEXT.search(server_text):
-        return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
-    if code == "LIMIT" or _LINE_TOO_LONG_TEXT.search(server_text):
-        return AppendRejected(message, permanent=True, reason=f"rejected by the destination: {server_text}")
-    # [UNAVAILABLE], [SERVERBUG], [INUSE], Outlook's "Request is throttled. Suggested Backoff
-    # Time: N milliseconds" (kept in the message for whoever schedules the retry), and anything
-    # not recognised: worth another try later.
     throttled = _THROTTLED_TEXT.search(server_text)
-    reason = (
-        f"throttled by the destination (suggested backoff {throttled.group(1)} ms)"
-        if throttled
-        else f"refused for now by the destination: {server_text}"
-    )
-    return AppendRejected(message, permanent=False, reason=reason)
+    if code == "TOOBIG":
+        return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
+    if throttled:
+        # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds"; the server's
+        # text stays in the message for whoever schedules the retry.
+        backoff = f" (suggested backoff {throttled.group(1)} ms)" if throttled.group(1) else ""
+        return AppendRejected(message, permanent=False, reason=f"throttled by the destination{backoff}")
+    if code not in _TRANSIENT_CODES:
+        if _TOO_LARGE_TEXT.search(server_text):
+            return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
+        if code == "LIMIT" or _LINE_TOO_LONG_TEXT.search(server_text):
+            return AppendRejected(message, permanent=True, reason=f"rejected by the destination: {server_text}")
+    # [UNAVAILABLE], [SERVERBUG], [INUSE] and anything not recognised: worth another try later.
+    return AppendRejected(message, permanent=False, reason=f"refused for now by the destination: {server_text}")
 
 
 def _run_with_literal(client: IMAPClient, command: bytes, literal: bytes, *, binary: bool) -> tuple[str, bytes]:

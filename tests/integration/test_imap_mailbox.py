@@ -34,7 +34,14 @@ def zone(hours: int, minutes: int = 0) -> dt.timezone:
 
 # Whole hours from -12 to +14 and the half and quarter hours of India, Nepal and Newfoundland.
 ZONES = [zone(h) for h in range(-12, 15)] + [zone(5, 30), zone(5, 45), zone(-3, 30), zone(9, 30)]
-FLAG_SETS = [(), ("\\Seen",), ("\\Seen", "\\Flagged"), ("\\Answered", "$Label1"), ("Work", "\\Draft"), ("\\Seen", "\\Answered", "\\Flagged", "\\Draft")]
+FLAG_SETS = [
+    (),
+    ("\\Seen",),
+    ("\\Seen", "\\Flagged"),
+    ("\\Answered", "$Label1"),
+    ("Work", "\\Draft"),
+    ("\\Seen", "\\Answered", "\\Flagged", "\\Draft"),
+]
 
 
 def account(server, user: str) -> ImapAccount:
@@ -88,7 +95,11 @@ def test_corpus_copied_byte_for_byte_with_flags_and_dates(dovecot_pair, source_o
     user = gmail.new_user("corpus")
     base = dt.datetime(2019, 12, 31, 23, 59, 58, tzinfo=UTC)
     seeds = [
-        (m.bytes, FLAG_SETS[i % len(FLAG_SETS)], (base + dt.timedelta(days=i, seconds=7 * i)).astimezone(ZONES[i % len(ZONES)]))
+        (
+            m.bytes,
+            FLAG_SETS[i % len(FLAG_SETS)],
+            (base + dt.timedelta(days=i, seconds=7 * i)).astimezone(ZONES[i % len(ZONES)]),
+        )
         for i, m in enumerate(CORPUS)
     ]
     source_uids = seed(gmail, user, "INBOX", seeds)
@@ -144,7 +155,9 @@ def test_examine_gives_the_folder_state_and_names_a_missing_folder(dovecot_pair,
     with pytest.raises(ImapFailure) as missing:
         source.examine("No/Such Folder")
     assert missing.value.step == "examine"
-    assert str(missing.value).startswith(f"test account {user} at 127.0.0.1:{gmail.imaps_port}: examine 'No/Such Folder' failed: ")
+    assert str(missing.value).startswith(
+        f"test account {user} at 127.0.0.1:{gmail.imaps_port}: examine 'No/Such Folder' failed: "
+    )
 
 
 def test_uids_above_leaves_out_the_highest_uid_that_star_always_matches(dovecot_pair, source_of):
@@ -189,7 +202,13 @@ def test_summaries_parse_message_id_and_report_the_body_size(dovecot_pair, sourc
     summaries = source.summaries([5, 3, 1, 2, 4, 2, 77])  # unordered, a repeat, one that never was
     stored = read_folder(gmail, user, "INBOX")
     assert [s.uid for s in summaries] == [1, 2, 3, 4, 5]
-    assert [s.message_id for s in summaries] == ["<plain@example.org>", None, "<folded.id@example.org>", None, "<first@x>"]
+    assert [s.message_id for s in summaries] == [
+        "<plain@example.org>",
+        None,
+        "<folded.id@example.org>",
+        None,
+        "<first@x>",
+    ]
     assert [s.size for s in summaries] == [len(s.body) for s in stored]
     assert summaries[0].internaldate == when and summaries[0].internaldate.tzinfo is not None
     assert all(s.gmail_msgid is None for s in summaries)  # Dovecot has no X-GM-EXT-1
@@ -255,22 +274,19 @@ def test_ensure_folder_creates_parents_and_is_idempotent(dovecot_pair, destinati
     outlook = dovecot_pair.outlook
     user = outlook.new_user("folders")
     seed(outlook, user, "A", [message("already there")])
+    nested = "A/B/Ünïcode & Co"  # modified UTF-7 on the wire, "&" included
     destination = destination_of(outlook, user)
-    destination.ensure_folder("A/B/C")
-    destination.ensure_folder("A/B/C")
-    ImapDestination(*connect_with_account(outlook, user)).ensure_folder("A/B/C")  # a new session
+    destination.ensure_folder(nested)
+    destination.ensure_folder(nested)
+    destination_of(outlook, user).ensure_folder(nested)  # another session: nothing cached
     client = connect(outlook, user)
     listed = {name: flags for flags, _, name in client.list_folders()}
     client.logout()
-    assert {"A", "A/B", "A/B/C"} <= set(listed)
-    assert all(b"\\Noselect" not in listed[name] for name in ("A", "A/B", "A/B/C"))
+    assert {"A", "A/B", nested} <= set(listed)
+    assert all(b"\\Noselect" not in listed[name] for name in ("A", "A/B", nested))
     assert len(read_folder(outlook, user, "A")) == 1
-    uid = destination.append("A/B/C", SourceMessage(1, message("x"), (), dt.datetime(2024, 1, 1, tzinfo=UTC)))
-    assert [s.uid for s in read_folder(outlook, user, "A/B/C")] == [uid]
-
-
-def connect_with_account(server, user):
-    return connect(server, user), account(server, user)
+    uid = destination.append(nested, SourceMessage(1, message("x"), (), dt.datetime(2024, 1, 1, tzinfo=UTC)))
+    assert [s.uid for s in read_folder(outlook, user, nested)] == [uid]
 
 
 def test_a_folder_created_by_another_session_meanwhile_is_fine(scripted_imap):
@@ -299,16 +315,45 @@ WHEN = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=zone(-4))
 @pytest.mark.parametrize(
     "reply, permanent, reason",
     [
-        ("NO [TOOBIG] Message too large", True, "too large for the destination"),
+        ("NO [TOOBIG] APPEND failed", True, "too large for the destination"),
         ("NO APPEND failed: message size exceeds the maximum allowed", True, "too large for the destination"),
         ("BAD Line is too long", True, "rejected by the destination: Line is too long"),
         ("NO [LIMIT] Too many keywords", True, "rejected by the destination: [LIMIT] Too many keywords"),
-        ("NO Request is throttled. Suggested Backoff Time: 2500 milliseconds", False, "throttled by the destination (suggested backoff 2500 ms)"),
-        ("NO [UNAVAILABLE] Try again later", False, "refused for now by the destination: [UNAVAILABLE] Try again later"),
+        (
+            "NO Request is throttled. Suggested Backoff Time: 2500 milliseconds",
+            False,
+            "throttled by the destination (suggested backoff 2500 ms)",
+        ),
+        (
+            "NO [UNAVAILABLE] Try again later",
+            False,
+            "refused for now by the destination: [UNAVAILABLE] Try again later",
+        ),
         ("NO [SERVERBUG] Internal error", False, "refused for now by the destination: [SERVERBUG] Internal error"),
         ("NO [INUSE] Mailbox is locked", False, "refused for now by the destination: [INUSE] Mailbox is locked"),
-        ("NO Something nobody has seen before", False, "refused for now by the destination: Something nobody has seen before"),
+        (
+            "NO Something nobody has seen before",
+            False,
+            "refused for now by the destination: Something nobody has seen before",
+        ),
         ("BAD Command Error. 12", False, "refused for now by the destination: Command Error. 12"),
+        # Codes and throttling win over words about size; a rate limit is not a size limit.
+        (
+            "NO [UNAVAILABLE] Message too large to scan now",
+            False,
+            "refused for now by the destination: [UNAVAILABLE] Message too large to scan now",
+        ),
+        (
+            "NO [LIMIT] Request is throttled. Suggested Backoff Time: 120 milliseconds",
+            False,
+            "throttled by the destination (suggested backoff 120 ms)",
+        ),
+        (
+            "NO Request exceeds the limit of 10 per second",
+            False,
+            "refused for now by the destination: Request exceeds the limit of 10 per second",
+        ),
+        ("NO Message exceeds the maximum allowed size", True, "too large for the destination"),
     ],
 )
 def test_refusals_are_permanent_only_when_a_retry_cannot_help(scripted_imap, reply, permanent, reason):
@@ -324,7 +369,9 @@ def test_refusals_are_permanent_only_when_a_retry_cannot_help(scripted_imap, rep
 
 
 def test_exact_bytes_flags_and_date_over_a_synchronising_literal(scripted_imap):
-    server = scripted_imap(capabilities="IMAP4rev1 UIDPLUS", permanent_flags="\\Seen \\Answered \\Flagged \\Deleted \\Draft $MDNSent")
+    server = scripted_imap(
+        capabilities="IMAP4rev1 UIDPLUS", permanent_flags="\\Seen \\Answered \\Flagged \\Deleted \\Draft $MDNSent"
+    )
     server.replies["APPEND"] = ["OK [APPENDUID 9 12] APPEND completed"]
     body = b"Subject: mixed\nline ends\r\nbare\rcr\r\n"
     flags = ("\\Seen", "\\Recent", "\\Deleted", "$Label1", "$mdnsent", "\\flagged", "Bad]Keyword")
@@ -332,7 +379,9 @@ def test_exact_bytes_flags_and_date_over_a_synchronising_literal(scripted_imap):
     ((line, literal),) = [(line, literal) for line, literal in server.received if b" APPEND " in line]
     # No \Recent or \Deleted; keywords only those PERMANENTFLAGS names (no \*); system flags
     # canonically spelt.
-    assert line.split(b" ", 1)[1] == b'APPEND "Sent Items" (\\Seen $mdnsent \\Flagged) "06-May-2024 07:08:09 -0400" {%d}' % len(body)
+    assert line.split(b" ", 1)[
+        1
+    ] == b'APPEND "Sent Items" (\\Seen $mdnsent \\Flagged) "06-May-2024 07:08:09 -0400" {%d}' % len(body)
     assert literal == body
     assert server.continuations_sent == 1
 
@@ -379,7 +428,9 @@ def test_nul_bytes_go_as_literal8_and_other_bodies_as_plain_literals(scripted_im
     assert server.continuations_sent == 0
 
 
-@pytest.mark.parametrize("capabilities", ["IMAP4rev1 LITERAL+ UIDPLUS APPENDLIMIT=100", "IMAP4rev1 LITERAL+ UIDPLUS APPENDLIMIT"])
+@pytest.mark.parametrize(
+    "capabilities", ["IMAP4rev1 LITERAL+ UIDPLUS APPENDLIMIT=100", "IMAP4rev1 LITERAL+ UIDPLUS APPENDLIMIT"]
+)
 def test_appendlimit_is_checked_before_sending(scripted_imap, capabilities):
     server = scripted_imap(capabilities=capabilities)
     server.replies["STATUS"] = ['* STATUS "INBOX" (APPENDLIMIT 100)\r\nOK done']
@@ -399,6 +450,18 @@ def test_a_connection_lost_during_append_is_an_imap_failure(scripted_imap):
         ImapDestination(*server.login()).append("INBOX", SourceMessage(1, message("a"), (), WHEN))
     assert failure.value.step == "append"
     assert str(failure.value).startswith("fake account at 127.0.0.1:")
+
+
+def test_a_long_session_does_not_pile_up_what_appends_answer(dovecot_pair, sessions):
+    """imaplib keeps untagged data until the next SELECT: EXISTS and RECENT (the folder is
+    selected for its PERMANENTFLAGS) and the APPENDUID it copies out of each tagged OK."""
+    outlook = dovecot_pair.outlook
+    user = outlook.new_user("pileup")
+    client, acct = sessions(outlook, user)
+    destination = ImapDestination(client, acct)
+    for uid in range(1, 4):
+        assert destination.append("INBOX", SourceMessage(uid, message(str(uid)), (), WHEN)) == uid
+    assert not {"EXISTS", "RECENT", "APPENDUID"} & set(client._imap.untagged_responses)
 
 
 # ---- destination: find_copies --------------------------------------------------------------------
