@@ -1,11 +1,12 @@
 # The newcomer's commands. Each sets up what it needs first.
 #   make test    install Dovecot if missing, make .venv, run every test
+#   make drain   make .venv, then copy every route's new mail until nothing is left
 #   make check   make .venv, then validate settings and log in to every mailbox
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test check system-packages
+.PHONY: test check drain system-packages
 
 $(PY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +27,6 @@ test: system-packages $(PY)
 
 check: $(PY)
 	$(PY) -m shared.cli check
+
+drain: $(PY)
+	$(PY) -m shared.cli drain
