@@ -2,7 +2,8 @@
 
 Returns `batchItemFailures` (the function uses ReportBatchItemFailures): messages not
 acknowledged, and after one of those the rest of its route's messages, unprocessed, so SQS
-redelivers them in order.
+redelivers them in order. A message failed by a throttle is made visible again after the
+server's suggested wait (at least), instead of the queue's visibility timeout.
 """
 
 from __future__ import annotations
@@ -10,20 +11,28 @@ from __future__ import annotations
 from typing import Any
 
 from shared import bootstrap
-from shared.copy import copy_batch, lease_for
+from shared.copy import copy_batch, lease_for, throttled_visibility
 from shared.queue import ReceivedMessage
+from shared.redaction import scrubbed_exceptions
 
 # A claim outlives the invocation by this much, so a function killed at its timeout leaves a
 # claim that expires shortly after, and the redelivery can take it.
 LEASE_MARGIN_SECONDS = 30
 
 
+# The runtime reports an uncaught exception itself, past the log filter.
+@scrubbed_exceptions()
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     app = bootstrap.lambda_app()
     messages = [_received(record) for record in event.get("Records", [])]
     remaining = context.get_remaining_time_in_millis() / 1000
     copier = app.copier(lease_for(remaining + LEASE_MARGIN_SECONDS), owner=f"lambda:{context.aws_request_id}")
     results = copy_batch(messages, copier=copier, queue=app.queue)
+    for message, result in results:
+        wait = throttled_visibility(result)
+        if wait is not None:
+            # Back as the throttling server asked, not after the queue's (long) visibility timeout.
+            app.queue.extend_visibility(message, wait)
     retry = [message.message_id for message, result in results if not result.outcome.acknowledged]
     return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in retry]}
 

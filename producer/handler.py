@@ -6,6 +6,7 @@ from typing import Any
 
 from shared import bootstrap
 from shared.errors import MailSyncerError
+from shared.redaction import scrubbed_exceptions
 from shared.scan import scan_routes
 
 
@@ -13,6 +14,8 @@ class RoutesFailed(MailSyncerError):
     """Raised after every route had its turn, so the function's Errors metric (and alarm) sees it."""
 
 
+# The runtime reports an uncaught exception itself, past the log filter.
+@scrubbed_exceptions()
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     app = bootstrap.lambda_app()
     scans = scan_routes(

@@ -21,8 +21,15 @@ from shared.copy import Copier
 from shared.imap import ImapAccount, ImapEndpoint
 from shared.queue import MessageQueue
 from shared.scan import ScanLimits
-from shared.settings import Route, Settings
+from shared.settings import Route, Settings, SettingSource
 from shared.state import StateStore
+from shared.token_store import (
+    PersistedRefreshToken,
+    ProblemRecordingTokens,
+    SecretTokenStore,
+    StateTokenStore,
+    TokenStore,
+)
 from shared.tokens import GoogleTokenSource, MicrosoftTokenSource, TokenSource
 
 
@@ -84,14 +91,27 @@ class App:
         if settings.ms_refresh_token is None:
             return ImapAccount(label, settings.outlook_user, endpoint, password=settings.outlook_password)
         assert settings.ms_client_id is not None  # load_settings requires it with a refresh token
+        configured = settings.ms_refresh_token.get_secret_value()
+        source = settings.source_of("ms_refresh_token")
         tokens = MicrosoftTokenSource(
             account=settings.outlook_user,
-            refresh_token=settings.ms_refresh_token.get_secret_value(),
+            # Microsoft rotates it on every refresh: the newest goes back where it came from.
+            refresh_token=PersistedRefreshToken(configured, self._microsoft_token_store(source, configured)),
             client_id=settings.ms_client_id,
             client_secret=_reveal(settings.ms_client_secret),
             authority=settings.ms_authority_url,
+            fix=_microsoft_fix(source),
         )
-        return ImapAccount(label, settings.outlook_user, endpoint, token_source=tokens)
+        return ImapAccount(label, settings.outlook_user, endpoint, token_source=ProblemRecordingTokens(tokens, self.state))
+
+    def _microsoft_token_store(self, source: SettingSource, configured: str) -> TokenStore:
+        settings = self.settings
+        if source.kind == "secret":
+            assert source.secret_id is not None
+            client = make_client("secretsmanager", settings.aws_endpoint_url, settings.aws_region)
+            return SecretTokenStore(client, source.secret_id)
+        # From the environment or .env, which cannot be written back: the state store keeps it.
+        return StateTokenStore(self.state, configured)
 
     @cached_property
     def connections(self) -> MailboxConnections:
@@ -132,6 +152,7 @@ class App:
                 client_id=settings.gmail_client_id,
                 client_secret=_reveal(settings.gmail_client_secret) or "",
                 token_uri=settings.google_token_uri,
+                fix=_google_fix(settings, route),
             )
         return self._token_sources[route.name]
 
@@ -152,6 +173,9 @@ def lambda_app() -> App:
         from shared.logs import configure_logging
         from shared.settings import load_settings
 
+        # First without a level: the runtime's handler may be at DEBUG, and botocore's debug
+        # lines of the Secrets Manager read would carry every secret in clear.
+        configure_logging()
         settings = load_settings(env_file=None)
         configure_logging(settings.log_level)
         _lambda_app = build(settings)
@@ -161,6 +185,24 @@ def lambda_app() -> App:
 def process_owner() -> str:
     """Who holds a claim: unique per process, readable in `status` and the logs."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _microsoft_fix(source: SettingSource) -> str:
+    """What a refused Microsoft refresh token's error tells the user to run."""
+    if source.kind == "secret":
+        return (
+            "get a new refresh token with `python -m shared.cli auth microsoft "
+            f"--write-secret-id {source.secret_id} --write-secret-key MS_REFRESH_TOKEN` (see README)"
+        )
+    return f"get a new refresh token with `python -m shared.cli auth microsoft` and set MS_REFRESH_TOKEN in {source}"
+
+
+def _google_fix(settings: Settings, route: Route) -> str:
+    if settings.sync_routes_json is not None:
+        where = f"route {route.name}'s gmail_refresh_token in SYNC_ROUTES_JSON ({settings.source_of('sync_routes_json')})"
+    else:
+        where = f"GMAIL_REFRESH_TOKEN in {settings.source_of('gmail_refresh_token')}"
+    return f"get a new refresh token with `python -m shared.cli auth gmail` and put it in {where}"
 
 
 def _reveal(secret) -> str | None:

@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from enum import IntEnum
@@ -23,6 +24,7 @@ from shared.imap import open_session
 from shared.logs import configure_logging
 from shared.progress import Progress, RunTally
 from shared.redaction import scrub
+from shared.redrive import DeadLetterCounts, redrive_dead_letters, report_dead_letters
 from shared.scan import RouteScan, scan_routes
 from shared.settings import load_settings
 
@@ -233,10 +235,18 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
     try:
         depths = app.queue.depths()
         queue = {"where": app.queue.describe(), "queued": depths.visible, "in_flight": depths.in_flight, "dead": depths.dead}
+        dead = report_dead_letters(app.queue, app.state, {route.name: route for route in app.settings.routes})
+        for item in routes:
+            item["dead_letters"] = _dead_letter_counts(dead.by_route.get(item["route"], DeadLetterCounts()))
+        # Bodies that are not references of a configured route: `redrive` leaves them (see --include-malformed).
+        queue["dead_letters_not_routed"] = _dead_letter_counts(dead.not_routed)
+        # False when only some could be looked at: SQS FIFO hides a group's messages behind its first ones.
+        queue["dead_letters_complete"] = dead.complete
     except QueueUnavailable as exc:
         queue = {"where": app.queue.describe(), "error": str(exc)}
+    destination = _destination_status(app)
     if args.json:
-        print(json.dumps({"routes": routes, "queue": queue}, indent=2))
+        print(json.dumps({"routes": routes, "queue": queue, "destination": destination}, indent=2))
         return ExitCode.OK
     for item in routes:
         mark = item["watermark"]
@@ -249,6 +259,7 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
         )
         if item["failures"]:
             print(f"  open failure records{_reasons(item['failures'])}")
+        _print_dead_letters("  dead letters (`redrive` puts them back on the queue)", item.get("dead_letters"))
         scanned = item["last_scan"]
         if scanned is None:
             print("  never scanned")
@@ -256,10 +267,64 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
             print(f"  last scan {scanned['at']} FAILED (failing since {scanned['failing_since']}): {scanned['error']}")
         else:
             print(f"  last scan {scanned['at']} ok")
+    _print_destination(destination)
     if "error" in queue:
         print(f"queue: {queue['error']}")
     else:
         print(f"queue: {queue['where']}: {queue['queued']} queued, {queue['in_flight']} in flight, {queue['dead']} dead")
+        _print_dead_letters("  dead letters of no configured route (left by `redrive`)", queue["dead_letters_not_routed"])
+        if not queue["dead_letters_complete"]:
+            print("  (dead letters per route: only the first of each route could be looked at)")
+    return ExitCode.OK
+
+
+def _dead_letter_counts(counts: DeadLetterCounts) -> dict:
+    return {"count": counts.count, "reasons": dict(counts.reasons.most_common())}
+
+
+def _print_dead_letters(title: str, dead: dict | None) -> None:
+    if not dead or not dead["count"]:
+        return
+    print(f"{title}: {dead['count']}")
+    for reason, count in dead["reasons"].items():
+        print(f"    {count} x {scrub(reason)}")
+
+
+# -- redrive -----------------------------------------------------------------------------
+
+
+def redrive(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """Dead letters back onto the main queue; a line per route, then the total."""
+    routes = {route.name: route for route in app.settings.routes}
+    if args.route is not None and args.route not in routes:
+        print(f"redrive --route: unknown route {args.route!r} (routes: {', '.join(routes)})", file=sys.stderr)
+        return ExitCode.USAGE
+    result = redrive_dead_letters(
+        app.queue,
+        routes,
+        route=args.route,
+        max_messages=args.max,
+        include_malformed=args.include_malformed,
+        dry_run=args.dry_run,
+    )
+    verb = "would move" if result.dry_run else "moved"
+    for name, count in sorted(result.moved_by_route.items()):
+        print(f"route {name}: {verb} {count} back to the queue")
+    if result.moved_by_service:
+        print(f"all routes: {result.moved_by_service} moved back by SQS (its message move task)")
+    for dead, why in result.skipped:
+        print(f"left in the dead letters: message {dead.message_id} (group {dead.group_id or '-'}): {scrub(why)}")
+    if result.skipped:
+        print("  (not references of a configured route: put back, they would be quarantined again at once; "
+              "--include-malformed moves them anyway)")
+    total = f"total: {verb} {result.total}"
+    if result.dry_run:
+        total += " (dry run: nothing was moved)"
+        if not result.complete:
+            total += "; SQS showed only the first dead letters of each route, there are more"
+    elif result.total:
+        total += "; `consume` or `drain` copies them (in AWS the consumer function picks them up)"
+    print(total)
     return ExitCode.OK
 
 
@@ -271,6 +336,170 @@ def _reasons(counts: dict[str, int]) -> str:
     if not counts:
         return ""
     return " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) + ")"
+
+
+# -- auth --------------------------------------------------------------------------------
+
+
+def auth(args: argparse.Namespace) -> ExitCode:
+    """`auth gmail` / `auth microsoft`: consent in a browser (or with a device code), then the
+    refresh token as JSON on stdout, or merged into a Secrets Manager secret. Needs no routes
+    yet: it reads only the OAuth clients and endpoints (flags first, then env and .env)."""
+    from shared.auth_flows import AuthFailed, Browser, google_consent, microsoft_authority, microsoft_consent, microsoft_device_consent
+    from shared.settings import load_auth_settings
+    from shared.token_store import SecretWriteFailed
+
+    configure_logging("WARNING")  # the libraries' info lines are not for this screen
+    report = Report(out=sys.stderr)
+    try:
+        settings = load_auth_settings(args.env_file)
+    except SettingsInvalid as exc:
+        for problem in exc.problems:
+            report.fail("settings", problem)
+        return ExitCode.SETTINGS
+    browser = Browser(open=not args.no_browser, out=sys.stderr, timeout=args.timeout, port=args.port)
+    try:
+        if args.provider == "gmail":
+            client_id = args.client_id or settings.gmail_client_id
+            client_secret = args.client_secret or _reveal(settings.gmail_client_secret)
+            missing = [name for name, value in (("--client-id (or GMAIL_CLIENT_ID)", client_id),
+                                                ("--client-secret (or GMAIL_CLIENT_SECRET)", client_secret)) if not value]
+            if missing:
+                print(f"auth gmail: needs {' and '.join(missing)}: the Desktop app OAuth client (see README)", file=sys.stderr)
+                return ExitCode.USAGE
+            consent = google_consent(
+                client_id=client_id,
+                client_secret=client_secret,
+                auth_uri=settings.google_auth_uri,
+                token_uri=settings.google_token_uri,
+                browser=browser,
+                login_hint=args.login_hint,
+            )
+        else:
+            client_id = args.client_id or settings.ms_client_id
+            if not client_id:
+                print("auth microsoft: needs --client-id (or MS_CLIENT_ID): the app registration's "
+                      "Application (client) ID (see README)", file=sys.stderr)
+                return ExitCode.USAGE
+            client_secret = args.client_secret or _reveal(settings.ms_client_secret)
+            authority = microsoft_authority(args.tenant or settings.ms_tenant, settings.ms_authority)
+            if args.device_code:
+                if client_secret:
+                    print("auth microsoft: --device-code needs a public client: leave out --client-secret "
+                          "(and MS_CLIENT_SECRET)", file=sys.stderr)
+                    return ExitCode.USAGE
+                consent = microsoft_device_consent(client_id=client_id, authority=authority, browser=browser)
+            else:
+                consent = microsoft_consent(
+                    client_id=client_id,
+                    client_secret=client_secret,
+                    authority=authority,
+                    browser=browser,
+                    login_hint=args.login_hint,
+                )
+        if args.write_secret_id:
+            write = _write_secret(args, settings, consent)
+            output = {"provider": consent.provider, "account": consent.account, "written_to": write.secret_id,
+                      "key": write.key, "created": write.created}
+            print(f"{consent.provider}: the refresh token is in secret {write.secret_id}, key {write.key}", file=sys.stderr)
+        else:
+            output = {
+                "provider": consent.provider,
+                "refresh_token": consent.refresh_token,
+                "account": consent.account,
+                "env_export": f"export {consent.setting}={shlex.quote(consent.refresh_token)}",
+            }
+    except (AuthFailed, SecretWriteFailed) as exc:
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        return ExitCode.UNREACHABLE
+    print(json.dumps(output, indent=2))
+    return ExitCode.OK
+
+
+def _destination_status(app: bootstrap.App) -> dict:
+    """For `status`: where the destination's refresh token comes from and where its newest
+    rotation is kept, and the refusal recorded when its refresh token stopped working."""
+    from shared.token_store import MICROSOFT, token_digest
+
+    settings = app.settings
+    info: dict = {"user": settings.outlook_user, "refresh_token": None, "token_problem": None}
+    if settings.ms_refresh_token is not None:
+        source = settings.source_of("ms_refresh_token")
+        kept = {"configured_in": str(source), "newest_kept_in": str(source) if source.kind == "secret" else "the state store"}
+        stored = app.state.read_token(MICROSOFT) if source.kind != "secret" else None
+        # Rotations stored for the configured token (an older configuration's are not used).
+        if stored is not None and stored.origin == token_digest(settings.ms_refresh_token.get_secret_value()):
+            kept |= {"rotations_stored": stored.version, "last_stored": _iso(stored.updated_at)}
+        info["refresh_token"] = kept
+    problem = app.state.read_token_problem(MICROSOFT)
+    if problem is not None:
+        info["token_problem"] = {"error": problem.error, "since": _iso(problem.first_at), "last": _iso(problem.last_at)}
+    return info
+
+
+def _print_destination(info: dict) -> None:
+    line = f"destination {info['user']}"
+    kept = info["refresh_token"]
+    if kept is not None:
+        line += f": refresh token from {kept['configured_in']}"
+        if "rotations_stored" in kept:
+            line += f"; its newest rotation ({kept['rotations_stored']} stored, last {kept['last_stored']}) in {kept['newest_kept_in']}"
+        else:
+            line += f"; rotations are kept in {kept['newest_kept_in']}"
+    print(line)
+    problem = info["token_problem"]
+    if problem is not None:
+        print(f"  token REFUSED since {problem['since']} (last {problem['last']}): {problem['error']}")
+
+
+def _write_secret(args: argparse.Namespace, settings, consent):
+    from shared.aws import make_client
+    from shared.token_store import merge_secret_key
+
+    key = args.write_secret_key or consent.setting
+    client = make_client("secretsmanager", settings.aws_endpoint_url, settings.aws_region)
+    return merge_secret_key(client, args.write_secret_id, key, consent.refresh_token)
+
+
+def _reveal(secret) -> str | None:
+    return None if secret is None else secret.get_secret_value()
+
+
+def _add_auth_parser(commands) -> None:
+    parser = commands.add_parser(
+        "auth", help="get a refresh token: consent once in a browser (auth gmail, auth microsoft)",
+        description="Run the provider's OAuth consent and print the refresh token as JSON (refresh_token, "
+        "account, env_export), or store it in a Secrets Manager secret. The URL to open is printed on stderr.",
+    )
+    providers = parser.add_subparsers(dest="provider", metavar="PROVIDER", required=True)
+    gmail = providers.add_parser(
+        "gmail", help="Google: installed-app flow (loopback redirect, PKCE), scope https://mail.google.com/",
+        description="Google's installed-app flow with a loopback redirect and PKCE, scope https://mail.google.com/ "
+        "with offline access, so Google returns a refresh token (for GMAIL_REFRESH_TOKEN or a route's "
+        "gmail_refresh_token). Uses the Desktop app OAuth client; GOOGLE_AUTH_URI and GOOGLE_TOKEN_URI "
+        "override the endpoints.",
+    )
+    gmail.add_argument("--client-id", help="the OAuth client ID (default: GMAIL_CLIENT_ID)")
+    gmail.add_argument("--client-secret", help="the OAuth client secret (default: GMAIL_CLIENT_SECRET)")
+    microsoft = providers.add_parser(
+        "microsoft", help="Microsoft: authorization code (loopback redirect) or --device-code; IMAP scope",
+        description="msal's authorization-code flow with a loopback redirect (http://localhost), or the "
+        "device-code flow with --device-code, for the scopes https://outlook.office.com/IMAP.AccessAsUser.All "
+        "and offline_access: the refresh token for MS_REFRESH_TOKEN. MS_AUTHORITY overrides the authority.",
+    )
+    microsoft.add_argument("--client-id", help="the app registration's Application (client) ID (default: MS_CLIENT_ID)")
+    microsoft.add_argument("--client-secret", help="only for a confidential client (default: MS_CLIENT_SECRET)")
+    microsoft.add_argument("--tenant", help="consumers for Outlook.com (default: MS_TENANT, else consumers)")
+    microsoft.add_argument("--device-code", action="store_true", help="sign in on another device with a short code")
+    for sub in (gmail, microsoft):
+        sub.add_argument("--login-hint", metavar="EMAIL", help="the account to preselect on the sign-in page")
+        sub.add_argument("--no-browser", action="store_true", help="only print the URL; do not open a browser")
+        sub.add_argument("--port", type=int, default=0, help="loopback port for the redirect (default: any free one)")
+        sub.add_argument("--timeout", type=_positive_int, default=300, help="seconds to wait for the consent (default 300)")
+        sub.add_argument("--write-secret-id", metavar="ID",
+                         help="merge the token into this Secrets Manager secret (created if missing) instead of printing it")
+        sub.add_argument("--write-secret-key", metavar="KEY",
+                         help="the key in that secret (default: GMAIL_REFRESH_TOKEN or MS_REFRESH_TOKEN)")
 
 
 # -- wiring ------------------------------------------------------------------------------
@@ -311,21 +540,49 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     scan_parser.add_argument("--dry-run", action="store_true", help="list what would be enqueued; write nothing")
     command("consume", consume, "copy what is queued until the queue is empty (the consumer)", "The consumer: copy queued messages until the queue is empty.")
     status_parser = command(
-        "status", status, "per route: watermark, copied/skipped/failed counts with reasons, queue depths",
-        "Per route: the watermark, claims by status with skip reasons, open failure records; the queue's depths.",
+        "status", status, "per route: watermark, copied/skipped/failed counts with reasons, dead letters, queue depths",
+        "Per route: the watermark, claims by status with skip reasons, open failure records, dead letters "
+        "with the reason recorded for each; the queue's depths.",
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    redrive_parser = command(
+        "redrive", redrive, "put dead-lettered messages back on the queue",
+        "Move messages from the dead letters (the SQS DLQ, or the local queue's dead-letter table) back "
+        "to the main queue, oldest first, so the next consume or drain tries them again; a message "
+        "copied meanwhile is only acknowledged. Bodies that are not message references of a configured "
+        "route stay in the dead letters and are listed. Prints a line per route and the total.",
+    )
+    redrive_parser.add_argument("--route", metavar="R", help="only this route's messages")
+    redrive_parser.add_argument("--max", metavar="N", type=_positive_int, help="at most N messages")
+    redrive_parser.add_argument("--dry-run", action="store_true", help="say what would be moved; move nothing")
+    redrive_parser.add_argument(
+        "--include-malformed", action="store_true",
+        help="also move bodies that are not references of a configured route (the consumer quarantines them again)",
+    )
     command(
         "check", check, "validate settings, check the state store and queue, log in to every mailbox; copies nothing",
         "Validate settings, check the state store (the fail-safe gate) and the queue, then "
         "log in to every route's source and to the destination. One line per check.",
     )
+    _add_auth_parser(commands)
     return parser, handlers
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = _parser()
     args = parser.parse_args(argv)
+    if args.command == "auth":
+        return auth(args)  # before the settings: it runs before the routes and tokens exist
     report = Report()
     try:
         settings = load_settings(args.env_file)
@@ -340,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StateStoreUnavailable as exc:
         report.fail("state store", str(exc))
         if args.command != "check":
-            print("nothing was copied: the state store must work before any IMAP connection", file=sys.stderr)
+            # It may fail mid-run too: what was copied before is recorded, so say only what stops.
+            print("stopped: no mailbox is opened while the state store fails; run again once it works", file=sys.stderr)
         return ExitCode.GATE
     except MailSyncerError as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)

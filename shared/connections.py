@@ -1,26 +1,41 @@
 """IMAP sessions kept open for reuse: one per route's source, one to the destination.
 
 A warm Lambda container or a long `drain` reuses them across messages and invocations. A
-session idle for a while is checked with NOOP before use and reopened when the server closed
-it; a session that failed mid-operation is dropped, and the next use opens a new one.
+session idle for a while, or with unread input (a server says BYE before it closes one), is
+checked with NOOP before use and reopened when the server closed it; a session that failed
+mid-operation is dropped, and the next use opens a new one.
+
+The consumer's FETCH and APPEND (and the folder steps before an APPEND) go through
+`ReopeningSource` and `ReopeningDestination`: a transient failure (connection lost, timed out,
+BYE, [UNAVAILABLE]) is tried again on a new session under `retry.COMMAND`. An APPEND is tried
+again only when it certainly did not land: refused with a tagged NO, or failed before it was
+sent. A throttle is not tried again here; the queue waits it out (`retry_after`).
 """
 
 from __future__ import annotations
 
 import logging
+import select
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import imapclient
 
-from shared.imap import ImapAccount, open_session
+from shared import retry
+from shared.errors import ImapFailure
+from shared.imap import ImapAccount, TransientImapFailure, open_session
 from shared.imap_mailbox import ImapDestination, ImapSource
-from shared.mailbox import FolderState
+from shared.mailbox import AppendRejected, FolderState, SourceMessage
+from shared.redaction import scrub
 from shared.settings import Route
 
 log = logging.getLogger("mail_syncer.connections")
+
+T = TypeVar("T")
 
 # Servers drop idle sessions (Gmail after ~10 minutes of silence, some far sooner).
 IDLE_CHECK_SECONDS = 60.0
@@ -49,8 +64,18 @@ class MailboxConnections:
         self._sources: dict[str, _Session] = {}
         self._destination: _Session | None = None
 
-    def source(self, route: Route) -> tuple[ImapSource, FolderState]:
-        """The route's source with its folder EXAMINEd, and the folder's state then."""
+    def source(self, route: Route) -> tuple[ReopeningSource, FolderState]:
+        """For the consumer: the route's source with its folder EXAMINEd, and the folder's state
+        then; its FETCH reopens the session on a transient failure."""
+        _, folder = self._examined_source(route)
+        return ReopeningSource(self, route, folder), folder
+
+    def destination(self) -> ReopeningDestination:
+        """For the consumer: the destination, logged in; a transient failure reopens the session."""
+        self._destination_adapter()
+        return ReopeningDestination(self)
+
+    def _examined_source(self, route: Route) -> tuple[ImapSource, FolderState]:
         session = self._sources.get(route.name)
         if session is not None and not self._alive(session):
             self.drop_source(route)
@@ -62,11 +87,15 @@ class MailboxConnections:
         source = session.mailbox
         assert isinstance(source, ImapSource)
         if session.folder is None:
-            session.folder = source.examine(route.gmail_folder)
+            try:
+                session.folder = source.examine(route.gmail_folder)
+            except ImapFailure:
+                self.drop_source(route)  # the session may be broken; the next use opens a new one
+                raise
         session.last_used = self._clock()
         return source, session.folder
 
-    def destination(self) -> ImapDestination:
+    def _destination_adapter(self) -> ImapDestination:
         session = self._destination
         if session is not None and not self._alive(session):
             self.drop_destination()
@@ -82,7 +111,7 @@ class MailboxConnections:
     @contextmanager
     def borrowed_source(self, route: Route) -> Iterator[ImapSource]:
         """For the producer: the source session, dropped if anything goes wrong with it."""
-        source, _ = self.source(route)
+        source, _ = self._examined_source(route)
         try:
             yield source
         except BaseException:
@@ -113,7 +142,7 @@ class MailboxConnections:
             self._destination = None
 
     def _alive(self, session: _Session) -> bool:
-        if self._clock() - session.last_used < IDLE_CHECK_SECONDS:
+        if self._clock() - session.last_used < IDLE_CHECK_SECONDS and not _has_unread_input(session.client):
             return True
         try:
             session.client.noop()
@@ -121,6 +150,106 @@ class MailboxConnections:
         except Exception:  # noqa: BLE001 - any failure means: open a new session
             log.info("an idle IMAP session was closed by the server; reopening")
             return False
+
+
+class ReopeningSource:
+    """The route's source for the consumer: `fetch` on the current session, and on a new one
+    (same folder, same UIDVALIDITY) after a transient failure."""
+
+    def __init__(self, connections: MailboxConnections, route: Route, folder: FolderState) -> None:
+        self._connections = connections
+        self._route = route
+        self._uidvalidity = folder.uidvalidity
+
+    def fetch(self, uid: int) -> SourceMessage | None:
+        def attempt() -> SourceMessage | None:
+            source, folder = self._connections._examined_source(self._route)
+            if folder.uidvalidity != self._uidvalidity:
+                # The UID may name another message now; the copy fails and the retry sees why.
+                raise ImapFailure(
+                    scrub(
+                        f"route {self._route.name} source: UIDVALIDITY changed from {self._uidvalidity} "
+                        f"to {folder.uidvalidity} while reconnecting to fetch UID {uid}"
+                    ),
+                    step="examine",
+                )
+            try:
+                return source.fetch(uid)
+            except ImapFailure:
+                self._connections.drop_source(self._route)  # it may be in the middle of a reply
+                raise
+
+        return retry.call(
+            retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: fetch UID {uid}"
+        )
+
+
+class ReopeningDestination:
+    """The destination for the consumer, its steps tried again on a new session after a
+    transient failure; APPEND only when it certainly did not land."""
+
+    def __init__(self, connections: MailboxConnections) -> None:
+        self._connections = connections
+
+    def ensure_folder(self, folder: str) -> None:
+        self._call(lambda destination: destination.ensure_folder(folder), _transient, f"create folder {folder!r}")
+
+    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
+        # Read-only, so safe to repeat.
+        return self._call(
+            lambda destination: destination.find_copies(folder, message),
+            _transient,
+            f"find copies of source UID {message.uid} in {folder!r}",
+        )
+
+    def append(self, folder: str, message: SourceMessage) -> int | None:
+        return self._call(
+            lambda destination: destination.append(folder, message),
+            _append_certainly_not_landed,
+            f"APPEND of source UID {message.uid} to {folder!r}",
+        )
+
+    def _call(self, operation: Callable[[ImapDestination], T], retry_on: Callable[[BaseException], bool], what: str) -> T:
+        def attempt() -> T:
+            destination = self._connections._destination_adapter()
+            try:
+                return operation(destination)
+            except ImapFailure:
+                self._connections.drop_destination()  # it may be in the middle of a reply
+                raise
+
+        return retry.call(retry.COMMAND, attempt, retry_on=retry_on, what=f"destination: {what}")
+
+
+def _transient(error: BaseException) -> bool:
+    return isinstance(error, TransientImapFailure)
+
+
+def _append_certainly_not_landed(error: BaseException) -> bool:
+    if isinstance(error, AppendRejected):
+        # A tagged NO: nothing was stored. [UNAVAILABLE] and [INUSE] pass in a moment; a throttle
+        # (retry_after) is waited out by the queue, not here.
+        return (
+            not error.permanent
+            and error.retry_after is None
+            and any(code in error.reason.upper() for code in retry.TRANSIENT_CODES)
+        )
+    # Lost before the APPEND went out (capability, select). Once it was sent, whether it landed is
+    # unknown: the copy fails and the next try looks in the destination first.
+    return isinstance(error, TransientImapFailure) and error.step != "append"
+
+
+def _has_unread_input(client: imapclient.IMAPClient) -> bool:
+    """Between commands a server only speaks to say something unasked, like BYE before it
+    closes the session; a closed connection reads as input too."""
+    try:
+        sock = client.socket()
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable)
+    except (OSError, ValueError):  # already closed
+        return True
 
 
 def _close_quietly(client: imapclient.IMAPClient) -> None:

@@ -12,24 +12,28 @@ route is not acknowledged, the rest of that route's messages in the batch are le
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from shared.connections import MailboxConnections
-from shared.errors import MalformedMessageRef, QueueUnavailable, StateStoreUnavailable
+from shared.errors import MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
+from shared.imap import ImapThrottled
 from shared.mailbox import AppendRejected
 from shared.message_ref import MessageRef, UidKey
 from shared.queue import MessageQueue, ReceivedMessage
+from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
 from shared.state import ClaimOutcome, ClaimStatus, StateStore
 
 log = logging.getLogger("mail_syncer.copy")
+
+# Added to a throttled message's wait: a receive right at the end of the wait could come early.
+THROTTLE_MARGIN_SECONDS = 1
 
 
 class Outcome(StrEnum):
@@ -53,6 +57,10 @@ class CopyResult:
     key: UidKey | None = None  # None for a body that is not a message reference
     detail: str = ""  # the skip reason or the error
     dest_uid: int | None = None
+    busy_until: float | None = None  # BUSY: when the holder's lease runs out (epoch seconds)
+    # FAILED by a throttle: the seconds the server asked us to stay away (Outlook's suggested
+    # backoff, Gmail's bandwidth limits); see throttled_visibility.
+    retry_after: float | None = None
 
 
 @dataclass
@@ -72,7 +80,9 @@ class Copier:
         if claimed.outcome is ClaimOutcome.FINAL:
             return CopyResult(Outcome.ALREADY_DONE, key, claimed.claim.reason or "")
         if claimed.outcome is ClaimOutcome.HELD:
-            return CopyResult(Outcome.BUSY, key, f"claimed by {claimed.claim.owner}")
+            return CopyResult(
+                Outcome.BUSY, key, f"claimed by {claimed.claim.owner}", busy_until=claimed.claim.lease_until
+            )
         resuming_append = claimed.claim.status is ClaimStatus.APPENDING
         appending = False
         try:
@@ -87,13 +97,16 @@ class Copier:
                 return self._skip(ref, f"UIDVALIDITY changed to {folder.uidvalidity} since it was queued")
             message = source.fetch(ref.uid)
             if message is None:
+                if folder.uidnext is not None and ref.uid >= folder.uidnext:
+                    # Skipping it as gone would make the message that later gets this UID look
+                    # copied already. Failed instead, and looked at again in a fresh session.
+                    raise UidNotAssigned(f"not in use yet in the source (UIDNEXT {folder.uidnext})")
                 return self._skip(ref, "gone from the source")
             destination = self.connections.destination()
             if resuming_append:
-                # A process died after sending APPEND and before finalize: it may be there already.
-                found = destination.find_copies(
-                    route.outlook_folder, _message_id(message.body), len(message.body), message.internaldate
-                )
+                # A process died after sending APPEND and before finalize: it may be there already,
+                # and only a copy of these exact bytes counts.
+                found = destination.find_copies(route.outlook_folder, message)
                 if found:
                     return self._done(ref, found[0], "found in the destination after an interrupted APPEND")
             destination.ensure_folder(route.outlook_folder)
@@ -131,7 +144,7 @@ class Copier:
         attempts = self.state.record_failure(ref.key, type(exc).__name__, text)
         self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
         log.warning("route %s UID %d failed (attempt %d): %s", ref.route, ref.uid, attempts, text)
-        return CopyResult(Outcome.FAILED, ref.key, text)
+        return CopyResult(Outcome.FAILED, ref.key, text, retry_after=_retry_after(exc))
 
 
 def copy_batch(
@@ -162,18 +175,27 @@ def _copy_received(message: ReceivedMessage, *, copier: Copier, queue: MessageQu
 
 
 def _quarantine(message: ReceivedMessage, reason: str, queue: MessageQueue) -> CopyResult:
+    """Dead-letter a body that can never become a copy, now: a retry would fail the same way.
+    One log line, after the move, so the line is never there without the dead letter."""
+    # The reason is stored in the dead letters, where no log filter scrubs it.
+    reason = scrub(reason)
     queue.quarantine(message, reason)
-    log.error("queue message %s quarantined: %s", message.message_id, reason)
+    log.error("queue message %s (group %s) quarantined: %s", message.message_id, message.group_id, reason)
     return CopyResult(Outcome.QUARANTINED, None, reason)
+
+
+def throttled_visibility(result: CopyResult) -> int | None:
+    """Seconds a message failed by a throttle stays invisible (local loop and Lambda alike): the
+    server's wait rounded up, and a second more so that it is not received a moment early; its
+    route's later messages wait behind it (FIFO). None when the failure was not a throttle."""
+    if result.retry_after is None:
+        return None
+    return min(math.ceil(result.retry_after) + THROTTLE_MARGIN_SECONDS, MAX_VISIBILITY_SECONDS)
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    return exc.retry_after if isinstance(exc, (AppendRejected, ImapThrottled)) else None
 
 
 def lease_for(seconds: float, clock: Callable[[], float] = time.time) -> Callable[[], float]:
     return lambda: clock() + seconds
-
-
-_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-
-
-def _message_id(body: bytes) -> str | None:
-    value = _HEADERS.parsebytes(body).get("Message-ID")
-    return " ".join(str(value).split()) or None if value else None

@@ -31,6 +31,11 @@ class MalformedMessageRef(MailSyncerError):
     """A queue body that is not a valid message reference; it is quarantined, never retried."""
 
 
+class UidNotAssigned(MailSyncerError):
+    """A reference to a UID the source folder has not handed out yet: not one the producer made.
+    It is failed, not skipped, so the message that later gets that UID is still copied."""
+
+
 class TokenRefreshFailed(MailSyncerError):
     """An OAuth refresh token was refused or the token endpoint failed."""
 

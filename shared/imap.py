@@ -2,12 +2,16 @@
 
 TLS is always verified (system CAs plus `IMAP_CA_BUNDLE`). XOAUTH2 uses the account's token
 source; LOGIN is used when the account has a password instead. Every failure is an
-`ImapFailure` that says which account, which server and which step, and never the token.
+`ImapFailure` that says which account, which server and which step, and never the token; one
+that may pass is a `TransientImapFailure` (tried again here under `retry.SESSION`, and by
+`shared.connections` for commands), one where the server asked for a pause an `ImapThrottled`.
 """
 
 from __future__ import annotations
 
+import imaplib
 import ipaddress
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -17,9 +21,35 @@ import imapclient
 import imapclient.exceptions
 from pydantic import SecretStr
 
+from shared import retry
 from shared.errors import ImapFailure, TokenRefreshFailed
 from shared.redaction import scrub
 from shared.tokens import TokenSource
+
+
+class TransientImapFailure(ImapFailure):
+    """The step failed in a way that may pass: the connection was refused, reset or closed, it
+    timed out, or the server answered [UNAVAILABLE]. Worth another try on a new session."""
+
+
+class ImapThrottled(ImapFailure):
+    """The server asked to be left alone (Outlook's "Request is throttled", Gmail's bandwidth
+    limits): not retried at once; the queue waits at least `retry_after` seconds."""
+
+    def __init__(self, message: str, *, step: str, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(message, step=step)
+
+
+def classified_failure(message: str, *, step: str, cause: BaseException | None) -> ImapFailure:
+    """An ImapFailure, or the subclass that says how soon trying again makes sense."""
+    if isinstance(cause, imaplib.IMAP4.error):
+        wait = retry.throttle_wait(str(cause))
+        if wait is not None:
+            return ImapThrottled(message, step=step, retry_after=wait)
+    if cause is not None and retry.is_transient(cause):
+        return TransientImapFailure(message, step=step)
+    return ImapFailure(message, step=step)
 
 
 @dataclass(frozen=True)
@@ -52,7 +82,21 @@ def tls_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 
 def open_session(account: ImapAccount) -> imapclient.IMAPClient:
-    """Connect, secure and log in. The caller logs out (or uses it as a context manager)."""
+    """Connect, secure and log in, on a new connection again (retry.SESSION) while the failure
+    is transient. The caller logs out (or uses it as a context manager)."""
+    try:
+        return retry.call(
+            retry.SESSION,
+            lambda: _open_once(account),
+            retry_on=lambda error: isinstance(error, TransientImapFailure),
+            what=f"{account.label} at {account.endpoint}: opening a session",
+        )
+    except TransientImapFailure as exc:
+        # Tried enough: a caller that retries whole commands must not start this over again.
+        raise ImapFailure(str(exc), step=exc.step) from None
+
+
+def _open_once(account: ImapAccount) -> imapclient.IMAPClient:
     client = _connect(account)
     try:
         _login(client, account)
@@ -72,7 +116,7 @@ def _connect(account: ImapAccount) -> imapclient.IMAPClient:
     except ssl.SSLCertVerificationError as exc:
         raise _failure(account, "TLS verification", exc.verify_message or str(exc)) from None
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-        raise _failure(account, "connect", _describe(exc)) from None
+        raise _failure(account, "connect", _describe(exc), cause=exc) from None
     if endpoint.ssl:
         return client
     try:
@@ -85,7 +129,7 @@ def _connect(account: ImapAccount) -> imapclient.IMAPClient:
         raise _failure(account, "TLS verification", exc.verify_message or str(exc)) from None
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
         _close_quietly(client)
-        raise _failure(account, "STARTTLS", _describe(exc)) from None
+        raise _failure(account, "STARTTLS", _describe(exc), cause=exc) from None
     except ImapFailure:
         _close_quietly(client)
         raise
@@ -99,7 +143,7 @@ def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
         try:
             client.login(account.user, account.password.get_secret_value())
         except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-            raise _failure(account, "login", _describe(exc)) from None
+            raise _failure(account, "login", _describe(exc), cause=exc) from None
         return
     try:
         _xoauth2(client, account)
@@ -109,9 +153,9 @@ def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
         try:
             _xoauth2(client, account)
         except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-            raise _failure(account, "XOAUTH2 login", _describe(exc)) from None
+            raise _failure(account, "XOAUTH2 login", _describe(exc), cause=exc) from None
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-        raise _failure(account, "XOAUTH2 login", _describe(exc)) from None
+        raise _failure(account, "XOAUTH2 login", _describe(exc), cause=exc) from None
 
 
 def _xoauth2(client: imapclient.IMAPClient, account: ImapAccount) -> None:
@@ -119,12 +163,16 @@ def _xoauth2(client: imapclient.IMAPClient, account: ImapAccount) -> None:
     try:
         token = account.token_source.access_token()
     except TokenRefreshFailed as exc:
-        raise ImapFailure(f"{account.label}: token refresh failed: {exc}", step="token") from None
+        message = f"{account.label}: token refresh failed: {exc}"
+        if exc.refused:
+            raise ImapFailure(message, step="token") from None
+        raise TransientImapFailure(message, step="token") from None  # the endpoint may be back soon
     client.oauth2_login(account.user, token)
 
 
-def _failure(account: ImapAccount, step: str, detail: str) -> ImapFailure:
-    return ImapFailure(scrub(f"{account.label} at {account.endpoint}: {step} failed: {detail}"), step=step)
+def _failure(account: ImapAccount, step: str, detail: str, *, cause: BaseException | None = None) -> ImapFailure:
+    message = scrub(f"{account.label} at {account.endpoint}: {step} failed: {detail}")
+    return classified_failure(message, step=step, cause=cause)
 
 
 def _describe(exc: BaseException) -> str:
@@ -135,6 +183,11 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"host name not found ({exc.strerror})"
     text = str(exc).strip() or type(exc).__name__
+    # imaplib puts the server's bytes into its errors: show the text, not b'...'.
+    if len(exc.args) == 1 and isinstance(exc.args[0], bytes):
+        text = exc.args[0].decode("utf-8", "replace").strip() or text
+    elif (quoted := re.fullmatch(r"b(['\"])(.*)\1", text)) is not None:
+        text = quoted.group(2)
     return text if len(text) <= 300 else text[:300] + "..."
 
 

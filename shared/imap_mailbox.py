@@ -14,18 +14,19 @@ protocol itself; everything else uses imapclient's public API.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import imaplib
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from imapclient import IMAPClient
 from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imap_utf7 import encode as encode_mailbox_name
 
-from shared.errors import ImapFailure
-from shared.imap import ImapAccount
+from shared import retry
+from shared.imap import ImapAccount, classified_failure
 from shared.mailbox import (
     SYSTEM_FLAGS_COPIED,
     AppendRejected,
@@ -104,10 +105,11 @@ class ImapSource:
             ordered = sorted(set(uids))
             for start in range(0, len(ordered), SUMMARY_CHUNK):
                 fetched = self._client.fetch(ordered[start : start + SUMMARY_CHUNK], items)
+                chunk = []
                 for uid, data in fetched.items():
                     if b"RFC822.SIZE" not in data:  # an unsolicited FETCH (a flag change) only
                         continue
-                    summaries.append(
+                    chunk.append(
                         MessageSummary(
                             uid=uid,
                             size=int(data[b"RFC822.SIZE"]),
@@ -116,7 +118,23 @@ class ImapSource:
                             gmail_msgid=int(data[b"X-GM-MSGID"]) if with_gmail_ids and b"X-GM-MSGID" in data else None,
                         )
                     )
+                summaries.extend(self._with_header_hashes(chunk))
         return sorted(summaries, key=lambda summary: summary.uid)
+
+    def _with_header_hashes(self, summaries: list[MessageSummary]) -> list[MessageSummary]:
+        """The header block's hash for the messages that have no other identity to fingerprint
+        (a second FETCH, for those only: the whole header is far bigger than one field)."""
+        anonymous = {s.uid for s in summaries if s.message_id is None and s.gmail_msgid is None}
+        if not anonymous:
+            return summaries
+        headers = self._client.fetch(sorted(anonymous), [b"BODY.PEEK[HEADER]"])
+        hashed = []
+        for summary in summaries:
+            header = headers.get(summary.uid, {}).get(b"BODY[HEADER]")
+            if summary.uid in anonymous and isinstance(header, bytes):
+                summary = replace(summary, header_sha256=hashlib.sha256(header).hexdigest())
+            hashed.append(summary)
+        return hashed
 
     def fetch(self, uid: int) -> SourceMessage | None:
         with _failures_as_imap_failure(self._account, f"fetch UID {uid}", self._folder):
@@ -228,7 +246,9 @@ class ImapDestination:
         facts = self._folder_facts.get(folder)
         if facts is not None:
             return facts
-        with _failures_as_imap_failure(self._account, "append", folder):
+        # "select", not "append": a failure here is before the APPEND was sent, so it is safe to
+        # retry (shared.connections tells the two apart by the step).
+        with _failures_as_imap_failure(self._account, "select", folder):
             append_limit = None
             if b"APPENDLIMIT" in self._client.capabilities():  # a limit per folder (RFC 7889)
                 # Before the SELECT: STATUS of the selected folder is discouraged (RFC 3501).
@@ -245,17 +265,21 @@ class ImapDestination:
         return facts
 
     # ---- crash recovery ----------------------------------------------------------------------
-    def find_copies(self, folder: str, message_id: str | None, size: int, internaldate: dt.datetime) -> list[int]:
-        """UIDs in `folder` with the same RFC822.SIZE and INTERNALDATE instant, among those
-        whose Message-ID header contains `message_id`.
+    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
+        """UIDs in `folder` holding exactly `message`'s bytes with its INTERNALDATE instant.
 
-        Without a Message-ID it is a best effort: every message whose INTERNALDATE falls within
-        a day either side of `internaldate`'s date (servers differ in the zone they take SEARCH
-        dates in) is compared by size and INTERNALDATE, which a different message rarely shares
-        to the second. A folder that does not exist holds no copies.
+        The server narrows the candidates: SEARCH for its size among the days around its
+        INTERNALDATE (servers differ in the zone they take SEARCH dates in). Then their
+        INTERNALDATE, then their bytes: only an exact copy counts, so a message without a
+        Message-ID, or one sharing its Message-ID with another, is never taken for another.
+        Not by Message-ID: a header the server parses otherwise than we do would hide the
+        copy, and it would be appended twice. A folder that does not exist holds no copies.
         """
+        size, internaldate = len(message.body), message.internaldate
         if internaldate.tzinfo is None:
             raise ValueError("find_copies needs a timezone-aware internaldate")
+        day = internaldate.date()
+        window = ["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)]
         with _failures_as_imap_failure(self._account, "find copies", folder):
             try:
                 self._client.select_folder(folder, readonly=True)
@@ -265,22 +289,21 @@ class ImapDestination:
                 if not self._folder_exists(folder):
                     return []
                 raise
-            if message_id:
-                charset = None if message_id.isascii() else "UTF-8"
-                candidates = self._client.search(["HEADER", "Message-ID", message_id], charset)
-            else:
-                day = internaldate.date()
-                candidates = self._client.search(
-                    ["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)]
-                )
+            candidates = self._client.search([*window, "LARGER", max(size - 1, 0), "SMALLER", size + 1])
             if not candidates:
                 return []
-            found = self._client.fetch(candidates, [b"RFC822.SIZE", b"INTERNALDATE"])
-        return sorted(
-            uid
-            for uid, data in found.items()
-            if data.get(b"RFC822.SIZE") == size and data.get(b"INTERNALDATE") == internaldate
-        )
+            facts = self._client.fetch(candidates, [b"RFC822.SIZE", b"INTERNALDATE"])
+            alike = sorted(
+                uid
+                for uid, data in facts.items()
+                if data.get(b"RFC822.SIZE") == size and data.get(b"INTERNALDATE") == internaldate
+            )
+            copies = []
+            for uid in alike:  # one body at a time: each may be tens of MB
+                stored = self._client.fetch([uid], [b"BODY.PEEK[]"]).get(uid, {}).get(b"BODY[]")
+                if stored == message.body:
+                    copies.append(uid)
+            return copies
 
     def _text(self, detail: str) -> str:
         return scrub(f"{self._account.label} at {self._account.endpoint}: {detail}")
@@ -294,8 +317,10 @@ def _failures_as_imap_failure(account: ImapAccount, step: str, folder: str | Non
     except _IMAP_ERRORS as exc:
         where = f" {folder!r}" if folder is not None else ""
         detail = str(exc).strip() or type(exc).__name__
-        raise ImapFailure(
-            scrub(f"{account.label} at {account.endpoint}: {step}{where} failed: {detail[:300]}"), step=step
+        # Transient or throttled as the cause says: shared.connections retries the former on a
+        # new session and the queue waits out the latter.
+        raise classified_failure(
+            scrub(f"{account.label} at {account.endpoint}: {step}{where} failed: {detail[:300]}"), step=step, cause=exc
         ) from None
 
 
@@ -353,20 +378,26 @@ def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
     code_match = _RESPONSE_CODE.match(server_text)
     code = code_match.group(1).upper() if code_match else None
     throttled = _THROTTLED_TEXT.search(server_text)
+    # Seconds to stay away: Outlook's suggested backoff, or a default for other throttles and
+    # [OVERQUOTA]; the queue keeps the message invisible at least that long.
+    wait = retry.throttle_wait(server_text)
     if code == "TOOBIG":
         return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
     if throttled:
-        # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds"; the server's
-        # text stays in the message for whoever schedules the retry.
+        # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds".
         backoff = f" (suggested backoff {throttled.group(1)} ms)" if throttled.group(1) else ""
-        return AppendRejected(message, permanent=False, reason=f"throttled by the destination{backoff}")
+        return AppendRejected(
+            message, permanent=False, reason=f"throttled by the destination{backoff}", retry_after=wait
+        )
     if code not in _TRANSIENT_CODES:
         if _TOO_LARGE_TEXT.search(server_text):
             return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
         if code == "LIMIT" or _LINE_TOO_LONG_TEXT.search(server_text):
             return AppendRejected(message, permanent=True, reason=f"rejected by the destination: {server_text}")
     # [UNAVAILABLE], [SERVERBUG], [INUSE] and anything not recognised: worth another try later.
-    return AppendRejected(message, permanent=False, reason=f"refused for now by the destination: {server_text}")
+    return AppendRejected(
+        message, permanent=False, reason=f"refused for now by the destination: {server_text}", retry_after=wait
+    )
 
 
 def _run_with_literal(client: IMAPClient, command: bytes, literal: bytes, *, binary: bool) -> tuple[str, bytes]:

@@ -35,6 +35,8 @@ class MessageSummary:
     internaldate: dt.datetime
     message_id: str | None  # the Message-ID header's value, stripped; None when absent
     gmail_msgid: int | None = None  # X-GM-MSGID where the server has X-GM-EXT-1
+    # sha256 (hex) of BODY[HEADER]: fetched only for a message with neither of the two above.
+    header_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,13 @@ class SourceMessage:
 
 class AppendRejected(MailSyncerError):
     """The destination refused an APPEND. `permanent`: it can never succeed (too large, NUL
-    bytes without BINARY, lines too long), so the message is skipped with `reason`, not retried."""
+    bytes without BINARY, lines too long), so the message is skipped with `reason`, not retried.
+    `retry_after`: seconds the destination asked us to stay away (a throttle), if it did."""
 
-    def __init__(self, message: str, *, permanent: bool, reason: str):
+    def __init__(self, message: str, *, permanent: bool, reason: str, retry_after: float | None = None):
         self.permanent = permanent
         self.reason = reason
+        self.retry_after = retry_after
         super().__init__(message)
 
 
@@ -81,18 +85,24 @@ class DestinationMailbox(Protocol):
         """APPEND the exact bytes with the copied flags and INTERNALDATE; the new UID from
         APPENDUID, or None when the server has no UIDPLUS. Raises AppendRejected."""
 
-    def find_copies(self, folder: str, message_id: str | None, size: int, internaldate: dt.datetime) -> list[int]:
-        """UIDs in `folder` that look like a copy of a message (the crash window)."""
+    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
+        """UIDs in `folder` holding exactly `message`'s bytes with its INTERNALDATE (the crash
+        window: did an interrupted APPEND land?)."""
 
 
 def fingerprint(summary: MessageSummary) -> str | None:
     """The `FP#` key of a message: Gmail's X-GM-MSGID where there is one, else a hash of
-    Message-ID, INTERNALDATE and size. None without a Message-ID: INTERNALDATE and size alone
-    could match two different messages, and a false match would drop one as a duplicate."""
+    Message-ID, INTERNALDATE and size; without a Message-ID, a hash of the whole header block,
+    INTERNALDATE and size (INTERNALDATE and size alone could match two different messages, and
+    a false match would drop one as a duplicate; a header block carries Received, Date and
+    the like). None when the header block was not fetched."""
     if summary.gmail_msgid is not None:
         return f"gm:{summary.gmail_msgid}"
-    if not summary.message_id:
-        return None
     instant = summary.internaldate.astimezone(dt.timezone.utc).isoformat()
-    digest = hashlib.sha256(f"{summary.message_id}\n{instant}\n{summary.size}".encode()).hexdigest()
-    return f"h:{digest[:40]}"
+    if summary.message_id:
+        digest = hashlib.sha256(f"{summary.message_id}\n{instant}\n{summary.size}".encode()).hexdigest()
+        return f"h:{digest[:40]}"
+    if summary.header_sha256:
+        digest = hashlib.sha256(f"header {summary.header_sha256}\n{instant}\n{summary.size}".encode()).hexdigest()
+        return f"hh:{digest[:40]}"
+    return None

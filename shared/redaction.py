@@ -7,8 +7,11 @@ applies it to every record, and error texts pass through it before they are prin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import traceback
+from collections.abc import Iterator
 
 REDACTED = "[REDACTED]"
 # Shorter values would match ordinary words; no real token or password we handle is this short.
@@ -58,3 +61,28 @@ class ScrubbingFilter(logging.Filter):
             record.exc_text = scrub(formatted)
             record.exc_info = None
         return True
+
+
+class ScrubbedError(Exception):
+    """Stands in for an unexpected exception whose text carried a secret: same type name and
+    text, the secrets replaced."""
+
+
+@contextlib.contextmanager
+def scrubbed_exceptions(log: logging.Logger | None = None) -> Iterator[None]:
+    """Let no secret out in an exception's text. Around a Lambda handler: the runtime reports an
+    uncaught exception (its text and stack) itself, past every log filter.
+
+    An exception whose text, or a chained one's, carries a registered secret is logged scrubbed
+    (the traceback included, for the bug hunt) and replaced by a ScrubbedError; any other goes
+    on as it is. Usable as a decorator."""
+    try:
+        yield
+    except Exception as exc:
+        text = "".join(traceback.format_exception(exc))
+        if scrub(text) == text:
+            raise
+        (log or logging.getLogger("mail_syncer")).error(
+            "unexpected %s (secrets scrubbed)", type(exc).__name__, exc_info=exc
+        )
+        raise ScrubbedError(f"{type(exc).__name__}: {scrub(str(exc))}") from None

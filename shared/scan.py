@@ -2,7 +2,10 @@
 
 Per route: EXAMINE the source folder; with a watermark of the same UIDVALIDITY, the new UIDs are
 those above it; otherwise (first run, or the mailbox was renumbered) the `SINCE` window from the
-route's start point. References go to the queue in chunks, and the watermark moves up to a
+route's start point (after a renumbering, the fallback start reaches back to the day before the
+watermark last moved, if that is earlier). INTERNALDATE stands in for arrival there: a message
+moved into the folder with an older INTERNALDATE between the last scan and the renumbering is
+outside the window. References go to the queue in chunks, and the watermark moves up to a
 chunk's last UID only after that chunk was sent, so a crash resends at most one chunk (the UID
 claim makes a resend harmless). A cap per run spreads a large backlog over several runs.
 """
@@ -99,6 +102,13 @@ def scan_route(
             uids = source.uids_above(mark.last_uid)
         else:
             since = route.since or limits.today - dt.timedelta(days=limits.fallback_since_days)
+            if renumbered and route.since is None and mark.updated_at:
+                # The fallback start rolls forward with the date, and mail that arrived since the
+                # watermark last moved is new: reach back to that day (and one more, for the zone
+                # SEARCH dates are taken in) when the route was down or quiet longer than its
+                # window. What was copied already is recognised by fingerprint and skipped.
+                moved = dt.datetime.fromtimestamp(mark.updated_at, dt.timezone.utc).date()
+                since = min(since, moved - dt.timedelta(days=1))
             if renumbered:
                 log.warning(
                     "route %s: UIDVALIDITY changed from %s to %s; rescanning since %s (copied messages are "

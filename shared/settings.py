@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
+from dotenv import dotenv_values
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -109,6 +112,23 @@ class Route(BaseModel):
         return "xoauth2" if self.gmail_refresh_token is not None or self.gmail_password is None else "password"
 
 
+@dataclass(frozen=True)
+class SettingSource:
+    """Where a setting was read, so a value that changes at run time (Microsoft's rotated
+    refresh token) can be written back where it came from."""
+
+    kind: Literal["env", "dotenv", "secret", "unset"]
+    secret_id: str | None = None  # kind "secret"
+    path: Path | None = None  # kind "dotenv"
+
+    def __str__(self) -> str:
+        if self.kind == "secret":
+            return f"secret {self.secret_id}"
+        if self.kind == "dotenv":
+            return f"the settings file {self.path}"
+        return "the environment" if self.kind == "env" else "nowhere (unset)"
+
+
 _secret_values: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("secret_values", default={})
 
 
@@ -157,14 +177,17 @@ class Settings(BaseSettings):
     imap_ca_bundle: Path | None = None
     imap_timeout: float = Field(default=60.0, gt=0)
     google_token_uri: str = "https://oauth2.googleapis.com/token"
+    # Where `auth gmail` sends the browser for consent.
+    google_auth_uri: str = "https://accounts.google.com/o/oauth2/auth"
     ms_authority: str | None = None
 
     # Where a route starts when it has no watermark.
     fallback_since_days: int = Field(default=7, ge=0)
     # References one scan sends per route, so a backlog of 100k spreads over several runs.
     max_enqueue_per_run: int = Field(default=1000, ge=1)
-    # How long a local process's claim on a UID lasts (a Lambda's follows its remaining time).
-    lease_seconds: int = Field(default=300, ge=10, le=43200)
+    # How long a local process's claim on a UID lasts (a Lambda's follows its remaining time); it
+    # must outlast copying one message. Tests of killed runs use a few seconds.
+    lease_seconds: int = Field(default=300, ge=1, le=43200)
 
     # Secrets Manager: comma-separated secret ids, each a JSON object merged in below env and .env.
     aws_secrets_manager_secret_ids: str | None = None
@@ -183,6 +206,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _routes: list[Route] = PrivateAttr(default_factory=list)
+    # Provenance (see source_of): the .env file read, and the secret each secret-borne setting came from.
+    _dotenv_path: Path | None = PrivateAttr(default=None)
+    _secret_sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -221,6 +247,20 @@ class Settings(BaseSettings):
     def ms_authority_url(self) -> str:
         return (self.ms_authority or f"https://login.microsoftonline.com/{self.ms_tenant}").rstrip("/")
 
+    def source_of(self, name: str) -> SettingSource:
+        """Where the value of setting `name` (e.g. "ms_refresh_token") was read, in the order
+        the sources are read: the environment, then the .env file, then Secrets Manager."""
+        name = name.lower()
+        if any(key.lower() == name and value for key, value in os.environ.items()):
+            return SettingSource("env")
+        if self._dotenv_path is not None and self._dotenv_path.is_file():
+            values = dotenv_values(self._dotenv_path)
+            if any(key.lower() == name and value for key, value in values.items()):
+                return SettingSource("dotenv", path=self._dotenv_path)
+        if name in self._secret_sources:
+            return SettingSource("secret", secret_id=self._secret_sources[name])
+        return SettingSource("unset")
+
     def route(self, name: str) -> Route:
         for route in self._routes:
             if route.name == name:
@@ -231,7 +271,8 @@ class Settings(BaseSettings):
 def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any = None) -> Settings:
     """Read and validate every setting. Raises SettingsInvalid with one line per problem."""
     location = _SecretsLocation(_env_file=env_file)  # type: ignore[call-arg]
-    secret_values = _read_secrets(location, secrets_client)
+    secret_sources: dict[str, str] = {}
+    secret_values = _read_secrets(location, secrets_client, secret_sources)
     token = _secret_values.set(secret_values)
     try:
         settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
@@ -240,9 +281,37 @@ def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any =
     finally:
         _secret_values.reset(token)
     settings._routes = _routes_of(settings)
+    settings._dotenv_path = None if env_file is None else Path(env_file).absolute()
+    settings._secret_sources = secret_sources
     _check_credentials(settings)
     _register_secrets(settings)
     return settings
+
+
+class AuthSettings(BaseSettings):
+    """What `auth gmail` and `auth microsoft` read (env, then .env): the OAuth clients, the
+    endpoints, and AWS for --write-secret-id. Nothing else is needed yet when a person runs
+    them, before the routes and tokens exist."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
+
+    gmail_client_id: str | None = None
+    gmail_client_secret: SecretStr | None = None
+    google_auth_uri: str = Settings.model_fields["google_auth_uri"].default
+    google_token_uri: str = Settings.model_fields["google_token_uri"].default
+    ms_client_id: str | None = None
+    ms_client_secret: SecretStr | None = None
+    ms_tenant: str = "consumers"
+    ms_authority: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
+
+
+def load_auth_settings(env_file: str | Path | None = ".env") -> AuthSettings:
+    try:
+        return AuthSettings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsInvalid(_problems(exc, place_of=_env_name)) from None
 
 
 # -- Secrets Manager ---------------------------------------------------------------------
@@ -258,7 +327,8 @@ class _SecretsLocation(BaseSettings):
     aws_region: str | None = None
 
 
-def _read_secrets(location: _SecretsLocation, client: Any) -> dict[str, Any]:
+def _read_secrets(location: _SecretsLocation, client: Any, sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """The merged settings of every secret; `sources` gets the secret id each one came from."""
     ids = [part.strip() for part in (location.aws_secrets_manager_secret_ids or "").split(",") if part.strip()]
     if not ids:
         return {}
@@ -270,7 +340,10 @@ def _read_secrets(location: _SecretsLocation, client: Any) -> dict[str, Any]:
     problems: list[str] = []
     for secret_id in ids:
         try:
-            merged.update(_read_secret(client, secret_id))
+            values = _read_secret(client, secret_id)
+            merged.update(values)
+            if sources is not None:
+                sources.update(dict.fromkeys(values, secret_id))  # a later secret wins, as in merged
         except SettingsInvalid as exc:
             problems.extend(exc.problems)
     if problems:
@@ -283,7 +356,9 @@ def _read_secret(client: Any, secret_id: str) -> dict[str, Any]:
 
     place = f"secret {secret_id}"
     try:
-        response = client.get_secret_value(SecretId=secret_id)
+        # AWSCURRENT named, not implied: moto's server otherwise misses a version made current
+        # by UpdateSecretVersionStage (how shared.token_store writes, compare-and-set).
+        response = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code == "ResourceNotFoundException":
@@ -312,7 +387,7 @@ def _read_secret(client: Any, secret_id: str) -> dict[str, Any]:
         # Settings are env-style text; a nested list (SYNC_ROUTES_JSON) is kept as its JSON.
         values[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
     if unknown:
-        raise SettingsInvalid([f"{place}: unknown setting {key}" for key in sorted(unknown)])
+        raise SettingsInvalid([f"{place}: unknown setting {_shown_key(key)}" for key in sorted(unknown)])
     return values
 
 
@@ -431,11 +506,21 @@ def _problems(exc: ValidationError, *, place_of, unknown: str = "unknown key") -
 
 
 def _env_name(loc: tuple) -> str:
-    return str(loc[0]).upper() if loc else "settings"
+    return _shown_key(str(loc[0]).upper()) if loc else "settings"
 
 
 def _json_place(root: str, loc: tuple) -> str:
     place = root
     for part in loc:
-        place += f"[{part}]" if isinstance(part, int) else f".{part}"
+        place += f"[{part}]" if isinstance(part, int) else f".{_shown_key(part)}"
     return place
+
+
+# A key is shown only when it looks like a name: a token pasted where a key belongs is a value,
+# and none of the input's secrets are registered for scrubbing until it is valid.
+_SHOWABLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+
+
+def _shown_key(key: object) -> str:
+    text = str(key)
+    return text if _SHOWABLE_KEY.fullmatch(text) else "(a key that is not a name, not shown)"

@@ -32,12 +32,39 @@ EXPIRY_MARGIN_SECONDS = 300
 HTTP_TIMEOUT_SECONDS = 30
 
 
+# What a refused token's error says to do, unless the wiring knows better (see bootstrap).
+GOOGLE_FIX = "get a new refresh token with `python -m shared.cli auth gmail` (see README)"
+MICROSOFT_FIX = "get a new refresh token with `python -m shared.cli auth microsoft` (see README)"
+
+
 class TokenSource(Protocol):
     def access_token(self) -> str:
         """A live access token, refreshed when the cached one is near expiry."""
 
     def invalidate(self) -> None:
         """Forget the cached access token; the next call refreshes."""
+
+
+class RefreshTokenKeeper(Protocol):
+    """Holds the refresh token to redeem next; Microsoft's changes with every refresh."""
+
+    def current(self) -> str: ...
+
+    def rotated(self, used: str, issued: str) -> None:
+        """The endpoint answered the refresh of `used` with the new `issued`."""
+
+
+class InMemoryRefreshToken:
+    """The newest refresh token, kept for the life of the process only."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def current(self) -> str:
+        return self._token
+
+    def rotated(self, used: str, issued: str) -> None:
+        self._token = issued
 
 
 class GoogleTokenSource:
@@ -50,8 +77,10 @@ class GoogleTokenSource:
         client_secret: str,
         token_uri: str,
         session: requests.Session | None = None,
+        fix: str = GOOGLE_FIX,
     ) -> None:
         self._account = account
+        self._fix = fix
         self._credentials = google.oauth2.credentials.Credentials(
             None,
             refresh_token=refresh_token,
@@ -84,10 +113,9 @@ class GoogleTokenSource:
             data = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
             error = data.get("error", "")
             detail = data.get("error_description") or (str(exc.args[0]) if exc.args else "")
-            raise TokenRefreshFailed(
-                scrub(f"Google token refresh for {self._account} refused by {self._token_uri}: {error} {detail}".strip()),
-                refused=error == "invalid_grant",
-            ) from None
+            refused = error == "invalid_grant"
+            text = f"Google token refresh for {self._account} refused by {self._token_uri}: {error} {detail}".strip()
+            raise TokenRefreshFailed(scrub(_with_fix(text, self._fix if refused else None)), refused=refused) from None
         except google.auth.exceptions.TransportError as exc:
             raise TokenRefreshFailed(
                 scrub(f"Google token refresh for {self._account}: cannot reach {self._token_uri}: {_short(exc)}")
@@ -100,15 +128,21 @@ class MicrosoftTokenSource:
         self,
         *,
         account: str,
-        refresh_token: str,
+        refresh_token: str | RefreshTokenKeeper,
         client_id: str,
         authority: str,
         client_secret: str | None = None,
         on_rotate: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        fix: str = MICROSOFT_FIX,
     ) -> None:
         self._account = account
-        self._refresh_token = refresh_token
+        if isinstance(refresh_token, str):
+            register_secret(refresh_token)
+            refresh_token = InMemoryRefreshToken(refresh_token)
+        # Where the newest refresh token is kept (and, wired so, stored for the next process).
+        self._keeper = refresh_token
+        self._fix = fix
         self._client_id = client_id
         self._client_secret = client_secret
         self._authority = authority
@@ -118,13 +152,12 @@ class MicrosoftTokenSource:
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
-        for secret in (refresh_token, client_secret):
-            register_secret(secret)
+        register_secret(client_secret)
 
     @property
     def refresh_token(self) -> str:
         """The newest refresh token: Microsoft issues a new one with every refresh."""
-        return self._refresh_token
+        return self._keeper.current()
 
     def access_token(self) -> str:
         with self._lock:
@@ -139,8 +172,9 @@ class MicrosoftTokenSource:
 
     def _refresh(self) -> None:
         app = self._application()
+        used = self._keeper.current()
         try:
-            result = app.acquire_token_by_refresh_token(self._refresh_token, scopes=MICROSOFT_SCOPES)
+            result = app.acquire_token_by_refresh_token(used, scopes=MICROSOFT_SCOPES)
         except (requests.RequestException, ValueError) as exc:
             raise TokenRefreshFailed(
                 scrub(f"Microsoft token refresh for {self._account}: cannot reach {self._authority}: {_short(exc)}")
@@ -148,10 +182,9 @@ class MicrosoftTokenSource:
         if "error" in result:
             error = result.get("error", "")
             detail = (result.get("error_description") or "").splitlines()[0:1]
-            raise TokenRefreshFailed(
-                scrub(f"Microsoft token refresh for {self._account} refused by {self._authority}: {error} {' '.join(detail)}".strip()),
-                refused=error == "invalid_grant",
-            )
+            refused = error == "invalid_grant"
+            text = f"Microsoft token refresh for {self._account} refused by {self._authority}: {error} {' '.join(detail)}"
+            raise TokenRefreshFailed(scrub(_with_fix(text.strip(), self._fix if refused else None)), refused=refused)
         token = result.get("access_token")
         if not token:
             raise TokenRefreshFailed(f"Microsoft token refresh for {self._account}: the answer has no access_token")
@@ -159,9 +192,9 @@ class MicrosoftTokenSource:
         self._token = token
         self._expires_at = self._clock() + float(result.get("expires_in") or 3600)
         rotated = result.get("refresh_token")
-        if rotated and rotated != self._refresh_token:
+        if rotated and rotated != used:
             register_secret(rotated)
-            self._refresh_token = rotated
+            self._keeper.rotated(used, rotated)
             if self._on_rotate is not None:
                 self._on_rotate(rotated)
 
@@ -185,6 +218,10 @@ class MicrosoftTokenSource:
                     scrub(f"Microsoft token refresh for {self._account}: cannot use authority {self._authority}: {_short(exc)}")
                 ) from None
         return self._app
+
+
+def _with_fix(text: str, fix: str | None) -> str:
+    return text if fix is None else f"{text.rstrip('.')}; {fix}"
 
 
 def _short(exc: BaseException) -> str:

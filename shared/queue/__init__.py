@@ -1,1 +1,8 @@
-from shared.queue.port import MAX_BATCH, MessageQueue, QueueDepths, ReceivedMessage  # noqa: F401
+from shared.queue.port import (  # noqa: F401
+    MAX_BATCH,
+    DeadLetter,
+    MessageQueue,
+    QueueDepths,
+    ReceivedMessage,
+    Redriven,
+)

@@ -7,7 +7,7 @@ local queue with the same semantics). Both pass `tests/integration/test_queue_co
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shared.message_ref import MessageRef
@@ -16,6 +16,8 @@ from shared.message_ref import MessageRef
 MAX_BATCH = 10  # entries per SendMessageBatch / ReceiveMessage
 MAX_WAIT_SECONDS = 20  # longest long poll
 MAX_VISIBILITY_SECONDS = 43200  # 12 hours
+# How many dead letters `dead_letters` looks at unless told otherwise (status reports on them).
+DEAD_LETTER_PEEK_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,29 @@ class ReceivedMessage:
     message_id: str
     group_id: str
     receive_count: int  # 1 on first delivery
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in the dead letters, as `dead_letters` and `redrive` see it."""
+
+    message_id: str
+    group_id: str
+    body: str  # raw, as it was sent: it may be a body the consumer quarantined as malformed
+    reason: str  # why it is there: the quarantine reason, or that its max receive count ran out
+
+
+@dataclass(frozen=True)
+class Redriven:
+    """What `redrive` put back on the main queue."""
+
+    moved: tuple[DeadLetter, ...] = ()  # moved one by one, in order
+    # Moved by the queue service itself (SQS's message move task), which reports a count only.
+    moved_by_service: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.moved) + self.moved_by_service
 
 
 @dataclass(frozen=True)
@@ -60,7 +85,8 @@ class MessageQueue(abc.ABC):
     @abc.abstractmethod
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
         """Keep the message invisible for `seconds` from now (0: visible again at once). A stale
-        receipt changes nothing and raises nothing, as in `delete`."""
+        receipt changes nothing and raises nothing, as in `delete`. A message handed back after
+        its last allowed receive may go to the dead letters at once: it cannot be delivered again."""
 
     @abc.abstractmethod
     def quarantine(self, message: ReceivedMessage, reason: str) -> None:
@@ -68,6 +94,22 @@ class MessageQueue(abc.ABC):
 
     @abc.abstractmethod
     def depths(self) -> QueueDepths: ...
+
+    @abc.abstractmethod
+    def dead_letters(self, limit: int = DEAD_LETTER_PEEK_LIMIT) -> list[DeadLetter]:
+        """Up to `limit` dead letters, oldest first, left where they are. SQS FIFO shows no
+        message of a group behind one in flight, so there this can be the first few of each
+        group only (compare the count with `depths().dead`)."""
+
+    @abc.abstractmethod
+    def redrive(self, select: Callable[[DeadLetter], bool] | None = None, *, limit: int | None = None) -> Redriven:
+        """Put dead letters back on the main queue, oldest first: those `select` accepts (None:
+        all), at most `limit` (None: no limit). Each comes back as a new message (receive count
+        0, group kept, a fresh deduplication id so a recent send of the same reference cannot
+        drop it). Each is sent before it is removed from the dead letters, so an interruption
+        leaves a copy in both, never in neither (the UID claim makes the copy harmless). Those
+        not accepted stay in the dead letters and are visible there again when this returns.
+        With `select` and `limit` both None an adapter may let the queue service move them."""
 
     @abc.abstractmethod
     def describe(self) -> str:

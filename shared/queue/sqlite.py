@@ -5,7 +5,8 @@ Tables (prefixed `queue_`, so the file can be shared with the state store):
   message is in flight while `visible_at` is in the future; `receipt` is the one handed out by
   its latest receive.
 - `queue_dedup`: deduplication ids sent within the last 5 minutes.
-- `queue_dead_letters`: messages moved out, with why and how often they were received.
+- `queue_dead_letters`: messages moved out, with why and how often they were received;
+  `redrive` puts them back in `queue_messages` as new messages.
 
 Every write runs in `BEGIN IMMEDIATE` on a connection of its own, so threads and processes that
 share the file take turns, and two receivers never get the same message while it is in flight.
@@ -32,10 +33,13 @@ from pathlib import Path
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
 from shared.queue.port import (
+    DEAD_LETTER_PEEK_LIMIT,
     MAX_BATCH,
+    DeadLetter,
     MessageQueue,
     QueueDepths,
     ReceivedMessage,
+    Redriven,
     check_receive_arguments,
     check_visibility,
 )
@@ -139,10 +143,19 @@ class SqliteQueue(MessageQueue):
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
         check_visibility(seconds)
         with self._transaction() as conn:
-            conn.execute(
-                "UPDATE queue_messages SET visible_at = ? WHERE message_id = ? AND receipt = ?",
-                (self._clock() + seconds, message.message_id, message.receipt),
-            )
+            row = conn.execute(
+                "SELECT seq, receive_count FROM queue_messages WHERE message_id = ? AND receipt = ?",
+                (message.message_id, message.receipt),
+            ).fetchone()
+            if row is None:
+                return  # a stale receipt
+            seq, receive_count = row
+            if receive_count >= self._max_receive_count:
+                # Its last delivery was handed back: no receive can take it again, and SQS would
+                # dead-letter it at the next one. Doing it now spares a local run the wait.
+                self._move_to_dead_letters(conn, seq, self._max_receive_count_reason())
+                return
+            conn.execute("UPDATE queue_messages SET visible_at = ? WHERE seq = ?", (self._clock() + seconds, seq))
 
     def quarantine(self, message: ReceivedMessage, reason: str) -> None:
         with self._transaction() as conn:
@@ -166,6 +179,38 @@ class SqliteQueue(MessageQueue):
             ).fetchone()
         return QueueDepths(visible=visible, in_flight=in_flight, dead=dead)
 
+    def dead_letters(self, limit: int = DEAD_LETTER_PEEK_LIMIT) -> list[DeadLetter]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT message_id, group_id, body, reason FROM queue_dead_letters ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def redrive(self, select: Callable[[DeadLetter], bool] | None = None, *, limit: int | None = None) -> Redriven:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit: {limit}, expected 0 or more")
+        # One transaction: the moves happen all together or not at all.
+        with self._transaction() as conn:
+            moved = []
+            rows = conn.execute("SELECT seq, message_id, group_id, body, reason FROM queue_dead_letters ORDER BY seq")
+            for seq, *fields in rows.fetchall():
+                if limit is not None and len(moved) >= limit:
+                    break
+                dead = DeadLetter(*fields)
+                if select is not None and not select(dead):
+                    continue
+                # A new message, as SQS makes one: a new id, received 0 times, behind its group.
+                conn.execute(
+                    "INSERT INTO queue_messages (message_id, group_id, body, sent_at) VALUES (?, ?, ?, ?)",
+                    (uuid.uuid4().hex, dead.group_id, dead.body, self._clock()),
+                )
+                conn.execute("DELETE FROM queue_dead_letters WHERE seq = ?", (seq,))
+                moved.append(dead)
+        return Redriven(moved=tuple(moved))
+
+    def _max_receive_count_reason(self) -> str:
+        return f"max receive count {self._max_receive_count} exceeded"
+
     def _receive_now(self, max_messages: int, visibility_timeout: int) -> list[ReceivedMessage]:
         with self._transaction() as conn:
             now = self._clock()
@@ -183,7 +228,7 @@ class SqliteQueue(MessageQueue):
                     after = seq
                     if receive_count >= self._max_receive_count:
                         # As in SQS: dead-lettered instead of delivered, which unblocks its group.
-                        self._move_to_dead_letters(conn, seq, f"max receive count {self._max_receive_count} exceeded")
+                        self._move_to_dead_letters(conn, seq, self._max_receive_count_reason())
                         continue
                     receipt = _deliver(conn, seq, receive_count + 1, visible_at=now + visibility_timeout)
                     received.append(ReceivedMessage(receipt, body, message_id, group_id, receive_count + 1))

@@ -32,6 +32,8 @@ from shared.state.port import (
     RouteCounts,
     ScanRecord,
     StateStore,
+    StoredToken,
+    TokenProblem,
     UidKey,
     Watermark,
 )
@@ -126,7 +128,9 @@ class DynamoStateStore(StateStore):
         item = self._get(route_pk(route), WATERMARK_SK)
         if item is None:
             return None
-        return Watermark(uidvalidity=_int(item, "uidvalidity"), last_uid=_int(item, "last_uid"))
+        return Watermark(
+            uidvalidity=_int(item, "uidvalidity"), last_uid=_int(item, "last_uid"), updated_at=_float(item, "updated_at")
+        )
 
     def advance_watermark(self, route: str, uidvalidity: int, last_uid: int) -> bool:
         # The rule of shared.state.rules.watermark_moves, as a condition.
@@ -472,6 +476,68 @@ class DynamoStateStore(StateStore):
 
     def _unavailable(self, code: str, message: str) -> StateStoreUnavailable:
         return StateStoreUnavailable(f"DynamoDB table {self._table}: {code}: {message}")
+
+    # -- OAuth refresh tokens and token problems (pk TOKENS) -------------------------------
+    def read_token(self, name: str) -> StoredToken | None:
+        return _token_or_none(name, self._get(TOKENS_PK, token_sk(name)))
+
+    def swap_token(self, name: str, token: str, *, origin: str, expected_version: int) -> StoredToken:
+        stored = StoredToken(name, token, expected_version + 1, origin, self._clock())
+        try:
+            self._call(
+                "put_item",
+                TableName=self._table,
+                Item=_item_key(TOKENS_PK, token_sk(name))
+                | {
+                    "token": _s(token),
+                    "version": _n(stored.version),
+                    "origin": _s(origin),
+                    "updated_at": _n(stored.updated_at),
+                },
+                ConditionExpression="attribute_not_exists(pk) OR version = :expected",
+                ExpressionAttributeValues={":expected": _n(expected_version)},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except _ConditionFailed as failed:
+            return _token_or_none(name, failed.item)  # another process stored its token first
+        return stored
+
+    def record_token_problem(self, name: str, error: str | None) -> None:
+        key = _item_key(TOKENS_PK, token_problem_sk(name))
+        if error is None:
+            self._call("delete_item", TableName=self._table, Key=key)
+            return
+        self._call(
+            "update_item",
+            TableName=self._table,
+            Key=key,
+            UpdateExpression="SET #error = :error, last_at = :now, first_at = if_not_exists(first_at, :now)",
+            ExpressionAttributeNames={"#error": "error"},
+            ExpressionAttributeValues={":error": _s(cut_error_text(error)), ":now": _n(self._clock())},
+        )
+
+    def read_token_problem(self, name: str) -> TokenProblem | None:
+        item = self._get(TOKENS_PK, token_problem_sk(name))
+        if item is None:
+            return None
+        return TokenProblem(name, _str(item, "error"), _float(item, "first_at"), _float(item, "last_at"))
+
+
+TOKENS_PK = "TOKENS"
+
+
+def token_sk(name: str) -> str:
+    return f"TOKEN#{name}"
+
+
+def token_problem_sk(name: str) -> str:
+    return f"TOKEN_PROBLEM#{name}"
+
+
+def _token_or_none(name: str, item: dict | None) -> StoredToken | None:
+    if not item:
+        return None
+    return StoredToken(name, _str(item, "token"), _int(item, "version"), _str(item, "origin"), _float(item, "updated_at"))
 
 
 # -- items -----------------------------------------------------------------------------------

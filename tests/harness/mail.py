@@ -147,18 +147,36 @@ class DovecotServer:
                     imaps_port=self.imaps_port,
                 )
             )
-            with open(self.root / "stderr", "ab") as err:
-                self._proc = subprocess.Popen(
-                    [shutil.which("dovecot", path=_SBIN) or "dovecot", "-F", "-c", str(self.config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=err,
-                    stderr=err,
-                    start_new_session=True,
-                )
+            self._launch()
             if self._wait_ready(deadline=time.monotonic() + 15):
                 return
             self.stop()
         raise RuntimeError(f"dovecot {self.name} did not start:\n{self._diagnostics()}")
+
+    def _launch(self) -> None:
+        with open(self.root / "stderr", "ab") as err:
+            self._proc = subprocess.Popen(
+                [shutil.which("dovecot", path=_SBIN) or "dovecot", "-F", "-c", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL the whole server, master and session processes, as a crash would: nothing is
+        flushed or said to the clients; their next read or write fails."""
+        os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(timeout=10)
+        self._proc = None
+
+    def restart(self) -> None:
+        """Start again after kill() or stop(), on the same ports with the same mail, so clients
+        configured for it reconnect as to a server that came back."""
+        assert self._proc is None, "restart() follows kill() or stop()"
+        self._launch()
+        if not self._wait_ready(deadline=time.monotonic() + 15):
+            raise RuntimeError(f"dovecot {self.name} did not restart:\n{self._diagnostics()}")
 
     def _wait_ready(self, deadline: float) -> bool:
         """Ready when the plain port greets and the IMAPS port accepts; False if Dovecot exited."""

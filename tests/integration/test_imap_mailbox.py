@@ -5,6 +5,7 @@ TOOBIG, no LITERAL+, no BINARY, APPENDLIMIT, X-GM-MSGID, a dropped connection)."
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import socket
 import threading
@@ -18,7 +19,7 @@ from pydantic import SecretStr
 from shared.errors import ImapFailure
 from shared.imap import ImapAccount, ImapEndpoint, open_session
 from shared.imap_mailbox import SUMMARY_CHUNK, ImapDestination, ImapSource
-from shared.mailbox import AppendRejected, SourceMessage
+from shared.mailbox import AppendRejected, SourceMessage, fingerprint
 from tests.harness.mail import connect, corpus, read_folder, seed
 
 pytestmark = pytest.mark.integration
@@ -212,7 +213,34 @@ def test_summaries_parse_message_id_and_report_the_body_size(dovecot_pair, sourc
     assert [s.size for s in summaries] == [len(s.body) for s in stored]
     assert summaries[0].internaldate == when and summaries[0].internaldate.tzinfo is not None
     assert all(s.gmail_msgid is None for s in summaries)  # Dovecot has no X-GM-EXT-1
+    # The whole header block's hash, for the messages with no Message-ID only (UIDs 2 and 4).
+    headers = [body.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n" for body in (s.body for s in stored)]
+    assert [s.header_sha256 for s in summaries] == [
+        None,
+        hashlib.sha256(headers[1]).hexdigest(),
+        None,
+        hashlib.sha256(headers[3]).hexdigest(),
+        None,
+    ]
     assert source.summaries([]) == []
+
+
+def test_fingerprints_without_message_id_tell_headers_apart_and_stay_stable(dovecot_pair, source_of):
+    """Renumbering keeps them: the same message gives the same fingerprint under any UID; two
+    messages alike but for one header field (or the INTERNALDATE) get different ones."""
+    gmail = dovecot_pair.gmail
+    user = gmail.new_user("fpnoid")
+    when = dt.datetime(2024, 2, 3, 4, 5, 6, tzinfo=UTC)
+    first = b"Subject: no id\r\nDate: Sat, 03 Feb 2024 04:05:06 +0000\r\n\r\nbody\r\n"
+    other_header = first.replace(b"04:05:06", b"04:05:07")  # same size, one header differs
+    later = when + dt.timedelta(seconds=1)
+    seed(gmail, user, "INBOX", [(first, (), when), (other_header, (), when), (first, (), later), (first, (), when)])
+    summaries = source_of(gmail, user).summaries([1, 2, 3, 4])
+    prints = [fingerprint(s) for s in summaries]
+
+    assert all(p is not None and p.startswith("hh:") for p in prints)
+    assert prints[0] == prints[3]  # the same message at another UID
+    assert len({prints[0], prints[1], prints[2]}) == 3
 
 
 def test_fetch_of_an_expunged_or_unknown_uid_is_none(dovecot_pair, source_of):
@@ -240,6 +268,7 @@ def test_the_source_is_only_examined_and_peeked(scripted_imap):
     server.replies["UID FETCH"] = [
         '* 1 FETCH (UID 1 FLAGS (\\Seen) INTERNALDATE "01-Feb-2024 10:11:12 +0100" BODY[] {3}\r\nabc)\r\nOK done',
         '* 1 FETCH (UID 1 RFC822.SIZE 3 INTERNALDATE "01-Feb-2024 10:11:12 +0100" BODY[HEADER.FIELDS (MESSAGE-ID)] {2}\r\n\r\n)\r\nOK done',
+        "* 1 FETCH (UID 1 BODY[HEADER] {2}\r\n\r\n)\r\nOK done",
     ]
     source = ImapSource(*server.login())
     assert source.examine("INBOX").uidvalidity == 9
@@ -247,8 +276,9 @@ def test_the_source_is_only_examined_and_peeked(scripted_imap):
     assert source.summaries([1])[0].message_id is None
     commands = [line.split(b" ", 1)[1] for line, _ in server.received]
     commands = [c for c in commands if not c.startswith((b"CAPABILITY", b"LOGIN"))]
-    assert [c.split(b" ")[0] for c in commands] == [b"EXAMINE", b"UID", b"UID"]
+    assert [c.split(b" ")[0] for c in commands] == [b"EXAMINE", b"UID", b"UID", b"UID"]
     assert b"BODY.PEEK[] " in commands[1] and b"BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]" in commands[2]
+    assert b"BODY.PEEK[HEADER]" in commands[3]  # no Message-ID: the header block, for its fingerprint
     assert b"X-GM-MSGID" not in commands[2]
 
 
@@ -465,17 +495,19 @@ def test_a_long_session_does_not_pile_up_what_appends_answer(dovecot_pair, sessi
 
 
 # ---- destination: find_copies --------------------------------------------------------------------
-def test_find_copies_by_message_id_size_and_date(dovecot_pair, destination_of):
+def test_find_copies_counts_only_the_same_bytes_and_instant(dovecot_pair, destination_of):
     outlook = dovecot_pair.outlook
     user = outlook.new_user("find")
     when = dt.datetime(2024, 4, 1, 23, 30, 0, tzinfo=zone(-8))  # 07:30 the next day in UTC
-    copy = message("x", "<copy@example.org>")
+    copy = message("x", "<copy@example.org>", "body A")
+    twin = message("x", "<copy@example.org>", "body B")  # shares Message-ID, size and date
+    assert len(twin) == len(copy)
     seed(
         outlook,
         user,
         "Work",
         [
-            (message("other", "<other@example.org>", "text"), (), when),  # same size and date
+            (twin, (), when),
             (copy, ("\\Seen",), when),  # the copy
             (copy, (), when + dt.timedelta(seconds=1)),  # same bytes, another INTERNALDATE
             (message("x", "<copy@example.org>", "longer text"), (), when),  # another size
@@ -483,14 +515,14 @@ def test_find_copies_by_message_id_size_and_date(dovecot_pair, destination_of):
         ],
     )
     destination = destination_of(outlook, user)
-    assert destination.find_copies("Work", "<copy@example.org>", len(copy), when) == [2, 5]
-    assert destination.find_copies("Work", "<copy@example.org>", len(copy), when.astimezone(UTC)) == [2, 5]
-    assert destination.find_copies("Work", "<nowhere@example.org>", len(copy), when) == []
-    assert destination.find_copies("Work", "<copy@example.org>", len(copy) + 1, when) == []
-    assert destination.find_copies("Not There", "<copy@example.org>", len(copy), when) == []
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when)) == [2, 5]
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when.astimezone(UTC))) == [2, 5]
+    assert destination.find_copies("Work", SourceMessage(8, twin, (), when)) == [1]
+    assert destination.find_copies("Work", SourceMessage(9, message("y", "<copy@example.org>"), (), when)) == []
+    assert destination.find_copies("Not There", SourceMessage(7, copy, (), when)) == []
 
 
-def test_find_copies_without_message_id_compares_size_and_date_around_the_day(dovecot_pair, destination_of):
+def test_find_copies_without_message_id_compares_bytes_around_the_day(dovecot_pair, destination_of):
     outlook = dovecot_pair.outlook
     user = outlook.new_user("findnoid")
     when = dt.datetime(2024, 4, 1, 23, 30, 0, tzinfo=zone(-8))
@@ -502,18 +534,20 @@ def test_find_copies_without_message_id_compares_size_and_date_around_the_day(do
         [
             (copy, (), when - dt.timedelta(days=3)),  # outside the searched days
             (copy, (), when),  # the copy
-            (message("no iD"), (), when),  # same size and date, other bytes: indistinguishable
+            (message("no iD"), (), when),  # same size and date, other bytes
             (message("no id", body="other"), (), when),  # another size
             (copy, (), when + dt.timedelta(hours=1)),  # another INTERNALDATE
         ],
     )
     destination = destination_of(outlook, user)
-    assert destination.find_copies("INBOX", None, len(copy), when) == [2, 3]
-    assert destination.find_copies("INBOX", None, len(copy), when - dt.timedelta(days=3)) == [1]
-    assert destination.find_copies("INBOX", None, len(copy), when + dt.timedelta(minutes=1)) == []
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), when)) == [2]
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), when - dt.timedelta(days=3))) == [1]
+    assert destination.find_copies("INBOX", SourceMessage(1, message("no iD"), (), when)) == [3]
+    later = when + dt.timedelta(minutes=1)
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), later)) == []
     # It searches the folder afresh each time.
-    (uid,) = seed(outlook, user, "INBOX", [(copy, (), when + dt.timedelta(minutes=1))])
-    assert destination.find_copies("INBOX", None, len(copy), when + dt.timedelta(minutes=1)) == [uid]
+    (uid,) = seed(outlook, user, "INBOX", [(copy, (), later)])
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), later)) == [uid]
 
 
 # ---- a scripted IMAP server ----------------------------------------------------------------------

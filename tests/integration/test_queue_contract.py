@@ -321,6 +321,151 @@ def test_depths_count_visible_in_flight_and_dead(queue):
     assert queue.depths() == QueueDepths(visible=2, in_flight=0, dead=1)
 
 
+# --- redrive -------------------------------------------------------------------------------------
+
+
+def dead_letter_all(queue: MessageQueue, sent: list[MessageRef]) -> None:
+    """Send `sent`, then quarantine each as it is received, with the reason `bad <route> <uid>`."""
+    queue.send_refs(sent)
+    for _ in range(100):
+        batch = queue.receive()
+        if not batch:
+            assert queue.depths().dead == len(sent)
+            return
+        for message in batch:
+            queue.quarantine(message, f"bad {message.group_id} {json.loads(message.body)['uid']}")
+    raise AssertionError("the queue never ran dry")
+
+
+def by_group(bodies: list[str]) -> dict[str, list[int]]:
+    """UIDs per route, in the order given (SQS orders groups as it likes, never a group's messages)."""
+    groups: dict[str, list[int]] = {}
+    for text in bodies:
+        data = json.loads(text)
+        groups.setdefault(data["route"], []).append(data["uid"])
+    return groups
+
+
+def test_dead_letters_are_listed_with_their_reasons_and_stay_where_they_are(backend):
+    queue = backend.queue
+    dead_letter_all(queue, refs("alpha", 1, 2) + refs("beta", 1))
+    queue.send_refs(refs("gamma", 1))
+    for _ in range(MAX_RECEIVE_COUNT):
+        [message] = receive_when_available(backend, within=2)
+        queue.extend_visibility(message, 0)  # a failed attempt
+    assert receive_when_available(backend, within=1) == []  # gamma 1 went to the dead letters
+
+    listed = queue.dead_letters()
+
+    assert by_group([dead.body for dead in listed]) == {"alpha": [1, 2], "beta": [1], "gamma": [1]}
+    reasons = {(dead.group_id, json.loads(dead.body)["uid"]): dead.reason for dead in listed}
+    assert reasons[("alpha", 1)] == "bad alpha 1" and reasons[("beta", 1)] == "bad beta 1"
+    assert re.fullmatch(r"max receive count (\d+ )?exceeded", reasons[("gamma", 1)])
+    assert queue.dead_letters() == listed  # looking moved nothing, and left them visible
+    assert queue.depths() == QueueDepths(visible=0, in_flight=0, dead=4)
+
+
+def test_redrive_puts_every_dead_letter_back_as_a_new_message(queue):
+    sent = refs("alpha", 1, 2, 3) + refs("beta", 1)
+    dead_letter_all(queue, sent)
+    dead_ids = {dead.message_id for dead in queue.dead_letters()}
+
+    redriven = queue.redrive()
+
+    assert redriven.total == 4
+    assert by_group([dead.body for dead in redriven.moved]) == {"alpha": [1, 2, 3], "beta": [1]}
+    assert queue.depths() == QueueDepths(visible=4, in_flight=0, dead=0)
+    received = drain(queue)
+    assert by_group([m.body for m in received]) == {"alpha": [1, 2, 3], "beta": [1]}
+    assert all(m.receive_count == 1 and m.group_id == json.loads(m.body)["route"] for m in received)
+    assert not dead_ids & {m.message_id for m in received}
+
+
+def test_redrive_leaves_what_it_does_not_select_visible_in_the_dead_letters(queue):
+    # More unwanted alpha dead letters than one receive returns, ahead of the wanted ones: SQS
+    # FIFO hands out nothing of a group behind a message in flight.
+    unwanted_alpha = list(range(100, 111))
+    dead_letter_all(queue, refs("alpha", *unwanted_alpha, 1, 2) + refs("beta", 1, 2))
+    offered = []
+
+    def select(dead) -> bool:
+        key = (dead.group_id, json.loads(dead.body)["uid"])
+        offered.append(key)
+        return key in {("alpha", 1), ("alpha", 2)}
+
+    redriven = queue.redrive(select)
+
+    assert [json.loads(dead.body)["uid"] for dead in redriven.moved] == [1, 2]
+    assert sorted(offered) == sorted([("alpha", uid) for uid in [*unwanted_alpha, 1, 2]] + [("beta", 1), ("beta", 2)])
+    assert by_group([m.body for m in drain(queue)]) == {"alpha": [1, 2]}
+    assert queue.depths() == QueueDepths(visible=0, in_flight=0, dead=13)
+    left = queue.dead_letters()  # visible at once: this look receives them
+    assert by_group([dead.body for dead in left])["beta"] == [1, 2]
+    assert by_group([dead.body for dead in left])["alpha"] == unwanted_alpha[: len(left) - 2]  # in order
+    assert {dead.reason for dead in left} >= {"bad alpha 100", "bad beta 1", "bad beta 2"}
+    assert queue.redrive().total == 13
+    assert by_group([m.body for m in drain(queue)]) == {"alpha": unwanted_alpha, "beta": [1, 2]}
+
+
+def test_redrive_moves_at_most_limit_oldest_first(queue):
+    dead_letter_all(queue, refs("alpha", 1, 2, 3))
+
+    first = queue.redrive(limit=2)
+
+    assert [json.loads(dead.body)["uid"] for dead in first.moved] == [1, 2]
+    assert queue.depths() == QueueDepths(visible=2, in_flight=0, dead=1)
+    assert [json.loads(dead.body)["uid"] for dead in queue.redrive(limit=2).moved] == [3]
+    assert uids_of(drain(queue)) == [1, 2, 3]
+
+
+def test_a_redriven_message_can_die_and_be_redriven_again(backend):
+    queue = backend.queue
+    dead_letter_all(queue, refs("alpha", 1))  # within the 5 minutes its dedup id is remembered
+    for round_number in (1, 2):
+        assert queue.redrive().total == 1
+        for attempt in range(1, MAX_RECEIVE_COUNT + 1):
+            [message] = receive_when_available(backend, within=2)
+            assert (message.body, message.receive_count) == (body("alpha", 1), attempt)
+            queue.extend_visibility(message, 0)  # a failed attempt
+        assert receive_when_available(backend, within=1) == []
+        assert queue.depths() == QueueDepths(visible=0, in_flight=0, dead=1), f"round {round_number}"
+
+
+def test_redrive_of_an_empty_dead_letter_queue_moves_nothing(queue):
+    assert queue.dead_letters() == []
+    assert queue.redrive().total == 0
+    assert queue.redrive(lambda dead: True, limit=5).total == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_sqlite_a_message_handed_back_after_its_last_receive_is_dead_lettered_at_once(backend):
+    # SQS dead-letters it at the next receive; nothing can receive it in between either way, so
+    # the local queue spares the caller the wait.
+    queue = backend.queue
+    queue.send_refs(refs("alpha", 1))
+    for _ in range(MAX_RECEIVE_COUNT - 1):
+        [message] = queue.receive()
+        queue.extend_visibility(message, 0)
+    [last] = queue.receive()
+
+    queue.extend_visibility(last, 60)
+
+    assert queue.depths() == QueueDepths(visible=0, in_flight=0, dead=1)
+    assert [dead.reason for dead in queue.dead_letters()] == [f"max receive count {MAX_RECEIVE_COUNT} exceeded"]
+
+
+def test_an_sqs_queue_without_a_dead_letter_queue_has_none_to_list_and_refuses_redrive(aws_env, aws_client):
+    admin = aws_client("sqs")
+    url = admin.create_queue(QueueName=f"{unique_name('no-dlq')}.fifo", Attributes={"FifoQueue": "true"})["QueueUrl"]
+    queue = SqsQueue(url, client=make_client("sqs", aws_env["AWS_ENDPOINT_URL"], REGION))
+    try:
+        assert queue.dead_letters() == []
+        with pytest.raises(QueueUnavailable, match="no dead-letter queue"):
+            queue.redrive()
+    finally:
+        admin.delete_queue(QueueUrl=url)
+
+
 # --- unavailable backends ------------------------------------------------------------------------
 
 

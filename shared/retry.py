@@ -1,0 +1,119 @@
+"""Trying again after an IMAP failure that passes: the named retry policies, what counts as
+transient, and how long a throttling server asked us to wait.
+
+Every policy is bounded (a few attempts, seconds in all): a consumer Lambda must not spend its
+minutes sleeping, and a failure that outlasts a policy is handed to the queue, whose retries
+(growing delays, then the dead letters) take over. A throttle is never waited out here: the
+server's wait travels with the failure as `retry_after`, and the queue keeps the message
+invisible at least that long (see `shared.copy.throttled_visibility`).
+"""
+
+from __future__ import annotations
+
+import imaplib
+import logging
+import re
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import tenacity
+
+log = logging.getLogger("mail_syncer.retry")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int  # in all, the first one included
+    first_wait: float  # seconds before the second attempt; doubled for each later one
+    max_wait: float  # the doubling stops here (the jitter, up to first_wait, comes on top)
+    deadline: float  # seconds: no attempt is started that would begin later than this after the first
+
+
+# Connecting and logging in (shared.imap.open_session).
+SESSION = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=10.0)
+# One FETCH or APPEND (or a folder step before it) on a reopened session (shared.connections).
+# Each attempt may open a session under SESSION; a session that cannot be opened is not retried
+# again here, so the two policies do not multiply.
+COMMAND = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=15.0)
+
+# RFC 5530 response codes that say: the same command may work in a moment.
+TRANSIENT_CODES = ("[UNAVAILABLE]", "[INUSE]")
+# Outlook.com: "Request is throttled. Suggested Backoff Time: 1500 milliseconds".
+_SUGGESTED_BACKOFF = re.compile(r"throttled.*?Suggested Backoff Time: *(\d+) *milliseconds", re.IGNORECASE | re.DOTALL)
+# Gmail: "[OVERQUOTA] Account exceeded command or bandwidth limits", "[THROTTLED]", "Too many
+# simultaneous connections"; Outlook.com without a number.
+_THROTTLED = re.compile(
+    r"throttled|\[OVERQUOTA\]|bandwidth limit|too many simultaneous connections", re.IGNORECASE
+)
+# The wait after a throttle that names no time. Gmail's bandwidth limits last minutes or more:
+# trying sooner only spends a receive of the message's budget.
+DEFAULT_THROTTLE_WAIT_SECONDS = 60.0
+
+
+def throttle_wait(server_text: str) -> float | None:
+    """Seconds a server's reply asks us to stay away, or None when it is not a throttle."""
+    suggested = _SUGGESTED_BACKOFF.search(server_text)
+    if suggested:
+        return int(suggested.group(1)) / 1000
+    if _THROTTLED.search(server_text):
+        return DEFAULT_THROTTLE_WAIT_SECONDS
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether the operation that raised `error` (a socket, TLS or imaplib error) may succeed
+    when tried again on a new connection a moment later. Throttles are not: see throttle_wait."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(error, socket.gaierror):
+        return error.errno == socket.EAI_AGAIN  # a name that does not exist stays so
+    if isinstance(error, ssl.SSLError):
+        # The peer went away mid-handshake or mid-record; other TLS errors are configuration.
+        return isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError))
+    if isinstance(error, OSError):
+        return True  # refused, reset, broken pipe, timed out, unreachable
+    if isinstance(error, imaplib.IMAP4.abort):
+        return True  # EOF, BYE, a garbled reply: the connection is gone
+    if isinstance(error, imaplib.IMAP4.error):
+        text = str(error)
+        if throttle_wait(text) is not None:
+            return False
+        # imapclient turns an abort during login into a LoginError with imaplib's text.
+        return any(code in text.upper() for code in TRANSIENT_CODES) or text.startswith("socket error")
+    return False
+
+
+def call(
+    policy: RetryPolicy,
+    operation: Callable[[], T],
+    *,
+    retry_on: Callable[[BaseException], bool],
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """`operation()`, tried again under `policy` while it raises an error `retry_on` accepts;
+    the last error is raised as it was. Waits grow exponentially with random jitter, so many
+    consumers that failed together do not come back together."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline),
+        wait=tenacity.wait_exponential(multiplier=policy.first_wait, max=policy.max_wait)
+        + tenacity.wait_random(0, policy.first_wait),
+        retry=tenacity.retry_if_exception(retry_on),
+        reraise=True,
+        before_sleep=lambda state: _log_retry(what, state),
+        sleep=sleep,
+    )
+    return retrying(operation)
+
+
+def _log_retry(what: str, state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    # Error texts are built scrubbed (ImapFailure); the log filter scrubs again.
+    log.info("%s: attempt %d failed (%s); trying again in %.1f s", what, state.attempt_number, error, wait)

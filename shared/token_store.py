@@ -1,0 +1,320 @@
+"""Keeping Microsoft's rotating refresh token, so the pipeline outlives the first one.
+
+Microsoft answers every refresh with a new refresh token. `PersistedRefreshToken` hands the
+newest one to `MicrosoftTokenSource` and, on each rotation, stores the new one where the
+configured one came from (see `Settings.source_of`):
+- `SecretTokenStore`: the key in the Secrets Manager secret it was read from (AWS);
+- `StateTokenStore`: the state store, when it came from the environment or `.env`.
+
+Two processes may refresh at once. Every store write is a compare-and-set against what the
+writer last saw, so a writer that lost the race never overwrites the newer token: it adopts
+the stored one instead (its own new token stays valid at Microsoft, just unused).
+
+`merge_secret_key` is also how `auth ... --write-secret-id` puts a new token in a secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.errors import MailSyncerError, StateStoreUnavailable, TokenRefreshFailed
+from shared.redaction import register_secret, scrub
+from shared.state.port import StateStore
+from shared.tokens import TokenSource
+
+log = logging.getLogger("mail_syncer.tokens")
+
+MICROSOFT = "microsoft"
+# A staging label of our own: a version put with it is not current until the compare-and-set
+# moves AWSCURRENT onto it.
+PENDING_STAGE = "MAIL_SYNCER_PENDING"
+# Writers that keep losing the race on the same secret (someone editing other keys) give up here.
+SECRET_WRITE_TRIES = 5
+
+
+class SecretWriteFailed(MailSyncerError):
+    """A Secrets Manager secret could not be read or written; names the secret, never a value."""
+
+
+@dataclass(frozen=True)
+class KnownToken:
+    """A refresh token and the store's version of it as this process last saw it (None: not
+    from the store, e.g. the configured token, or a new one the store refused to take)."""
+
+    token: str
+    version: int | str | None = None
+
+
+class TokenStore(Protocol):
+    where: str  # for messages: "secret mail-syncer/destination", "SQLite /path"
+
+    def read(self) -> KnownToken | None:
+        """The stored token that is newer than the configured one, or None."""
+
+    def replace(self, new: str, *, expected: KnownToken) -> KnownToken:
+        """Store `new` unless the store has changed since `expected`; returns what is stored
+        afterwards (the new token, or the one another process stored first)."""
+
+
+# -- the keeper -------------------------------------------------------------------------------
+
+
+class PersistedRefreshToken:
+    """The newest refresh token of one account: loaded from the store on first use (a token a
+    previous run stored wins over the configured one), stored again on every rotation."""
+
+    def __init__(self, configured: str, store: TokenStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._current: str | None = None
+        # What the store holds, as far as this process knows: the base of its next compare-and-set.
+        self._base = KnownToken(configured)
+        register_secret(configured)
+
+    def current(self) -> str:
+        with self._lock:
+            if self._current is None:
+                stored = self._store.read()
+                if stored is not None:
+                    register_secret(stored.token)
+                    self._base = stored
+                self._current = self._base.token
+            return self._current
+
+    def rotated(self, used: str, issued: str) -> None:
+        register_secret(issued)
+        with self._lock:
+            if used != self._current:
+                return  # a token this process has already moved on from
+            try:
+                stored = self._store.replace(issued, expected=self._base)
+            except (StateStoreUnavailable, SecretWriteFailed) as exc:
+                # Keep going on the new token; the next rotation tries the store again.
+                log.warning("could not store the new Microsoft refresh token in %s: %s", self._store.where, scrub(str(exc)))
+                self._current = issued
+                return
+            register_secret(stored.token)
+            if stored.token != issued:
+                log.info("another process stored a newer Microsoft refresh token in %s first; using it", self._store.where)
+            self._base = stored
+            self._current = stored.token
+
+
+# -- the stores -------------------------------------------------------------------------------
+
+
+def token_digest(token: str) -> str:
+    """Names a configured token in the store without storing it."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+class StateTokenStore:
+    """In the state store. A stored chain started from another configured token (the user ran
+    `auth microsoft` again and configured the new one) is older than the configuration: it is
+    not used, and the first rotation replaces it."""
+
+    def __init__(self, state: StateStore, configured: str, name: str = MICROSOFT) -> None:
+        self._state = state
+        self._name = name
+        self._origin = token_digest(configured)
+        # The version of another chain found by read(): the configured token replaces it.
+        self._other_chain_version = 0
+        self.where = f"the state store ({state.describe()})"
+
+    def read(self) -> KnownToken | None:
+        stored = self._state.read_token(self._name)
+        if stored is None:
+            return None
+        if stored.origin != self._origin:
+            self._other_chain_version = stored.version
+            return None
+        return KnownToken(stored.token, stored.version)
+
+    def replace(self, new: str, *, expected: KnownToken) -> KnownToken:
+        version = expected.version if isinstance(expected.version, int) else self._other_chain_version
+        stored = self._state.swap_token(self._name, new, origin=self._origin, expected_version=version)
+        return KnownToken(stored.token, stored.version)
+
+
+class SecretTokenStore:
+    """In the Secrets Manager secret the configured token was read from, under its key there.
+
+    The compare-and-set: read the current version; if the token in it is no longer the one
+    this process last saw, another process rotated first (adopt it); else put a new version
+    under our own staging label and move AWSCURRENT onto it from the version read, which
+    Secrets Manager refuses if AWSCURRENT has moved meanwhile."""
+
+    def __init__(self, client: Any, secret_id: str, setting: str = "MS_REFRESH_TOKEN") -> None:
+        self._client = client
+        self._secret_id = secret_id
+        self._setting = setting
+        self.where = f"secret {secret_id}"
+
+    def read(self) -> KnownToken | None:
+        # The configured token was read from this very secret moments ago.
+        return None
+
+    def replace(self, new: str, *, expected: KnownToken) -> KnownToken:
+        for _ in range(SECRET_WRITE_TRIES):
+            version_id, data = _read_json_secret(self._client, self._secret_id)
+            key = _key_in(data, self._setting)
+            found = data.get(key)
+            if isinstance(found, str) and found != expected.token:
+                return KnownToken(found, version_id)
+            data[key] = new
+            if _put_if_current(self._client, self._secret_id, data, version_id):
+                return KnownToken(new, None)
+            # AWSCURRENT moved between our read and our move: read again and judge afresh.
+        raise SecretWriteFailed(f"secret {self._secret_id}: changed by others on each of {SECRET_WRITE_TRIES} tries")
+
+
+# -- Secrets Manager --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecretWrite:
+    secret_id: str
+    key: str
+    created: bool  # the secret did not exist and was created with this one key
+
+
+def merge_secret_key(client: Any, secret_id: str, key: str, value: str) -> SecretWrite:
+    """Set `key` in the JSON object of secret `secret_id` to `value`, leaving its other keys as
+    they were (compare-and-set, so a concurrent edit of another key is not lost); create the
+    secret when it does not exist."""
+    register_secret(value)
+    for _ in range(SECRET_WRITE_TRIES):
+        try:
+            version_id, data = _read_json_secret(client, secret_id)
+        except _SecretMissing:
+            if _create_secret(client, secret_id, {key: value}):
+                return SecretWrite(secret_id, key, created=True)
+            continue  # created by someone else meanwhile: merge into theirs
+        data[key] = value
+        if _put_if_current(client, secret_id, data, version_id):
+            return SecretWrite(secret_id, key, created=False)
+    raise SecretWriteFailed(f"secret {secret_id}: changed by others on each of {SECRET_WRITE_TRIES} tries")
+
+
+class _SecretMissing(Exception):
+    pass
+
+
+def _read_json_secret(client: Any, secret_id: str) -> tuple[str, dict]:
+    place = f"secret {secret_id}"
+    try:
+        response = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")  # see settings._read_secret
+    except ClientError as exc:
+        code = _code(exc)
+        if code == "ResourceNotFoundException":
+            raise _SecretMissing() from None
+        raise SecretWriteFailed(f"{place}: cannot be read: {code}") from None
+    except BotoCoreError as exc:
+        raise SecretWriteFailed(f"{place}: cannot be read: {type(exc).__name__}: {exc}") from None
+    text = response.get("SecretString")
+    try:
+        data = json.loads(text) if text is not None else None
+    except ValueError:
+        data = None  # the parse error would quote the secret: say only what it is not
+    if not isinstance(data, dict):
+        raise SecretWriteFailed(f"{place}: is not a JSON object; its keys cannot be merged")
+    for value in data.values():
+        if isinstance(value, str):
+            register_secret(value)
+    return response["VersionId"], data
+
+
+def _put_if_current(client: Any, secret_id: str, data: dict, version_id: str) -> bool:
+    """Put `data` as a new version and make it current only if `version_id` still is."""
+    place = f"secret {secret_id}"
+    try:
+        put = client.put_secret_value(
+            SecretId=secret_id,
+            SecretString=json.dumps(data),
+            ClientRequestToken=str(uuid.uuid4()),
+            VersionStages=[PENDING_STAGE],
+        )
+    except ClientError as exc:
+        raise SecretWriteFailed(f"{place}: cannot be written: {_code(exc)}") from None
+    except BotoCoreError as exc:
+        raise SecretWriteFailed(f"{place}: cannot be written: {type(exc).__name__}: {exc}") from None
+    try:
+        client.update_secret_version_stage(
+            SecretId=secret_id,
+            VersionStage="AWSCURRENT",
+            MoveToVersionId=put["VersionId"],
+            RemoveFromVersionId=version_id,
+        )
+    except ClientError as exc:
+        if _code(exc) == "InvalidParameterException":
+            return False  # AWSCURRENT is no longer on version_id: someone wrote first
+        raise SecretWriteFailed(f"{place}: cannot be made current: {_code(exc)}") from None
+    except BotoCoreError as exc:
+        raise SecretWriteFailed(f"{place}: cannot be made current: {type(exc).__name__}: {exc}") from None
+    return True
+
+
+def _create_secret(client: Any, secret_id: str, data: dict) -> bool:
+    try:
+        client.create_secret(Name=secret_id, SecretString=json.dumps(data), ClientRequestToken=str(uuid.uuid4()))
+    except ClientError as exc:
+        if _code(exc) == "ResourceExistsException":
+            return False
+        raise SecretWriteFailed(f"secret {secret_id}: cannot be created: {_code(exc)}") from None
+    except BotoCoreError as exc:
+        raise SecretWriteFailed(f"secret {secret_id}: cannot be created: {type(exc).__name__}: {exc}") from None
+    return True
+
+
+def _key_in(data: dict, setting: str) -> str:
+    """The key as the secret spells it (settings are read case-insensitively)."""
+    return next((key for key in data if key.lower() == setting.lower()), setting)
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code") or type(exc).__name__
+
+
+# -- token problems in state ------------------------------------------------------------------
+
+
+class ProblemRecordingTokens:
+    """A token source that records a refused refresh token in the state store (for `status`),
+    and clears the record once a refresh works again."""
+
+    def __init__(self, inner: TokenSource, state: StateStore, name: str = MICROSOFT) -> None:
+        self._inner = inner
+        self._state = state
+        self._name = name
+        self._cleared = False
+
+    def access_token(self) -> str:
+        try:
+            token = self._inner.access_token()
+        except TokenRefreshFailed as exc:
+            if exc.refused:
+                self._record(scrub(str(exc)))
+                self._cleared = False
+            raise
+        if not self._cleared:
+            self._record(None)  # once per process: the token works (again)
+            self._cleared = True
+        return token
+
+    def invalidate(self) -> None:
+        self._inner.invalidate()
+
+    def _record(self, error: str | None) -> None:
+        try:
+            self._state.record_token_problem(self._name, error)
+        except StateStoreUnavailable as exc:
+            # The token's own error is what the caller must see; this is only for `status`.
+            log.warning("could not record the %s token's state: %s", self._name, exc)

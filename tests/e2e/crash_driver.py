@@ -1,0 +1,232 @@
+"""Run the real `drain` (shared.cli.main) or the real Lambda handlers in this process, and kill it
+with SIGKILL at one named point of the pipeline, as `kill -9` would; or stop it there with
+SIGSTOP, so that a test can break a server under it and then let it go on (SIGCONT).
+
+    python -m tests.e2e.crash_driver drain  [--kill-at POINT | --stop-at POINT] [--uid N]
+    python -m tests.e2e.crash_driver lambda [--kill-at POINT | --stop-at POINT] [--uid N]
+
+Without a point it is a plain run: `drain`, or the Lambda runtime's part played here (the
+producer handler once, then real SQS receive batches handed to the consumer handler, deleting
+what it acknowledged, until the queue is empty). Settings come from the environment.
+
+Production code has no test hooks: a point patches the one function at which it fires. Points
+about one message fire for source UID `--uid`; the producer's fire at their first chance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+from shared.imap_mailbox import ImapDestination, ImapSource
+from shared.queue import sqlite as sqlite_queue
+from shared.queue.sqs import SqsQueue
+from shared.state import ClaimOutcome
+from shared.state.dynamodb import DynamoStateStore
+from shared.state.sqlite import SqliteStateStore
+
+STATE_STORES = (SqliteStateStore, DynamoStateStore)
+
+# The Lambda runtime played here, scaled down from AWS's numbers so a killed invocation's message
+# comes back in seconds: the queue's visibility timeout stays above the claim's lease (remaining
+# time plus margin), as in the deployment (visibility at least 6x the function's timeout).
+LAMBDA_VISIBILITY_SECONDS = 3
+LAMBDA_REMAINING_MILLIS = 1000
+LAMBDA_LEASE_MARGIN_SECONDS = 1
+LAMBDA_DEADLINE_SECONDS = 120
+
+
+class Signal:
+    """Sends this process `number` the first time it is called; a stopped process that goes on
+    must not stop again when it meets the point a second time (a retry)."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.sent = False
+
+    def __call__(self) -> None:
+        if self.sent:
+            return
+        self.sent = True
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), self.number)
+
+
+def _after(cls: type, name: str, should_fire: Callable[..., bool], action: Signal) -> None:
+    """Patch cls.name to call the original, then `action` when should_fire(result, *args)."""
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if should_fire(result, *args):
+            action()
+        return result
+
+    setattr(cls, name, patched)
+
+
+def _nth_call(n: int) -> Callable[..., bool]:
+    calls = 0
+
+    def should_fire(*_) -> bool:
+        nonlocal calls
+        calls += 1
+        return calls == n
+
+    return should_fire
+
+
+def install(point: str, uid: int, action: Signal) -> None:
+    if point == "after-claim":
+
+        def claimed_it(claimed, key, *_) -> bool:
+            return key.uid == uid and claimed.outcome is ClaimOutcome.CLAIMED
+
+        for store in STATE_STORES:
+            _after(store, "claim_uid", claimed_it, action)
+    elif point == "after-fetch":
+        _after(ImapSource, "fetch", lambda fetched, asked: asked == uid and fetched is not None, action)
+    elif point == "during-append":
+        _during_append(uid, action)
+    elif point == "after-append":
+        _after(ImapDestination, "append", lambda _, folder, message: message.uid == uid, action)
+    elif point == "after-finalize":
+        for store in STATE_STORES:
+            _after(store, "finalize", lambda _, key, *__: key.uid == uid, action)
+    elif point == "during-send":
+        # Local: inside the queue's send transaction, its first row inserted, not committed.
+        # SQS: after the first SendMessageBatch of several was accepted.
+        should_fire = _nth_call(2)
+        original_dedup = sqlite_queue._is_new_dedup_id
+
+        def is_new_dedup_id(*args):
+            if should_fire():
+                action()
+            return original_dedup(*args)
+
+        sqlite_queue._is_new_dedup_id = is_new_dedup_id
+        _before(SqsQueue, "_send_batch", _nth_call(2), action)
+    elif point == "after-send":
+        # The references are in the queue; the watermark has not moved yet.
+        for store in STATE_STORES:
+            _before(store, "advance_watermark", _nth_call(1), action)
+    else:
+        raise SystemExit(f"unknown point {point!r}")
+
+
+def _before(cls: type, name: str, should_fire: Callable[..., bool], action: Signal) -> None:
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        if should_fire():
+            action()
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, patched)
+
+
+def _during_append(uid: int, action: Signal) -> None:
+    """The APPEND of `uid` writes its command and half its literal, then `action`; if the process
+    goes on (SIGCONT after SIGSTOP), the rest follows on the same socket."""
+    original = ImapDestination.append
+
+    @functools.wraps(original)
+    def append(self, folder, message):
+        if message.uid == uid and not action.sent:
+            imap = self._client._imap
+            real_send = imap.send
+
+            def send(data: bytes) -> None:
+                imap.send = real_send  # once
+                head = data.index(b"}\r\n") + 3  # the command line with its literal's announcement
+                half = head + (len(data) - head) // 2
+                real_send(data[:half])
+                action()
+                real_send(data[half:])
+
+            imap.send = send
+        return original(self, folder, message)
+
+    ImapDestination.append = append
+
+
+# ---- the runs --------------------------------------------------------------------------------
+def run_drain() -> int:
+    from shared.cli import main
+
+    return main(["drain"])
+
+
+class LambdaContext:
+    def __init__(self) -> None:
+        self.aws_request_id = str(uuid.uuid4())
+
+    def get_remaining_time_in_millis(self) -> int:
+        return LAMBDA_REMAINING_MILLIS
+
+
+def run_lambda() -> int:
+    import boto3
+
+    from consumer import handler as consumer
+    from producer import handler as producer
+
+    consumer.LEASE_MARGIN_SECONDS = LAMBDA_LEASE_MARGIN_SECONDS
+    producer.handler({"source": "aws.events"}, LambdaContext())
+    sqs = boto3.client("sqs", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name=os.environ["AWS_REGION"])
+    url = os.environ["QUEUE_URL"]
+    deadline = time.monotonic() + LAMBDA_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        received = sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=LAMBDA_VISIBILITY_SECONDS,
+            WaitTimeSeconds=1,
+            MessageSystemAttributeNames=["All"],
+        ).get("Messages", [])
+        if not received:
+            depth = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+            if depth["ApproximateNumberOfMessages"] == depth["ApproximateNumberOfMessagesNotVisible"] == "0":
+                return 0
+            continue
+        records = [
+            {"messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"],
+             "attributes": m["Attributes"]}
+            for m in received
+        ]
+        answer = consumer.handler({"Records": records}, LambdaContext())
+        retry = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
+        for message in received:
+            # As Lambda does: acknowledged ones deleted, the others back after their visibility timeout.
+            if message["MessageId"] not in retry:
+                sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+    print(f"the queue did not empty in {LAMBDA_DEADLINE_SECONDS}s", file=sys.stderr)
+    return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.crash_driver")
+    parser.add_argument("path", choices=["drain", "lambda"])
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--kill-at", metavar="POINT", help="SIGKILL this process at POINT")
+    when.add_argument("--stop-at", metavar="POINT", help="SIGSTOP this process at POINT (the test sends SIGCONT)")
+    parser.add_argument("--uid", type=int, default=0, help="the source UID a message's point fires for")
+    args = parser.parse_args(argv)
+    if args.kill_at:
+        install(args.kill_at, args.uid, Signal(signal.SIGKILL))
+    elif args.stop_at:
+        install(args.stop_at, args.uid, Signal(signal.SIGSTOP))
+    return run_drain() if args.path == "drain" else run_lambda()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

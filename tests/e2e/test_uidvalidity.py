@@ -1,0 +1,61 @@
+"""A UIDVALIDITY change of the source folder (DESIGN.md guarantee 7): what was copied is not
+copied again, with or without a Message-ID; what is new is copied once, including a new message
+whose INTERNALDATE is older than the route's window; what was before the start point stays out."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+
+from tests.harness.mail import read_folder, seed
+
+UTC = dt.timezone.utc
+
+
+def mail(subject: str, message_id: str | None, text: str) -> bytes:
+    header = f"Message-ID: {message_id}\r\n" if message_id else ""
+    return f"{header}From: a@example.org\r\nSubject: {subject}\r\n\r\n{text}\r\n".encode()
+
+
+def test_after_a_uidvalidity_change_copied_messages_are_skipped_and_new_ones_copied(sync_env, dovecot_pair):
+    setup = sync_env()
+    # The start point is today (a fallback window of 0 days), so "yesterday" is outside the window.
+    setup.env |= {"FALLBACK_SINCE_DAYS": "0", "TZ": "UTC"}
+    user = setup.routes[0].gmail_user
+    today = dt.datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    before_start = (mail("before the start point", "<old@example.org>", "never copied"), (), today - dt.timedelta(days=3))
+    first = [
+        (mail("one", "<one@example.org>", "hello"), ("\\Seen",), today),
+        (mail("no id", None, "without a Message-ID"), ("\\Flagged",), today + dt.timedelta(minutes=1)),
+        (mail("twin", "<twin@example.org>", "version one"), (), today + dt.timedelta(minutes=2)),
+        (mail("twin", "<twin@example.org>", "version two"), (), today + dt.timedelta(minutes=3)),
+    ]
+    seed(dovecot_pair.gmail, user, "INBOX", [before_start, *first])
+    assert setup.cli("drain").returncode == 0
+    old_uidvalidity = json.loads(setup.cli("status", "--json").stdout)["routes"][0]["watermark"]["uidvalidity"]
+
+    new_uidvalidity = old_uidvalidity + 1000
+    dovecot_pair.gmail.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(new_uidvalidity), "INBOX")
+    new = [
+        (mail("two", "<two@example.org>", "new"), (), today + dt.timedelta(minutes=4)),
+        (mail("no id either", None, "new without a Message-ID"), ("\\Seen",), today + dt.timedelta(minutes=5)),
+        # Arrived now with an older date (moved in from another folder): older than the window.
+        (mail("late", "<late@example.org>", "dated yesterday"), (), today - dt.timedelta(days=1)),
+    ]
+    seed(dovecot_pair.gmail, user, "INBOX", new)
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "route work: 3 copied, 4 skipped" in done.stdout, done.stdout
+    assert f"UIDVALIDITY changed from {old_uidvalidity} to {new_uidvalidity}" in done.stderr
+    copied = read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")
+    want = Counter((body, when) for body, _, when in [*first, *new])
+    # Each message once, with its date; the one from before the start point never.
+    assert Counter((m.body, m.internaldate) for m in copied) == want
+
+    status = json.loads(setup.cli("status", "--json").stdout)["routes"][0]
+    assert status["watermark"]["uidvalidity"] == new_uidvalidity
+    assert status["claims"] == {"done": 7, "skipped": 4}
+    assert sum(status["skipped_reasons"].values()) == 4
+    assert all(reason.startswith("duplicate of route work UID ") for reason in status["skipped_reasons"])

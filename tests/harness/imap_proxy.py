@@ -1,0 +1,338 @@
+"""An IMAP proxy in front of one of the harness's Dovecot servers, for injecting faults:
+throttle and other refusals, dropped connections, cut responses, slow replies.
+
+The code under test connects to the proxy with IMAPS and the test certificate, exactly as it
+connects to Dovecot (TLS verified). The proxy talks to Dovecot's plain port in clear text
+(Dovecot counts a loopback connection as secure and accepts the login without STARTTLS), so
+it reads every command and response. It knows just enough IMAP for that: lines, and literals
+(``{n}``, ``{n+}``, ``~{n}``) whose bytes it passes on or, for a command it answers itself,
+reads and drops (sending the ``+`` a synchronising literal waits for).
+
+Faults are armed by the test and used up as they fire; all of them are thread-safe:
+
+- ``refuse(match, reply, times)``: the next ``times`` commands whose line contains ``match``
+  are answered ``<tag> <reply>`` by the proxy and never reach Dovecot;
+- ``throttle_appends(times, backoff_ms)``: Outlook's throttle reply to APPEND;
+- ``drop_connection(match, nth, when, bye, before)``: at the ``nth`` matching command, close the
+  connection: ``when="unsent"``, the command never reaches Dovecot; ``"reply_lost"``, Dovecot
+  runs it and its tagged reply is lost; ``"after_reply"``, the reply is passed on, then the
+  line ``bye`` if given (``* BYE ...``), then the close, as a server ending a session between
+  commands. ``before()`` runs first (e.g. expire the access tokens);
+- ``cut_response(match)``: the next response line containing ``match`` with a literal is passed
+  on with only half of its literal, then the connection is closed (mid-FETCH);
+- ``stall(match, seconds)``: the tagged reply to the next matching command is held back;
+- ``delay``: seconds by which every tagged reply is held back (a slow server).
+
+What happened is recorded: ``connections`` accepted, ``commands`` (each command line seen,
+without literals), ``refused_at`` (``time.time()`` when each refusal was sent).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:  # not imported at run time: the mail plugin module must be loaded by pytest first
+    from tests.harness.mail import DovecotServer
+
+CRLF = b"\r\n"
+_LITERAL_AT_END = re.compile(rb"~?\{(\d+)(\+?)\}\r\n$")
+
+
+@dataclass
+class _Refusal:
+    match: bytes
+    reply: bytes
+    times: int
+
+
+@dataclass
+class _Drop:
+    match: bytes
+    nth: int
+    when: str  # "unsent", "reply_lost", "after_reply"
+    bye: bytes | None
+    before: Callable[[], None] | None
+    seen: int = 0
+
+
+class ImapProxy:
+    host = "127.0.0.1"
+
+    def __init__(self, upstream: DovecotServer, server_context: ssl.SSLContext):
+        self._upstream = (upstream.host, upstream.plain_port)
+        self._context = server_context
+        self._lock = threading.Lock()
+        self._refusals: list[_Refusal] = []
+        self._drops: list[_Drop] = []
+        self._cuts: list[bytes] = []
+        self._stalls: list[tuple[bytes, float]] = []
+        self.delay = 0.0
+        self.connections = 0
+        self.commands: list[bytes] = []
+        self.refused_at: list[float] = []
+        self._links: list[_Link] = []
+        self._listener = socket.create_server((self.host, 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept, name="imap-proxy", daemon=True)
+        self._acceptor.start()
+
+    # ---- what tests call -----------------------------------------------------------------
+    def refuse(self, match: bytes, reply: str, times: int = 1) -> None:
+        with self._lock:
+            self._refusals.append(_Refusal(match.upper(), reply.encode(), times))
+
+    def throttle_appends(self, times: int = 1, backoff_ms: int = 1500) -> None:
+        self.refuse(b" APPEND ", f"NO Request is throttled. Suggested Backoff Time: {backoff_ms} milliseconds", times)
+
+    def drop_connection(
+        self,
+        match: bytes,
+        nth: int = 1,
+        *,
+        when: str = "unsent",
+        bye: str | None = None,
+        before: Callable[[], None] | None = None,
+    ) -> None:
+        if when not in ("unsent", "reply_lost", "after_reply"):
+            raise ValueError(f"when: {when!r}")
+        with self._lock:
+            self._drops.append(_Drop(match.upper(), nth, when, bye.encode() + CRLF if bye else None, before))
+
+    def cut_response(self, match: bytes) -> None:
+        with self._lock:
+            self._cuts.append(match.upper())
+
+    def stall(self, match: bytes, seconds: float) -> None:
+        with self._lock:
+            self._stalls.append((match.upper(), seconds))
+
+    def sent(self, match: bytes) -> int:
+        """Commands seen so far whose line contains ``match`` (forwarded or answered here)."""
+        with self._lock:
+            return sum(match.upper() in line.upper() for line in self.commands)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            links = list(self._links)
+        for link in links:
+            link.close()
+        self._acceptor.join(timeout=10)
+
+    # ---- the proxy -----------------------------------------------------------------------
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(raw,), name="imap-proxy-link", daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            client = self._context.wrap_socket(raw, server_side=True)
+            upstream = socket.create_connection(self._upstream, timeout=30)
+            upstream.settimeout(None)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        link = _Link(self, client, upstream)
+        with self._lock:
+            self.connections += 1
+            self._links.append(link)
+        replies = threading.Thread(target=link.server_to_client, name="imap-proxy-replies", daemon=True)
+        replies.start()
+        link.client_to_server()
+        replies.join(timeout=30)
+
+    def _decide(self, line: bytes) -> tuple[str, object | None]:
+        """What to do with a command line: ("forward", None), ("refuse", reply) or ("drop", _Drop)."""
+        upper = line.upper()
+        with self._lock:
+            self.commands.append(line.rstrip(b"\r\n"))
+            for drop in self._drops:
+                if drop.match in upper:
+                    drop.seen += 1
+                    if drop.seen == drop.nth:
+                        self._drops.remove(drop)
+                        return "drop", drop
+            for refusal in self._refusals:
+                if refusal.match in upper:
+                    refusal.times -= 1
+                    if refusal.times == 0:
+                        self._refusals.remove(refusal)
+                    return "refuse", refusal.reply
+        return "forward", None
+
+    def _take_stall(self, line: bytes) -> float:
+        upper = line.upper()
+        with self._lock:
+            for stall in self._stalls:
+                if stall[0] in upper:
+                    self._stalls.remove(stall)
+                    return stall[1]
+        return 0.0
+
+    def _take_cut(self, line: bytes) -> bool:
+        upper = line.upper()
+        with self._lock:
+            for match in self._cuts:
+                if match in upper:
+                    self._cuts.remove(match)
+                    return True
+        return False
+
+
+class _Link:
+    """One client connection and its Dovecot connection: commands one way, replies the other."""
+
+    def __init__(self, proxy: ImapProxy, client: ssl.SSLSocket, upstream: socket.socket):
+        self._proxy = proxy
+        self._client = client
+        self._upstream = upstream
+        self._from_client = client.makefile("rb")
+        self._from_server = upstream.makefile("rb")
+        self._write_lock = threading.Lock()
+        self._closing_at: tuple[bytes, _Drop] | None = None  # (tag, drop): close at its reply
+        self._stalled: dict[bytes, float] = {}  # tag -> seconds its tagged reply is held back
+        self._closed = threading.Event()
+
+    def client_to_server(self) -> None:
+        try:
+            while not self._closed.is_set():
+                line = self._from_client.readline()
+                if not line:
+                    break
+                # A command is "<tag> <name> ..."; a line without a space answers a challenge
+                # (AUTHENTICATE), and is passed on as it is.
+                if b" " not in line.strip():
+                    self._upstream.sendall(line)
+                    continue
+                tag = line.split(b" ", 1)[0]
+                action, detail = self._proxy._decide(line)
+                if action == "refuse":
+                    self._read_literals(line)
+                    self._proxy.refused_at.append(time.time())
+                    self._to_client(tag + b" " + detail + CRLF)
+                elif action == "drop":
+                    if detail.before is not None:
+                        detail.before()
+                    if detail.when == "unsent":
+                        break
+                    self._closing_at = (tag, detail)
+                    self._forward_command(line)
+                else:
+                    stall = self._proxy._take_stall(line)
+                    if stall:
+                        self._stalled[tag] = stall
+                    self._forward_command(line)
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    def server_to_client(self) -> None:
+        continuing = False  # the last line ended in a literal: this one goes on the same response
+        try:
+            while not self._closed.is_set():
+                line = self._from_server.readline()
+                if not line:
+                    break
+                literal = _LITERAL_AT_END.search(line)
+                tagged = not continuing and not line.startswith((b"* ", b"+"))
+                if tagged and self._closing_at is not None and line.startswith(self._closing_at[0] + b" "):
+                    drop = self._closing_at[1]
+                    if drop.when == "after_reply":
+                        self._to_client(line + (drop.bye or b""))
+                    break  # with "reply_lost", Dovecot did it and the client never hears so
+                if tagged:
+                    held = self._proxy.delay + self._stalled.pop(line.split(b" ", 1)[0], 0.0)
+                    if held:
+                        time.sleep(held)  # the fault itself: a server this slow to answer
+                if literal and self._proxy._take_cut(line):
+                    size = int(literal.group(1))
+                    self._to_client(line + self._from_server.read(size // 2))
+                    break
+                self._to_client(line)
+                if literal:
+                    self._to_client(self._from_server.read(int(literal.group(1))))
+                continuing = bool(literal)
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for sock in (self._client, self._upstream):
+            try:
+                # The plain socket's shutdown: it wakes the other thread's read without touching
+                # the TLS object that thread may be using.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for sock in (self._client, self._upstream):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _forward_command(self, line: bytes) -> None:
+        """The line and, literal by literal, the rest of the command. A synchronising literal's
+        ``+`` comes from Dovecot through server_to_client."""
+        self._upstream.sendall(line)
+        while literal := _LITERAL_AT_END.search(line):
+            self._upstream.sendall(self._read_exactly(int(literal.group(1))))
+            line = self._from_client.readline()
+            self._upstream.sendall(line)
+
+    def _read_literals(self, line: bytes) -> None:
+        """Read and drop the literals of a command the proxy answers itself."""
+        while literal := _LITERAL_AT_END.search(line):
+            if not literal.group(2):
+                self._to_client(b"+ Ready for literal data" + CRLF)
+            self._read_exactly(int(literal.group(1)))
+            line = self._from_client.readline()
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self._from_client.read(size)
+        if len(data) != size:
+            raise ConnectionError("the client closed the connection inside a literal")
+        return data
+
+    def _to_client(self, data: bytes) -> None:
+        with self._write_lock:
+            self._client.sendall(data)
+
+
+@pytest.fixture
+def imap_proxy(test_ca):
+    """``imap_proxy(server) -> ImapProxy`` in front of a DovecotServer; closed after the test.
+    Point the code under test at ``127.0.0.1:proxy.port`` with IMAPS and the test CA."""
+    proxies: list[ImapProxy] = []
+
+    def make(server: DovecotServer) -> ImapProxy:
+        proxy = ImapProxy(server, test_ca.server_context)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
