@@ -24,10 +24,11 @@ from shared.scan import ScanLimits
 from shared.settings import Route, Settings, SettingSource
 from shared.state import StateStore
 from shared.token_store import (
+    MICROSOFT,
     PersistedRefreshToken,
     ProblemRecordingTokens,
     SecretTokenStore,
-    StateTokenStore,
+    TokenFile,
     TokenStore,
 )
 from shared.tokens import GoogleTokenSource, MicrosoftTokenSource, TokenSource
@@ -110,8 +111,12 @@ class App:
             assert source.secret_id is not None
             client = make_client("secretsmanager", settings.aws_endpoint_url, settings.aws_region)
             return SecretTokenStore(client, source.secret_id)
-        # From the environment or .env, which cannot be written back: the state store keeps it.
-        return StateTokenStore(self.state, configured)
+        # From the environment or .env, which are not written back: a file of its own keeps it.
+        return self.microsoft_token_file()
+
+    def microsoft_token_file(self) -> TokenFile:
+        assert self.settings.ms_refresh_token is not None
+        return TokenFile(self.settings.token_dir / f"{MICROSOFT}.db", self.settings.ms_refresh_token.get_secret_value())
 
     @cached_property
     def connections(self) -> MailboxConnections:

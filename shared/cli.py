@@ -419,17 +419,24 @@ def auth(args: argparse.Namespace) -> ExitCode:
 def _destination_status(app: bootstrap.App) -> dict:
     """For `status`: where the destination's refresh token comes from and where its newest
     rotation is kept, and the refusal recorded when its refresh token stopped working."""
-    from shared.token_store import MICROSOFT, token_digest
+    from shared.token_store import MICROSOFT, TokenStoreUnavailable
 
     settings = app.settings
     info: dict = {"user": settings.outlook_user, "refresh_token": None, "token_problem": None}
     if settings.ms_refresh_token is not None:
         source = settings.source_of("ms_refresh_token")
-        kept = {"configured_in": str(source), "newest_kept_in": str(source) if source.kind == "secret" else "the state store"}
-        stored = app.state.read_token(MICROSOFT) if source.kind != "secret" else None
-        # Rotations stored for the configured token (an older configuration's are not used).
-        if stored is not None and stored.origin == token_digest(settings.ms_refresh_token.get_secret_value()):
-            kept |= {"rotations_stored": stored.version, "last_stored": _iso(stored.updated_at)}
+        if source.kind == "secret":
+            kept = {"configured_in": str(source), "newest_kept_in": str(source)}
+        else:
+            token_file = app.microsoft_token_file()
+            kept = {"configured_in": str(source), "newest_kept_in": token_file.where}
+            try:
+                stored = token_file.stored()  # rotations of the configured token only
+            except TokenStoreUnavailable as exc:
+                kept["error"] = str(exc)
+            else:
+                if stored is not None:
+                    kept |= {"rotations_stored": stored.version, "last_stored": _iso(stored.updated_at)}
         info["refresh_token"] = kept
     problem = app.state.read_token_problem(MICROSOFT)
     if problem is not None:
@@ -447,6 +454,8 @@ def _print_destination(info: dict) -> None:
         else:
             line += f"; rotations are kept in {kept['newest_kept_in']}"
     print(line)
+    if kept is not None and "error" in kept:
+        print(f"  the kept token cannot be read: {kept['error']}")
     problem = info["token_problem"]
     if problem is not None:
         print(f"  token REFUSED since {problem['since']} (last {problem['last']}): {problem['error']}")

@@ -244,6 +244,13 @@ class Settings(BaseSettings):
         return Path(platformdirs.user_state_dir("mail_syncer")) / "state.db"
 
     @property
+    def token_dir(self) -> Path:
+        """Where a rotated refresh token configured in the environment or .env is kept: beside
+        the state database, in a directory of its own (never in the state store itself)."""
+        db = self.state_db_path
+        return db.with_name(f"{db.stem}-tokens")
+
+    @property
     def ms_authority_url(self) -> str:
         return (self.ms_authority or f"https://login.microsoftonline.com/{self.ms_tenant}").rstrip("/")
 

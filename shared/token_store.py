@@ -4,7 +4,9 @@ Microsoft answers every refresh with a new refresh token. `PersistedRefreshToken
 newest one to `MicrosoftTokenSource` and, on each rotation, stores the new one where the
 configured one came from (see `Settings.source_of`):
 - `SecretTokenStore`: the key in the Secrets Manager secret it was read from (AWS);
-- `StateTokenStore`: the state store, when it came from the environment or `.env`.
+- `TokenFile`: a file of its own, readable by its owner alone, when it came from the
+  environment or `.env` (which are not written back). Never the state store: secrets stay out
+  of state, whose tables are exported, backed up and read by `status`.
 
 Two processes may refresh at once. Every store write is a compare-and-set against what the
 writer last saw, so a writer that lost the race never overwrites the newer token: it adopts
@@ -18,9 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import sqlite3
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -40,7 +48,11 @@ PENDING_STAGE = "MAIL_SYNCER_PENDING"
 SECRET_WRITE_TRIES = 5
 
 
-class SecretWriteFailed(MailSyncerError):
+class TokenStoreUnavailable(MailSyncerError):
+    """Where rotated tokens are kept could not be read or written; names the place, never a value."""
+
+
+class SecretWriteFailed(TokenStoreUnavailable):
     """A Secrets Manager secret could not be read or written; names the secret, never a value."""
 
 
@@ -82,7 +94,12 @@ class PersistedRefreshToken:
     def current(self) -> str:
         with self._lock:
             if self._current is None:
-                stored = self._store.read()
+                try:
+                    stored = self._store.read()
+                except TokenStoreUnavailable as exc:
+                    # The configured token still works unless it is past its lifetime.
+                    log.warning("could not read the kept Microsoft refresh token from %s: %s", self._store.where, scrub(str(exc)))
+                    stored = None
                 if stored is not None:
                     register_secret(stored.token)
                     self._base = stored
@@ -96,7 +113,7 @@ class PersistedRefreshToken:
                 return  # a token this process has already moved on from
             try:
                 stored = self._store.replace(issued, expected=self._base)
-            except (StateStoreUnavailable, SecretWriteFailed) as exc:
+            except TokenStoreUnavailable as exc:
                 # Keep going on the new token; the next rotation tries the store again.
                 log.warning("could not store the new Microsoft refresh token in %s: %s", self._store.where, scrub(str(exc)))
                 self._current = issued
@@ -116,32 +133,88 @@ def token_digest(token: str) -> str:
     return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
-class StateTokenStore:
-    """In the state store. A stored chain started from another configured token (the user ran
-    `auth microsoft` again and configured the new one) is older than the configuration: it is
-    not used, and the first rotation replaces it."""
+@dataclass(frozen=True)
+class StoredToken:
+    """A rotated refresh token in a `TokenFile`."""
 
-    def __init__(self, state: StateStore, configured: str, name: str = MICROSOFT) -> None:
-        self._state = state
+    token: str
+    version: int  # 1 for the first stored, +1 for each rotation stored after it
+    origin: str  # token_digest of the configured token this chain of rotations started from
+    updated_at: float
+
+
+class TokenFile:
+    """A SQLite file of its own for a token configured in the environment or `.env`, in a
+    directory only its owner can enter (so SQLite's journal is covered too). A stored chain
+    started from another configured token (the user ran `auth microsoft` again and configured
+    the new one) is older than the configuration: it is not used, and the first rotation
+    replaces it. SQLite's write lock makes the compare-and-set safe across processes."""
+
+    def __init__(self, path: Path, configured: str, name: str = MICROSOFT, clock: Callable[[], float] = time.time) -> None:
+        self._path = path
         self._name = name
         self._origin = token_digest(configured)
+        self._clock = clock
         # The version of another chain found by read(): the configured token replaces it.
         self._other_chain_version = 0
-        self.where = f"the state store ({state.describe()})"
+        self.where = f"token file {path}"
+
+    def stored(self) -> StoredToken | None:
+        """The newest rotation of the configured token, or None (for `status`)."""
+        if not self._path.exists():
+            return None
+        with self._transaction() as db:
+            found = self._select(db)
+        return found if found is not None and found.origin == self._origin else None
 
     def read(self) -> KnownToken | None:
-        stored = self._state.read_token(self._name)
-        if stored is None:
+        if not self._path.exists():
             return None
-        if stored.origin != self._origin:
-            self._other_chain_version = stored.version
+        with self._transaction() as db:
+            found = self._select(db)
+        if found is None:
             return None
-        return KnownToken(stored.token, stored.version)
+        if found.origin != self._origin:
+            self._other_chain_version = found.version
+            return None
+        return KnownToken(found.token, found.version)
 
     def replace(self, new: str, *, expected: KnownToken) -> KnownToken:
         version = expected.version if isinstance(expected.version, int) else self._other_chain_version
-        stored = self._state.swap_token(self._name, new, origin=self._origin, expected_version=version)
-        return KnownToken(stored.token, stored.version)
+        with self._transaction() as db:
+            found = self._select(db)
+            if found is not None and found.version != version:
+                return KnownToken(found.token, found.version)  # another process stored its token first
+            db.execute(
+                "INSERT OR REPLACE INTO tokens (name, token, version, origin, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (self._name, new, version + 1, self._origin, self._clock()),
+            )
+        return KnownToken(new, version + 1)
+
+    def _select(self, db: sqlite3.Connection) -> StoredToken | None:
+        row = db.execute("SELECT token, version, origin, updated_at FROM tokens WHERE name = ?", (self._name,)).fetchone()
+        return None if row is None else StoredToken(*row)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self._path.parent, 0o700)
+            db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise TokenStoreUnavailable(f"{self.where}: cannot be opened: {exc}") from None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, token TEXT NOT NULL,"
+                " version INTEGER NOT NULL, origin TEXT NOT NULL, updated_at REAL NOT NULL)"
+            )
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise TokenStoreUnavailable(f"{self.where}: {exc}") from None
+        finally:
+            db.close()
 
 
 class SecretTokenStore:

@@ -32,7 +32,6 @@ from shared.state.port import (
     RouteCounts,
     ScanRecord,
     StateStore,
-    StoredToken,
     TokenProblem,
     UidKey,
     Watermark,
@@ -477,31 +476,7 @@ class DynamoStateStore(StateStore):
     def _unavailable(self, code: str, message: str) -> StateStoreUnavailable:
         return StateStoreUnavailable(f"DynamoDB table {self._table}: {code}: {message}")
 
-    # -- OAuth refresh tokens and token problems (pk TOKENS) -------------------------------
-    def read_token(self, name: str) -> StoredToken | None:
-        return _token_or_none(name, self._get(TOKENS_PK, token_sk(name)))
-
-    def swap_token(self, name: str, token: str, *, origin: str, expected_version: int) -> StoredToken:
-        stored = StoredToken(name, token, expected_version + 1, origin, self._clock())
-        try:
-            self._call(
-                "put_item",
-                TableName=self._table,
-                Item=_item_key(TOKENS_PK, token_sk(name))
-                | {
-                    "token": _s(token),
-                    "version": _n(stored.version),
-                    "origin": _s(origin),
-                    "updated_at": _n(stored.updated_at),
-                },
-                ConditionExpression="attribute_not_exists(pk) OR version = :expected",
-                ExpressionAttributeValues={":expected": _n(expected_version)},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-        except _ConditionFailed as failed:
-            return _token_or_none(name, failed.item)  # another process stored its token first
-        return stored
-
+    # -- token problems (pk TOKENS) ------------------------------------------------------
     def record_token_problem(self, name: str, error: str | None) -> None:
         key = _item_key(TOKENS_PK, token_problem_sk(name))
         if error is None:
@@ -526,18 +501,8 @@ class DynamoStateStore(StateStore):
 TOKENS_PK = "TOKENS"
 
 
-def token_sk(name: str) -> str:
-    return f"TOKEN#{name}"
-
-
 def token_problem_sk(name: str) -> str:
     return f"TOKEN_PROBLEM#{name}"
-
-
-def _token_or_none(name: str, item: dict | None) -> StoredToken | None:
-    if not item:
-        return None
-    return StoredToken(name, _str(item, "token"), _int(item, "version"), _str(item, "origin"), _float(item, "updated_at"))
 
 
 # -- items -----------------------------------------------------------------------------------

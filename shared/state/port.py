@@ -225,19 +225,8 @@ class StateStore(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional for adapters
         """Release connections."""
 
-    # -- OAuth refresh tokens (the destination's rotating one) and token problems -----------
-    @abc.abstractmethod
-    def read_token(self, name: str) -> StoredToken | None:
-        """The refresh token stored under `name` (e.g. "microsoft"), or None."""
-
-    @abc.abstractmethod
-    def swap_token(self, name: str, token: str, *, origin: str, expected_version: int) -> StoredToken:
-        """Compare-and-set: store `token` as version `expected_version + 1` only if nothing is
-        stored or the stored version is `expected_version` (0: none known). Returns the record stored
-        afterwards: the new one, or, when the condition failed, the one found (another process
-        stored its token first). `origin` names the configured token the chain started from
-        (a digest, never the token). The caller registers the token as a secret."""
-
+    # -- token problems (a refused refresh token, for `status`) ----------------------------
+    # The rotated tokens themselves are never in state: see shared.token_store.TokenFile.
     @abc.abstractmethod
     def record_token_problem(self, name: str, error: str | None) -> None:
         """Upsert why the token `name` failed (cut to MAX_ERROR_TEXT, secrets scrubbed by the
@@ -245,18 +234,6 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def read_token_problem(self, name: str) -> TokenProblem | None: ...
-
-
-@dataclass(frozen=True)
-class StoredToken:
-    """A refresh token kept in the state store: Microsoft's rotates with every use, and the
-    newest must outlive the process that received it."""
-
-    name: str
-    token: str
-    version: int  # 1 for the first stored, +1 for each swap
-    origin: str  # digest of the configured token this chain of rotations started from
-    updated_at: float
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from shared.state.port import (
     RouteCounts,
     ScanRecord,
     StateStore,
-    StoredToken,
     TokenProblem,
     UidKey,
     Watermark,
@@ -452,29 +451,12 @@ class SqliteStateStore(StateStore):
             last_failure_at=row["last_failure_at"],
         )
 
-    # -- OAuth refresh tokens and token problems -------------------------------------------
-    # Their tables are made on first use, inside the write transaction, so this part stands
-    # apart from the schema above. Reads take the write lock too: they are rare.
-    def read_token(self, name: str) -> StoredToken | None:
-        with self._token_tables() as db:
-            return _token_from_row(db.execute("SELECT * FROM tokens WHERE name = ?", (name,)).fetchone())
-
-    def swap_token(self, name: str, token: str, *, origin: str, expected_version: int) -> StoredToken:
-        with self._token_tables() as db:
-            found = _token_from_row(db.execute("SELECT * FROM tokens WHERE name = ?", (name,)).fetchone())
-            if found is not None and found.version != expected_version:
-                return found  # another process stored its token first
-            stored = StoredToken(name, token, expected_version + 1, origin, self._clock())
-            db.execute(
-                "INSERT OR REPLACE INTO tokens (name, token, version, origin, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (stored.name, stored.token, stored.version, stored.origin, stored.updated_at),
-            )
-        self._owner_only()
-        return stored
-
+    # -- token problems ----------------------------------------------------------------------
+    # Their table is made on first use, inside the write transaction, so this part stands
+    # apart from the schema above.
     def record_token_problem(self, name: str, error: str | None) -> None:
         now = self._clock()
-        with self._token_tables() as db:
+        with self._token_problem_table() as db:
             if error is None:
                 db.execute("DELETE FROM token_problems WHERE name = ?", (name,))
                 return
@@ -485,36 +467,18 @@ class SqliteStateStore(StateStore):
             )
 
     def read_token_problem(self, name: str) -> TokenProblem | None:
-        with self._token_tables() as db:
+        with self._token_problem_table() as db:
             row = db.execute("SELECT * FROM token_problems WHERE name = ?", (name,)).fetchone()
         return None if row is None else TokenProblem(name, row["error"], row["first_at"], row["last_at"])
 
     @contextmanager
-    def _token_tables(self) -> Iterator[sqlite3.Connection]:
+    def _token_problem_table(self) -> Iterator[sqlite3.Connection]:
         with self._writing() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, token TEXT NOT NULL,"
-                " version INTEGER NOT NULL, origin TEXT NOT NULL, updated_at REAL NOT NULL)"
-            )
             db.execute(
                 "CREATE TABLE IF NOT EXISTS token_problems (name TEXT PRIMARY KEY, error TEXT NOT NULL,"
                 " first_at REAL NOT NULL, last_at REAL NOT NULL)"
             )
             yield db
-
-    def _owner_only(self) -> None:
-        """The file now holds a refresh token: readable by its owner alone (WAL files too)."""
-        for path in (self._path, Path(f"{self._path}-wal"), Path(f"{self._path}-shm")):
-            try:
-                os.chmod(path, 0o600)
-            except OSError:
-                pass  # e.g. no -shm file; the token is still stored
-
-
-def _token_from_row(row: sqlite3.Row | None) -> StoredToken | None:
-    if row is None:
-        return None
-    return StoredToken(row["name"], row["token"], row["version"], row["origin"], row["updated_at"])
 
 
 def _use_wal(db: sqlite3.Connection) -> None:

@@ -3,30 +3,39 @@
 Each `drain` is a new process: it redeems the newest refresh token it can find and Microsoft's
 stand-in answers with a new one (tests/harness/oauth.py records which token each came from, so
 a test can tell how many rotations lie behind a token). The newest must be kept where the next
-process finds it, by the state store when MS_REFRESH_TOKEN came from the environment, by the
-Secrets Manager secret when it came from one, and the first token's end must not matter.
+process finds it, in a token file of its own (never the state store) when MS_REFRESH_TOKEN came
+from the environment, in the Secrets Manager secret when it came from one, and the first
+token's end must not matter.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import stat
 import subprocess
 import sys
+from pathlib import Path
 
-from shared.state.sqlite import SqliteStateStore
-from shared.token_store import MICROSOFT
+from shared.token_store import TokenFile
 from tests.e2e.test_drain import corpus_seed
 from tests.harness.aws import unique_name
 from tests.harness.mail import read_folder, seed
 
 
+def token_dir(setup) -> Path:
+    return Path(setup.env["STATE_DB"]).with_name("state-tokens")
+
+
 def stored_token(setup):
-    store = SqliteStateStore(setup.env["STATE_DB"])
-    try:
-        return store.read_token(MICROSOFT)
-    finally:
-        store.close()
+    """The newest rotation of the configured MS_REFRESH_TOKEN kept in the token file."""
+    return TokenFile(token_dir(setup) / "microsoft.db", setup.env["MS_REFRESH_TOKEN"]).stored()
+
+
+def state_files_bytes(setup) -> bytes:
+    """The state database as it lies on disk, its write-ahead log included."""
+    db = Path(setup.env["STATE_DB"])
+    return b"".join(path.read_bytes() for path in db.parent.glob(db.name + "*"))
 
 
 def new_mail(dovecot_pair, user: str, folder: str = "INBOX", count: int = 1) -> None:
@@ -52,15 +61,18 @@ def test_the_newest_token_is_kept_locally_and_outlives_the_first(sync_env, dovec
         assert stored.version == run == oauth_server.rotation_depth(stored.token)
         assert stored.token in oauth_server.refresh_tokens_of(setup.outlook_user)
         assert stored.token not in output(done)
+        assert stored.token.encode() not in state_files_bytes(setup)
         if run == 1:
             # The configured token's life ends (revoked, or 90 days on): the kept one goes on.
             oauth_server.revoke(setup.ms_refresh_token)
 
     assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == 2
+    # Only its owner can enter the token file's directory (SQLite's journal lies there too).
+    assert stat.S_IMODE(token_dir(setup).stat().st_mode) == 0o700
     status = setup.cli("status").stdout
     assert re.search(
         rf"^destination {re.escape(setup.outlook_user)}: refresh token from the environment; its newest rotation "
-        r"\(2 stored, last \S+\) in the state store$",
+        rf"\(2 stored, last \S+\) in token file {re.escape(str(token_dir(setup) / 'microsoft.db'))}$",
         status,
         re.MULTILINE,
     ), status
@@ -90,8 +102,8 @@ def test_the_newest_token_goes_back_into_its_secret(sync_env, dovecot_pair, oaut
         if run == 1:
             oauth_server.revoke(setup.ms_refresh_token)
 
-    # The secret was the place: nothing of it went into the local state store.
-    assert stored_token(setup) is None
+    # The secret was the place: no token file was made.
+    assert not token_dir(setup).exists()
     assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == 2
 
 
@@ -168,7 +180,7 @@ def test_refused_tokens_name_the_route_or_the_destination_and_the_fix(sync_env, 
     assert re.search(rf"^FAIL  destination .*invalid_grant.*{re.escape(ms_fix)}", checked.stdout, re.MULTILINE), checked.stdout
 
     # `auth microsoft` again: the new configured token wins over the refused chain kept in
-    # state, the dead letter goes back, and the problem is cleared once a refresh works.
+    # the token file, the dead letter goes back, and the problem is cleared once a refresh works.
     setup.env["MS_REFRESH_TOKEN"] = oauth_server.issue_refresh_token(setup.outlook_user, "microsoft")
     assert setup.cli("redrive").returncode == 0
     done = setup.cli("drain")

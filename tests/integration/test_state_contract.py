@@ -606,46 +606,7 @@ def test_sqlite_health_names_a_file_that_is_not_a_database(tmp_path):
     assert str(unavailable.value) == f"SQLite {path}: file is not a database"
 
 
-# -- OAuth refresh tokens and token problems -----------------------------------------------
-def test_token_is_absent_until_swapped_in(store):
-    assert store.read_token("microsoft") is None
-
-    stored = store.swap_token("microsoft", "rt-first", origin="sha256:aa", expected_version=0)
-
-    assert (stored.token, stored.version, stored.origin, stored.updated_at) == ("rt-first", 1, "sha256:aa", START)
-    assert store.read_token("microsoft") == stored
-    assert store.read_token("google") is None
-
-
-def test_swap_token_is_a_compare_and_set(store, clock):
-    first = store.swap_token("microsoft", "rt-1", origin="sha256:aa", expected_version=0)
-    clock.advance(10)
-    second = store.swap_token("microsoft", "rt-2", origin="sha256:aa", expected_version=1)
-    assert (second.token, second.version, second.updated_at) == ("rt-2", 2, START + 10)
-
-    # Writers that saw an older version change nothing and are handed the newer token instead.
-    assert store.swap_token("microsoft", "rt-stale", origin="sha256:aa", expected_version=1) == second
-    assert store.swap_token("microsoft", "rt-stale", origin="sha256:bb", expected_version=0) == second
-    assert store.read_token("microsoft") == second
-    assert first.version == 1
-
-
-def test_one_token_swap_wins_across_threads(store):
-    start = threading.Barrier(THREADS, timeout=30)
-
-    def worker(n: int):
-        start.wait()
-        return store.swap_token("microsoft", f"rt-{n}", origin="sha256:aa", expected_version=0)
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        answers = list(pool.map(worker, range(THREADS)))
-
-    stored = store.read_token("microsoft")
-    assert stored.version == 1
-    # Every writer was answered with the one token that was stored: one winner, the rest adopt it.
-    assert {answer.token for answer in answers} == {stored.token}
-
-
+# -- token problems -----------------------------------------------------------------------
 def test_token_problem_keeps_its_first_time_until_cleared(store, clock):
     assert store.read_token_problem("microsoft") is None
     store.record_token_problem("microsoft", "invalid_grant: revoked")

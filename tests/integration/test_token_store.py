@@ -1,24 +1,25 @@
 """Keeping Microsoft's rotated refresh token: the stores' compare-and-set, step by step.
 
-Two keepers stand for two processes (each with its own store adapter on the same SQLite file,
-DynamoDB table or Secrets Manager secret on moto's server), and the test decides the order of
-their reads and writes, so each interleaving that matters is run exactly. The processes racing
-for real are in tests/e2e/test_token_rotation.py.
+Two keepers stand for two processes (each with its own store adapter on the same token file,
+or the same Secrets Manager secret on moto's server), and the test decides the order of their
+reads and writes, so each interleaving that matters is run exactly. The processes racing for
+real are in tests/e2e/test_token_rotation.py.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from shared.aws import make_client
-from shared.state.dynamodb import DynamoStateStore, create_state_table
-from shared.state.sqlite import SqliteStateStore
 from shared.token_store import (
+    KnownToken,
     PersistedRefreshToken,
     SecretTokenStore,
-    StateTokenStore,
+    TokenFile,
     merge_secret_key,
     token_digest,
 )
@@ -27,50 +28,36 @@ from tests.harness.aws import REGION, unique_name
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "dynamodb"])
-def open_state(request, tmp_path):
-    """Opens the one state store as another process would: a new adapter each call."""
-    opened = []
-    if request.param == "sqlite":
-        path = tmp_path / "state.db"
-
-        def open_one():
-            opened.append(SqliteStateStore(path))
-            return opened[-1]
-    else:
-        client = make_client("dynamodb", request.getfixturevalue("aws_env")["AWS_ENDPOINT_URL"], REGION)
-        table = unique_name("state")
-        create_state_table(client, table)
-
-        def open_one():
-            opened.append(DynamoStateStore(table, client=client))
-            return opened[-1]
-
-    yield open_one
-    for store in opened:
-        store.close()
+@pytest.fixture
+def token_path(tmp_path):
+    return tmp_path / "state-tokens" / "microsoft.db"
 
 
-def keeper(open_state, configured: str) -> PersistedRefreshToken:
-    return PersistedRefreshToken(configured, StateTokenStore(open_state(), configured))
+def keeper(token_path, configured: str) -> PersistedRefreshToken:
+    """A new keeper and store adapter each call, as another process would have."""
+    return PersistedRefreshToken(configured, TokenFile(token_path, configured))
 
 
-def test_a_rotation_is_stored_and_wins_at_the_next_start(open_state):
-    first = keeper(open_state, "rt-configured")
+def stored(token_path, configured: str):
+    return TokenFile(token_path, configured).stored()
+
+
+def test_a_rotation_is_stored_and_wins_at_the_next_start(token_path):
+    first = keeper(token_path, "rt-configured")
     assert first.current() == "rt-configured"  # nothing stored yet
 
     first.rotated("rt-configured", "rt-1")
 
     assert first.current() == "rt-1"
     # The next process, configured with the same (now older) token, starts from the stored one.
-    assert keeper(open_state, "rt-configured").current() == "rt-1"
-    stored = open_state().read_token("microsoft")
-    assert (stored.token, stored.version, stored.origin) == ("rt-1", 1, token_digest("rt-configured"))
+    assert keeper(token_path, "rt-configured").current() == "rt-1"
+    kept = stored(token_path, "rt-configured")
+    assert (kept.token, kept.version, kept.origin) == ("rt-1", 1, token_digest("rt-configured"))
 
 
-def test_a_stale_writer_never_overwrites_the_newer_token(open_state):
-    a = keeper(open_state, "rt-0")
-    b = keeper(open_state, "rt-0")
+def test_a_stale_writer_never_overwrites_the_newer_token(token_path):
+    a = keeper(token_path, "rt-0")
+    b = keeper(token_path, "rt-0")
     assert a.current() == b.current() == "rt-0"
 
     # Both refresh rt-0 at once; a stores first, b finds it there and adopts it.
@@ -82,39 +69,66 @@ def test_a_stale_writer_never_overwrites_the_newer_token(open_state):
     b.rotated("rt-a1", "rt-b2")
     a.rotated("rt-a1", "rt-a2")
     assert (a.current(), b.current()) == ("rt-b2", "rt-b2")
-    stored = open_state().read_token("microsoft")
-    assert (stored.token, stored.version) == ("rt-b2", 2)
+    kept = stored(token_path, "rt-0")
+    assert (kept.token, kept.version) == ("rt-b2", 2)
 
 
-def test_a_new_configured_token_replaces_an_older_chain(open_state):
-    old = keeper(open_state, "rt-old")
+def test_a_new_configured_token_replaces_an_older_chain(token_path):
+    old = keeper(token_path, "rt-old")
     old.current()
     old.rotated("rt-old", "rt-old-1")
 
     # The person ran `auth microsoft` again and configured the new token: it is newer than
     # anything rotated from the old one, so it is used, and its first rotation replaces the chain.
-    new = keeper(open_state, "rt-new")
+    new = keeper(token_path, "rt-new")
     assert new.current() == "rt-new"
     new.rotated("rt-new", "rt-new-1")
 
-    stored = open_state().read_token("microsoft")
-    assert (stored.token, stored.version, stored.origin) == ("rt-new-1", 2, token_digest("rt-new"))
-    assert keeper(open_state, "rt-new").current() == "rt-new-1"
+    kept = stored(token_path, "rt-new")
+    assert (kept.token, kept.version, kept.origin) == ("rt-new-1", 2, token_digest("rt-new"))
+    assert stored(token_path, "rt-old") is None  # the old chain is gone
+    assert keeper(token_path, "rt-new").current() == "rt-new-1"
 
 
-def test_a_store_that_cannot_be_written_keeps_the_token_in_memory(aws_env, caplog):
-    client = make_client("dynamodb", aws_env["AWS_ENDPOINT_URL"], REGION)
-    table = unique_name("state")
-    create_state_table(client, table)
-    kept = PersistedRefreshToken("rt-0", StateTokenStore(DynamoStateStore(table, client=client), "rt-0"))
+THREADS = 8
+
+
+def test_one_rotation_is_stored_when_many_store_at_once(token_path):
+    """Each thread its own adapter and SQLite connection, all storing a rotation of the
+    configured token at once: one wins, and every other is handed the winner's token."""
+    start = threading.Barrier(THREADS, timeout=30)
+
+    def store_one(n: int) -> str:
+        adapter = TokenFile(token_path, "rt-0")
+        start.wait()
+        return adapter.replace(f"rt-{n}", expected=KnownToken("rt-0")).token
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        answers = set(pool.map(store_one, range(THREADS)))
+
+    kept = stored(token_path, "rt-0")
+    assert kept.version == 1
+    assert answers == {kept.token}
+
+
+def test_a_store_that_cannot_be_written_keeps_the_token_in_memory(token_path, caplog):
+    token_path.parent.write_text("")  # a file where its directory would be made
+    kept = keeper(token_path, "rt-0")
     assert kept.current() == "rt-0"
-    client.delete_table(TableName=table)  # the store goes away mid-run
 
     kept.rotated("rt-0", "rt-1")
 
     assert kept.current() == "rt-1"
-    assert f"could not store the new Microsoft refresh token in the state store (DynamoDB table {table})" in caplog.text
+    assert f"could not store the new Microsoft refresh token in token file {token_path}" in caplog.text
     assert "rt-1" not in caplog.text
+
+
+def test_an_unreadable_store_falls_back_to_the_configured_token(token_path, caplog):
+    token_path.parent.mkdir()
+    token_path.write_text("not a SQLite database, but long enough for SQLite to look at it " * 20)
+
+    assert keeper(token_path, "rt-0").current() == "rt-0"
+    assert f"could not read the kept Microsoft refresh token from token file {token_path}" in caplog.text
 
 
 # -- Secrets Manager ------------------------------------------------------------------------
