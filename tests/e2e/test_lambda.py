@@ -11,11 +11,8 @@ import pytest
 
 from consumer import handler as consumer
 from producer import handler as producer
-from shared import bootstrap
-from shared.queue.sqs import create_fifo_queue_pair
-from shared.state.dynamodb import create_state_table
 from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
-from tests.harness.aws import unique_name
+from tests.harness.aws import lambda_deployment
 from tests.harness.mail import read_folder, seed
 
 
@@ -31,16 +28,8 @@ class LambdaContext:
 def lambda_env(sync_env, aws_env, aws_client, monkeypatch):
     """A deployed pipeline in miniature: the table, the FIFO queue pair, the functions' env."""
     setup = sync_env(routes=(("corpus", "INBOX", "Gmail/Corpus"),))
-    table = unique_name("state")
-    create_state_table(aws_client("dynamodb"), table)
-    queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("refs"), max_receive_count=3)
-    setup.env.update(aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url})
-    for key, value in setup.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(bootstrap, "_lambda_app", None)  # a cold start
-    yield setup, queue_url
-    if bootstrap._lambda_app is not None:
-        bootstrap._lambda_app.close()
+    with lambda_deployment(setup, aws_env, aws_client, monkeypatch) as queue_url:
+        yield setup, queue_url
 
 
 def lambda_records(messages: list[dict]) -> dict:

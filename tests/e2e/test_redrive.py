@@ -16,11 +16,9 @@ import pytest
 
 from producer import handler as producer
 from shared import bootstrap
-from shared.queue.sqs import create_fifo_queue_pair
-from shared.state.dynamodb import create_state_table
 from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
 from tests.e2e.test_lambda import LambdaContext, run_consumer_until_empty
-from tests.harness.aws import unique_name
+from tests.harness.aws import lambda_deployment
 from tests.harness.mail import read_folder, seed
 
 REFUSED_FOLDER = "~Work"
@@ -107,16 +105,8 @@ def test_redrive_refuses_an_unknown_route(sync_env):
 def aws_pipeline(sync_env, aws_env, aws_client, monkeypatch):
     """The Lambda pipeline on moto (DynamoDB table, FIFO queue and DLQ), its route refused."""
     setup = sync_env(routes=(("work", "INBOX", REFUSED_FOLDER),))
-    table = unique_name("state")
-    create_state_table(aws_client("dynamodb"), table)
-    queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("refs"), max_receive_count=MAX_RECEIVE_COUNT)
-    setup.env.update(aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url})
-    for key, value in setup.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(bootstrap, "_lambda_app", None)  # a cold start
-    yield setup, queue_url
-    if bootstrap._lambda_app is not None:
-        bootstrap._lambda_app.close()
+    with lambda_deployment(setup, aws_env, aws_client, monkeypatch, max_receive_count=MAX_RECEIVE_COUNT) as queue_url:
+        yield setup, queue_url
 
 
 def test_redrive_on_sqs_and_dynamodb(aws_pipeline, dovecot_pair, aws_client, monkeypatch):

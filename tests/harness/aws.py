@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import boto3
 import pytest
@@ -79,3 +81,25 @@ def aws_client(aws_env):
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@contextmanager
+def lambda_deployment(setup, aws_env, aws_client, monkeypatch, *, max_receive_count: int = 3) -> Iterator[str]:
+    """A deployed pipeline in miniature for a SyncEnv: the table and the FIFO queue pair on moto,
+    the functions' environment set in this process, and a cold start. Yields the queue URL."""
+    from shared import bootstrap
+    from shared.queue.sqs import create_fifo_queue_pair
+    from shared.state.dynamodb import create_state_table
+
+    table = unique_name("state")
+    create_state_table(aws_client("dynamodb"), table)
+    queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("refs"), max_receive_count=max_receive_count)
+    setup.env.update(aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url})
+    for key, value in setup.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(bootstrap, "_lambda_app", None)
+    try:
+        yield queue_url
+    finally:
+        if bootstrap._lambda_app is not None:
+            bootstrap._lambda_app.close()

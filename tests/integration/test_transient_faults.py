@@ -24,12 +24,10 @@ from shared.consume import consume_queue
 from shared.copy import CopyResult, Outcome, lease_for
 from shared.message_ref import MessageRef
 from shared.queue.sqlite import SqliteQueue
-from shared.queue.sqs import create_fifo_queue_pair
 from shared.settings import Settings, load_settings
-from shared.state.dynamodb import create_state_table
 from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
 from tests.e2e.test_lambda import LambdaContext, lambda_records
-from tests.harness.aws import unique_name
+from tests.harness.aws import lambda_deployment
 from tests.harness.mail import read_folder, seed, wait_for
 
 pytestmark = pytest.mark.integration
@@ -166,16 +164,8 @@ def lambda_env_via_proxy(sync_env, aws_env, aws_client, dovecot_pair, imap_proxy
     setup = sync_env()
     proxy = imap_proxy(dovecot_pair.outlook)
     through_proxy(setup, proxy, "destination")
-    table = unique_name("state")
-    create_state_table(aws_client("dynamodb"), table)
-    queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("refs"), max_receive_count=3)
-    setup.env.update(aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url})
-    for key, value in setup.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(bootstrap, "_lambda_app", None)  # a cold start
-    yield setup, proxy, queue_url
-    if bootstrap._lambda_app is not None:
-        bootstrap._lambda_app.close()
+    with lambda_deployment(setup, aws_env, aws_client, monkeypatch) as queue_url:
+        yield setup, proxy, queue_url
 
 
 def test_consumer_handler_makes_a_throttled_message_wait_the_suggested_time(
