@@ -8,10 +8,11 @@ server's suggested wait (at least), instead of the queue's visibility timeout.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from shared import bootstrap
-from shared.copy import copy_batch, lease_for, throttled_visibility
+from shared.copy import copy_batch, throttled_visibility
 from shared.queue import ReceivedMessage
 from shared.redaction import scrubbed_exceptions
 
@@ -25,8 +26,7 @@ LEASE_MARGIN_SECONDS = 30
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     app = bootstrap.lambda_app()
     messages = [_received(record) for record in event.get("Records", [])]
-    remaining = context.get_remaining_time_in_millis() / 1000
-    copier = app.copier(lease_for(remaining + LEASE_MARGIN_SECONDS), owner=f"lambda:{context.aws_request_id}")
+    copier = app.copier(lambda: _invocation_end(context) + LEASE_MARGIN_SECONDS, owner=f"lambda:{context.aws_request_id}")
     results = copy_batch(messages, copier=copier, queue=app.queue)
     for message, result in results:
         wait = throttled_visibility(result)
@@ -35,6 +35,11 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             app.queue.extend_visibility(message, wait)
     retry = [message.message_id for message, result in results if not result.outcome.acknowledged]
     return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in retry]}
+
+
+def _invocation_end(context: Any) -> float:
+    """When this invocation will be stopped: the same instant for every claim of the batch."""
+    return time.time() + context.get_remaining_time_in_millis() / 1000
 
 
 def _received(record: dict[str, Any]) -> ReceivedMessage:

@@ -5,11 +5,13 @@ handler with them, and deletes what the handler did not report as failed."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
 
 from consumer import handler as consumer
+from shared import bootstrap
 from producer import handler as producer
 from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
 from tests.harness.aws import lambda_deployment
@@ -17,11 +19,14 @@ from tests.harness.mail import read_folder, seed
 
 
 class LambdaContext:
-    def __init__(self) -> None:
+    """As the runtime gives it: the time left shrinks as the invocation runs."""
+
+    def __init__(self, timeout_seconds: float = 60) -> None:
         self.aws_request_id = str(uuid.uuid4())
+        self._end = time.time() + timeout_seconds
 
     def get_remaining_time_in_millis(self) -> int:
-        return 60_000
+        return max(0, int((self._end - time.time()) * 1000))
 
 
 @pytest.fixture
@@ -116,3 +121,31 @@ def test_consumer_quarantines_a_malformed_body_and_goes_on(lambda_env, dovecot_p
         "queue body.route: unknown route 'nobody'",
         "queue body: not JSON (Expecting value: line 1 column 1 (char 0))",
     ]
+
+
+def test_claims_expire_soon_after_the_invocation_ends(lambda_env, dovecot_pair, aws_client, monkeypatch):
+    """A consumer killed at its timeout leaves claims that a redelivery can take soon after:
+    every claim of a batch, early or late in it, expires LEASE_MARGIN_SECONDS after the
+    invocation's end, never a whole function timeout later."""
+    setup, queue_url = lambda_env
+    seed(dovecot_pair.gmail, setup.routes[0].gmail_user, "INBOX", corpus_seed(3))
+    producer.handler({}, LambdaContext())
+    leases = []
+    real_copier = bootstrap.App.copier
+
+    def copier(app, lease_until, owner=None):
+        leases.append(lease_until)
+        return real_copier(app, lease_until, owner)
+
+    monkeypatch.setattr(bootstrap.App, "copier", copier)
+    sqs = aws_client("sqs")
+    received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"])["Messages"]
+    context = LambdaContext(timeout_seconds=20)
+    end = time.time() + 20
+
+    answer = consumer.handler(lambda_records(received), context)
+
+    assert answer == {"batchItemFailures": []}
+    (lease_until,) = leases
+    # Asked now, after the batch was copied, as the last claim of a batch would ask it.
+    assert abs(lease_until() - (end + consumer.LEASE_MARGIN_SECONDS)) < 0.05
