@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -32,6 +34,8 @@ from shared.state import ClaimOutcome, ClaimStatus, StateStore
 
 log = logging.getLogger("mail_syncer.copy")
 
+# A lease is renewed at least this far apart during a long APPEND.
+MIN_RENEW_SECONDS = 0.5
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
 THROTTLE_MARGIN_SECONDS = 1
 
@@ -112,7 +116,8 @@ class Copier:
             destination.ensure_folder(route.outlook_folder)
             self.state.mark_appending(key, self.owner)
             appending = True
-            dest_uid = destination.append(route.outlook_folder, message)
+            with self._lease_renewed(key):
+                dest_uid = destination.append(route.outlook_folder, message)
             return self._done(ref, dest_uid)
         except AppendRejected as rejected:
             if rejected.permanent:
@@ -125,6 +130,30 @@ class Copier:
             self.connections.drop_source(route)
             self.connections.drop_destination()
             return self._fail(ref, exc, append_outcome_unknown=appending or resuming_append)
+
+    @contextmanager
+    def _lease_renewed(self, key: UidKey) -> Iterator[None]:
+        """An APPEND can outlast the lease (a large message on a slow link). Another process
+        would then take the claim over, find no copy yet and append its own: so the lease is
+        renewed, from a thread, every third of its length until the APPEND returns."""
+        every = max(MIN_RENEW_SECONDS, (self.lease_until() - time.time()) / 3)
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(every):
+                try:
+                    self.state.extend_lease(key, self.owner, self.lease_until())
+                except Exception as exc:  # noqa: BLE001 - finalize will find out; the APPEND goes on
+                    log.warning("route %s UID %d: lease not renewed during APPEND: %s", key.route, key.uid, scrub(str(exc)))
+                    return
+
+        renewer = threading.Thread(target=renew, name=f"lease-{key.route}-{key.uid}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
 
     def _routes_into(self, folder: str) -> list[str]:
         """Routes that share a destination folder also share what counts as a duplicate."""

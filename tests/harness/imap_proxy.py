@@ -75,6 +75,7 @@ class ImapProxy:
         self._drops: list[_Drop] = []
         self._cuts: list[bytes] = []
         self._stalls: list[tuple[bytes, float]] = []
+        self._slow_uploads: list[tuple[bytes, float]] = []
         self.delay = 0.0
         self.connections = 0
         self.commands: list[bytes] = []
@@ -115,6 +116,12 @@ class ImapProxy:
     def stall(self, match: bytes, seconds: float) -> None:
         with self._lock:
             self._stalls.append((match.upper(), seconds))
+
+    def slow_upload(self, match: bytes, seconds: float) -> None:
+        """The next matching command's literal (an APPEND's message) reaches the server only
+        after `seconds`: a large message on a slow uplink, not yet stored meanwhile."""
+        with self._lock:
+            self._slow_uploads.append((match.upper(), seconds))
 
     def sent(self, match: bytes) -> int:
         """Commands seen so far whose line contains ``match`` (forwarded or answered here)."""
@@ -179,12 +186,13 @@ class ImapProxy:
                     return "refuse", refusal.reply
         return "forward", None
 
-    def _take_stall(self, line: bytes) -> float:
+    def _take_stall(self, line: bytes, stalls: list[tuple[bytes, float]] | None = None) -> float:
+        stalls = self._stalls if stalls is None else stalls
         upper = line.upper()
         with self._lock:
-            for stall in self._stalls:
+            for stall in stalls:
                 if stall[0] in upper:
-                    self._stalls.remove(stall)
+                    stalls.remove(stall)
                     return stall[1]
         return 0.0
 
@@ -240,7 +248,7 @@ class _Link:
                     stall = self._proxy._take_stall(line)
                     if stall:
                         self._stalled[tag] = stall
-                    self._forward_command(line)
+                    self._forward_command(line, upload_delay=self._proxy._take_stall(line, self._proxy._slow_uploads))
         except OSError:
             pass
         finally:
@@ -294,12 +302,15 @@ class _Link:
             except OSError:
                 pass
 
-    def _forward_command(self, line: bytes) -> None:
+    def _forward_command(self, line: bytes, upload_delay: float = 0.0) -> None:
         """The line and, literal by literal, the rest of the command. A synchronising literal's
         ``+`` comes from Dovecot through server_to_client."""
         self._upstream.sendall(line)
         while literal := _LITERAL_AT_END.search(line):
-            self._upstream.sendall(self._read_exactly(int(literal.group(1))))
+            data = self._read_exactly(int(literal.group(1)))
+            if upload_delay:
+                time.sleep(upload_delay)  # the fault itself: the bytes are still on their way
+            self._upstream.sendall(data)
             line = self._from_client.readline()
             self._upstream.sendall(line)
 

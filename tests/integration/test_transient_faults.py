@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -348,3 +350,36 @@ def test_proxy_answers_a_synchronising_literal_itself_and_forwards_the_next(dove
         client.logout()
     assert [m.body for m in read_folder(outlook, user, "INBOX")] == [b"Subject: stored\r\n\r\nbody\r\n"]
     assert proxy.sent(b" APPEND ") == 2 and len(proxy.refused_at) == 1
+
+
+# ---- an APPEND longer than the lease ------------------------------------------------------------
+def test_an_append_longer_than_the_lease_keeps_its_claim(sync_env, dovecot_pair, imap_proxy):
+    """A large message on a slow uplink: the APPEND outlasts LEASE_SECONDS. A second process
+    that receives the message meanwhile must find the claim still held (renewed during the
+    APPEND), not take it over, find no copy yet, and append a second one."""
+    setup = sync_env()
+    setup.env["LEASE_SECONDS"] = "2"  # also the local queue's visibility timeout
+    proxy = imap_proxy(dovecot_pair.outlook)
+    through_proxy(setup, proxy, "destination")
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(1))
+    source = read_folder(dovecot_pair.gmail, user, "INBOX")
+    assert setup.cli("scan").returncode == 0
+    proxy.slow_upload(b" APPEND ", seconds=7)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "consume"], env=setup.env, cwd=setup.workdir,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wait_for(lambda: proxy.sent(b" APPEND ") == 1, timeout=60, what="the first APPEND")
+    appending_since = time.time()
+    wait_for(lambda: time.time() > appending_since + 3, timeout=10, what="the first lease to be over")
+
+    second = setup.cli("consume")  # receives the message again: its visibility ran out too
+    first_out, first_err = first.communicate(timeout=120)
+
+    assert first.returncode == 0, first_out + first_err
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "route work: 1 copied" in first_out
+    assert "1 copied" not in second.stdout, second.stdout
+    assert proxy.sent(b" APPEND ") == 1
+    assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"))
