@@ -34,9 +34,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from shared.errors import SettingsInvalid
+from shared.message_ref import ROUTE_NAME_PATTERN
 from shared.redaction import register_secret
 
-ROUTE_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # IMAP list wildcards and control characters can never be part of a folder we create or select.
 FORBIDDEN_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f*%]")
 FOLDER_SEPARATOR = "/"
@@ -79,7 +79,7 @@ class Route(BaseModel):
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
-        if not ROUTE_NAME_PATTERN.match(value):
+        if not ROUTE_NAME_PATTERN.fullmatch(value):  # fullmatch: "$" would let "work\n" through
             raise ValueError("must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit")
         return value
 

@@ -73,6 +73,7 @@ def test_single_route_fallback(env):
         (json.dumps([{**ROUTE, "colour": "red"}]), "SYNC_ROUTES_JSON[0].colour: unknown key"),
         (json.dumps([ROUTE, {k: v for k, v in ROUTE.items() if k != "outlook_folder"} | {"name": "b"}]), "SYNC_ROUTES_JSON[1].outlook_folder: Field required"),
         (json.dumps([{**ROUTE, "name": "Work Mail"}]), "SYNC_ROUTES_JSON[0].name: must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit"),
+        (json.dumps([{**ROUTE, "name": "work\n"}]), "SYNC_ROUTES_JSON[0].name: must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit"),
         (json.dumps([{**ROUTE, "outlook_folder": "A//B"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has an empty level (separator is '/')"),
         (json.dumps([{**ROUTE, "outlook_folder": "Inbox/*"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has a control character, '*' or '%'"),
         (json.dumps([{**ROUTE, "gmail_imap_port": 70000}]), "SYNC_ROUTES_JSON[0].gmail_imap_port: Input should be less than or equal to 65535"),
