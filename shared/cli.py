@@ -100,7 +100,8 @@ def _check_source(app: bootstrap.App, route, report: Report) -> None:
                 f"{info.get(b'EXISTS', 0)} messages, UIDVALIDITY {info.get(b'UIDVALIDITY')}",
             )
     except ImapFailure as exc:
-        report.fail(what, str(exc))
+        # Its text starts with the account's label, "route NAME source USER": not "route NAME" twice.
+        report.fail(what, str(exc).removeprefix(f"{what} "))
     except Exception as exc:  # noqa: BLE001 - a server reply we did not expect, e.g. no such folder
         report.fail(what, f"{account.user} at {account.endpoint}, folder {route.gmail_folder!r}: {exc}")
 

@@ -165,7 +165,7 @@ def test_refused_gmail_token_names_the_route(sync_env, oauth_server):
     assert done.returncode == 5
     out = lines(done)
     work = next(line for line in out if line.startswith("FAIL route work"))
-    assert work.startswith(f"FAIL route work route work source {setup.routes[0].gmail_user}: token refresh failed: ")
+    assert work.startswith(f"FAIL route work source {setup.routes[0].gmail_user}: token refresh failed: ")
     assert "invalid_grant" in work
     # The other route and the destination are still checked, and fine.
     assert any(line.startswith("ok route home") for line in out)
@@ -191,7 +191,7 @@ def test_untrusted_certificate_is_refused(sync_env):
     assert done.returncode == 5
     out = lines(done)
     assert any(
-        line.startswith(f"FAIL route work route work source {setup.routes[0].gmail_user} at 127.0.0.1:")
+        line.startswith(f"FAIL route work source {setup.routes[0].gmail_user} at 127.0.0.1:")
         and "TLS verification failed: " in line
         for line in out
     ), out
@@ -221,7 +221,7 @@ def test_wrong_password(sync_env, dovecot_pair):
     assert done.returncode == 5
     failed = [line for line in lines(done) if line.startswith("FAIL")]
     assert len(failed) == 1
-    assert failed[0].startswith(f"FAIL route plain route plain source {setup.routes[0].gmail_user} at 127.0.0.1:")
+    assert failed[0].startswith(f"FAIL route plain source {setup.routes[0].gmail_user} at 127.0.0.1:")
     # The server's words as text, not a bytes repr.
     assert failed[0].endswith("login failed: [AUTHENTICATIONFAILED] Authentication failed."), failed[0]
     assert "wrong-PASSWORD-1" not in done.stdout + done.stderr
