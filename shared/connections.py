@@ -27,7 +27,7 @@ import imapclient
 
 from shared import retry
 from shared.errors import ImapFailure
-from shared.imap import ImapAccount, TransientImapFailure, open_session
+from shared.imap import ImapAccount, TransientImapFailure, close_quietly, open_session
 from shared.imap_mailbox import ImapDestination, ImapSource
 from shared.mailbox import AppendRejected, FolderState, SourceMessage
 from shared.redaction import scrub
@@ -126,11 +126,11 @@ class MailboxConnections:
     def drop_source(self, route: Route) -> None:
         session = self._sources.pop(route.name, None)
         if session is not None:
-            _close_quietly(session.client)
+            close_quietly(session.client)
 
     def drop_destination(self) -> None:
         if self._destination is not None:
-            _close_quietly(self._destination.client)
+            close_quietly(self._destination.client)
             self._destination = None
 
     def close(self) -> None:
@@ -252,15 +252,8 @@ def _has_unread_input(client: imapclient.IMAPClient) -> bool:
         return True
 
 
-def _close_quietly(client: imapclient.IMAPClient) -> None:
-    try:
-        client.shutdown()
-    except Exception:  # noqa: BLE001 - abandoning it anyway
-        pass
-
-
 def _logout_quietly(client: imapclient.IMAPClient) -> None:
     try:
         client.logout()
     except Exception:  # noqa: BLE001
-        _close_quietly(client)
+        close_quietly(client)

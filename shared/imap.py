@@ -101,7 +101,7 @@ def _open_once(account: ImapAccount) -> imapclient.IMAPClient:
     try:
         _login(client, account)
     except BaseException:
-        _close_quietly(client)
+        close_quietly(client)
         raise
     return client
 
@@ -125,13 +125,13 @@ def _connect(account: ImapAccount) -> imapclient.IMAPClient:
         elif not _is_loopback(endpoint.host):
             raise _failure(account, "STARTTLS", "the server does not offer STARTTLS; refusing to log in without TLS")
     except ssl.SSLCertVerificationError as exc:
-        _close_quietly(client)
+        close_quietly(client)
         raise _failure(account, "TLS verification", exc.verify_message or str(exc)) from None
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
-        _close_quietly(client)
+        close_quietly(client)
         raise _failure(account, "STARTTLS", _describe(exc), cause=exc) from None
     except ImapFailure:
-        _close_quietly(client)
+        close_quietly(client)
         raise
     return client
 
@@ -200,7 +200,8 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _close_quietly(client: imapclient.IMAPClient) -> None:
+def close_quietly(client: imapclient.IMAPClient) -> None:
+    """Shut a session's socket without a LOGOUT: for a session being abandoned after a failure."""
     try:
         client.shutdown()
     except Exception:  # noqa: BLE001 - the session is being abandoned anyway

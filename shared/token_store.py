@@ -161,23 +161,24 @@ class TokenFile:
 
     def stored(self) -> StoredToken | None:
         """The newest rotation of the configured token, or None (for `status`)."""
-        if not self._path.exists():
-            return None
-        with self._transaction() as db:
-            found = self._select(db)
+        found = self._found()
         return found if found is not None and found.origin == self._origin else None
 
     def read(self) -> KnownToken | None:
-        if not self._path.exists():
-            return None
-        with self._transaction() as db:
-            found = self._select(db)
+        found = self._found()
         if found is None:
             return None
         if found.origin != self._origin:
             self._other_chain_version = found.version
             return None
         return KnownToken(found.token, found.version)
+
+    def _found(self) -> StoredToken | None:
+        """What the file holds, whichever configured token its chain started from."""
+        if not self._path.exists():
+            return None
+        with self._transaction() as db:
+            return self._select(db)
 
     def replace(self, new: str, *, expected: KnownToken) -> KnownToken:
         version = expected.version if isinstance(expected.version, int) else self._other_chain_version
