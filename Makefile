@@ -1,20 +1,48 @@
-# The newcomer's commands. Each sets up what it needs first.
+# The newcomer's commands. Each sets up what it needs first. Every install comes from uv.lock.
 #   make test    install Dovecot if missing, make .venv, run every test
 #   make drain   make .venv, then copy every route's new mail until nothing is left
 #   make check   make .venv, then validate settings and log in to every mailbox
 #   make package   the Lambda code package (build/lambda/mail-syncer.zip) for serverless.yml
 #   make template  package, then the CloudFormation of stage ci in .serverless/ (no AWS account)
+#   make lock    re-resolve uv.lock: every dependency at its newest allowed version
+#                (make lock LOCK_ARGS= only brings it in line with an edited pyproject.toml)
+#   make lock-check  fail unless uv.lock agrees with pyproject.toml (CI runs this first)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Made when .venv was last synced with uv.lock (not .venv/bin/python: a symlink to $(PYTHON)).
+SYNCED := $(VENV)/.synced
 
-.PHONY: test check drain system-packages package template
+# uv at the one version pyproject.toml's [tool.uv].required-version names, installed from PyPI
+# into .tools/ (a venv of its own: no PATH, user site or system Python is changed).
+UV_VERSION := $(shell sed -n 's/^required-version = "==\([0-9.]*\)"$$/\1/p' pyproject.toml)
+$(if $(UV_VERSION),,$(error pyproject.toml has no [tool.uv] required-version = "==X.Y.Z"))
+UV_HOME := .tools/uv-$(UV_VERSION)
+# Exported: infra/build_package.py runs this uv (the variable `uv run` sets too).
+export UV := $(CURDIR)/$(UV_HOME)/bin/uv
+# .venv's Python is $(PYTHON); uv never downloads one of its own.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+# What `make lock` passes to `uv lock`: by default every dependency moves to its newest version.
+LOCK_ARGS ?= --upgrade
 
-$(PY): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	@touch $(PY)
+.PHONY: test check drain system-packages package template lock lock-check
+
+$(UV):
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install --quiet --disable-pip-version-check --only-binary=:all: uv==$(UV_VERSION)
+
+# --locked: install exactly uv.lock, and fail (instead of re-resolving) when pyproject.toml
+# changed without `make lock`. The project goes in editable, so `python -m shared.cli` runs this tree.
+$(SYNCED): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra test
+	@touch $(SYNCED)
+
+lock: | $(UV)
+	$(UV) lock $(LOCK_ARGS)
+
+lock-check: | $(UV)
+	$(UV) lock --check
 
 # Tests start their own Dovecot servers; only the binaries are needed (Debian: dovecot-imapd).
 system-packages:
@@ -26,18 +54,18 @@ system-packages:
 	@command -v npx >/dev/null 2>&1 || { \
 		echo "Node.js 20.19+ with npm is needed (npx runs osls for the deployment test): https://nodejs.org"; exit 1; }
 
-test: system-packages $(PY)
+test: system-packages $(SYNCED)
 	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-check: $(PY)
+check: $(SYNCED)
 	$(PY) -m shared.cli check
 
-drain: $(PY)
+drain: $(SYNCED)
 	$(PY) -m shared.cli drain
 
-# Dependencies as wheels for Lambda's platform, pinned to the versions in .venv (infra/build_package.py).
-package: $(PY)
+# The runtime dependencies at uv.lock's versions, as wheels for Lambda's platform (infra/build_package.py).
+package: $(SYNCED)
 	$(PY) infra/build_package.py
 
 # tests/unit/test_deploy_template.py reads this template when it is newer than serverless.yml.

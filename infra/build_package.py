@@ -4,13 +4,19 @@ the `shared`, `producer` and `consumer` packages, in one zip that serverless.yml
 
     .venv/bin/python infra/build_package.py      # or: make package
 
-Wheels are chosen for CPython 3.12 on manylinux x86_64 (Lambda's python3.12 runtime runs on
-Amazon Linux 2023, glibc 2.34), whatever machine builds, so compiled ones such as pydantic-core
-and cryptography match the runtime. Versions are pinned to those installed in the interpreter
-that runs this script (the project's .venv), so Lambda runs what the tests ran. boto3 is
+The dependencies are exactly the runtime's ([project].dependencies, not the test extra) at the
+versions and file hashes in uv.lock, the lock that .venv is installed from too, so Lambda runs
+what the tests ran (`uv export --locked`, which fails when uv.lock is out of date with
+pyproject.toml). Their wheels are chosen for CPython 3.12 on manylinux x86_64 up to glibc 2.34
+(Lambda's python3.12 runtime runs on Amazon Linux 2023), whatever machine builds, so compiled
+ones such as pydantic-core and cryptography match the runtime; pyproject.toml's
+[tool.uv].required-environments makes sure every locked version has such a wheel. boto3 is
 packaged too although the runtime has one: the runtime's version changes without notice, and
 the code relies on recent botocore (standard retry mode's `total_max_attempts`, SQS message move
 tasks).
+
+uv is the one `make` installs (the `UV` variable it exports, as `uv run` does too), else the
+version pyproject.toml pins in .tools/, else `uv` on PATH.
 
 Prints the zip's size and file count; if a `python3.12` is on PATH, imports both handlers from
 the unpacked package with it, as Lambda will.
@@ -19,9 +25,7 @@ the unpacked package with it, as Lambda will.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -34,10 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "build" / "lambda" / "mail-syncer.zip"
 APP_PACKAGES = ("shared", "producer", "consumer")
 PYTHON_VERSION = "3.12"
-# serverless.yml's provider.architecture is x86_64. Lambda's Amazon Linux 2023 has glibc 2.34,
-# so any manylinux wheel up to 2_34 runs there; pip takes the tags literally, so the ones wheels
-# are published with are listed.
-PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+# serverless.yml's provider.architecture is x86_64. Lambda's Amazon Linux 2023 has glibc 2.34;
+# uv takes every manylinux wheel up to that (manylinux1 and manylinux2014 included).
+PYTHON_PLATFORM = "x86_64-manylinux_2_34"
 # Lambda's limit on the unzipped code of a function.
 MAX_UNZIPPED_BYTES = 250 * 1024 * 1024
 # Every entry gets the same timestamp, so the same inputs give the same zip (and deploys of an
@@ -45,38 +48,35 @@ MAX_UNZIPPED_BYTES = 250 * 1024 * 1024
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
-def runtime_requirements() -> list[str]:
-    """[project].dependencies of pyproject.toml: the runtime's, not the test extra's."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return list(project["dependencies"])
-
-
-def installed_versions() -> list[str]:
-    """`name==version` for every distribution beside this interpreter, except the project."""
-    pins = set()
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name and _normal(name) != "mail-syncer":
-            pins.add(f"{name}=={dist.version}")
-    return sorted(pins)
-
-
-def _normal(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def find_uv() -> str:
+    """The uv to run: `UV` from the environment, else the pinned one in .tools/, else uv on PATH."""
+    if os.environ.get("UV"):
+        return os.environ["UV"]
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]["required-version"]
+    pinned = ROOT / ".tools" / f"uv-{required.removeprefix('==')}" / "bin" / "uv"
+    if pinned.exists():
+        return str(pinned)
+    found = shutil.which("uv")
+    if found is None:
+        sys.exit(f"no uv {required}: run `make package`, which installs it into .tools/")
+    return found
 
 
 def install_dependencies(target: Path, work: Path) -> None:
-    constraints = work / "constraints.txt"
-    constraints.write_text("\n".join(installed_versions()) + "\n")
-    platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    command = [
-        sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-        "--target", str(target), "--no-compile",
-        "--implementation", "cp", "--python-version", PYTHON_VERSION, *platforms, "--only-binary=:all:",
-        "--constraint", str(constraints),
-        *runtime_requirements(),
+    """The runtime's locked requirements, with hashes, installed as wheels for Lambda's platform."""
+    uv = find_uv()
+    requirements = work / "requirements.txt"
+    export = [
+        uv, "export", "--quiet", "--locked", "--format", "requirements.txt",
+        "--no-dev", "--no-emit-project", "--output-file", str(requirements),
     ]  # fmt: skip
-    subprocess.run(command, check=True)
+    subprocess.run(export, check=True, cwd=ROOT)
+    command = [
+        uv, "pip", "install", "--quiet", "--target", str(target),
+        "--python-platform", PYTHON_PLATFORM, "--python-version", PYTHON_VERSION, "--only-binary", ":all:",
+        "--no-deps", "--require-hashes", "--requirements", str(requirements),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, cwd=ROOT)
 
 
 def copy_app(target: Path) -> None:
@@ -89,11 +89,12 @@ def copy_app(target: Path) -> None:
 
 
 def package_files(tree: Path) -> list[Path]:
-    """Every file but pip's console scripts (bin/) and byte code compiled for another Python."""
+    """Every file but the console scripts (bin/), uv's lock on the folder (.lock) and byte code
+    compiled for another Python."""
     files = []
     for path in sorted(tree.rglob("*")):
         relative = path.relative_to(tree)
-        if path.is_dir() or relative.parts[0] == "bin" or "__pycache__" in relative.parts:
+        if path.is_dir() or relative.parts[0] == "bin" or relative == Path(".lock") or "__pycache__" in relative.parts:
             continue
         if path.suffix in (".pyc", ".pyo"):
             continue
