@@ -9,11 +9,13 @@ checks everything. Needs Node.js 20.19+ for npx; no AWS account.
 
 from __future__ import annotations
 
+import email
 import json
 import os
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ STAGE = "ci"
 SERVICE = "mail-syncer"
 TEMPLATE_NAME = "cloudformation-template-update-stack.json"
 LAMBDA_ZIP = ROOT / "build" / "lambda" / "mail-syncer.zip"
+LOCK = ROOT / "uv.lock"
 DEPLOY_ROLE_TEMPLATE = ROOT / "infra" / "github-oidc-deploy-role.yml"
 WORKFLOWS = ROOT / ".github" / "workflows"
 BIN = Path(sys.executable).parent  # cfn-lint and actionlint come with the test extra
@@ -86,7 +89,7 @@ def _newer_than(path: Path, *sources: Path) -> bool:
 @pytest.fixture(scope="session")
 def lambda_zip() -> Path:
     """The code package, built unless one newer than its recipe is there."""
-    if not _newer_than(LAMBDA_ZIP, ROOT / "infra" / "build_package.py", ROOT / "pyproject.toml"):
+    if not _newer_than(LAMBDA_ZIP, ROOT / "infra" / "build_package.py", ROOT / "pyproject.toml", LOCK):
         subprocess.run([sys.executable, str(ROOT / "infra" / "build_package.py")], check=True, cwd=ROOT)
     return LAMBDA_ZIP
 
@@ -485,16 +488,147 @@ def test_deploy_workflow_assumes_the_role_by_oidc_and_deploys_the_stage_after_th
 # -- the code package ------------------------------------------------------------------
 
 
+# Lambda's python3.12 runtime: CPython 3.12 on x86_64 Amazon Linux 2023, whose glibc is 2.34.
+LAMBDA_PYTHON = (3, 12)
+LAMBDA_GLIBC = (2, 34)
+# The manylinux tags that predate PEP 600, by the glibc they promise.
+LEGACY_MANYLINUX_GLIBC = {"manylinux1": (2, 5), "manylinux2010": (2, 12), "manylinux2014": (2, 17)}
+
+
+def _glibc_needed(platform: str) -> tuple[int, int] | None:
+    """The glibc a manylinux x86_64 platform tag needs; None for any other platform."""
+    match = re.fullmatch(r"(manylinux1|manylinux2010|manylinux2014|manylinux_(\d+)_(\d+))_x86_64", platform)
+    if match is None:
+        return None
+    return LEGACY_MANYLINUX_GLIBC.get(match[1]) or (int(match[2]), int(match[3]))
+
+
+def _runs_on_cpython_312(python: str, abi: str) -> bool:
+    major, minor = LAMBDA_PYTHON
+    if abi == "none":  # pure Python, or no Python ABI used: py3, py3N up to py312, cp312
+        version = re.fullmatch(rf"py{major}(\d*)", python)
+        return python == f"cp{major}{minor}" or bool(version and (not version[1] or int(version[1]) <= minor))
+    if abi == "abi3":  # the stable ABI: built for CPython 3.N runs on every later 3.x
+        version = re.fullmatch(rf"cp{major}(\d+)", python)
+        return bool(version and int(version[1]) <= minor)
+    return python == abi == f"cp{major}{minor}"
+
+
+def fits_lambda(tags: list[str]) -> bool:
+    """Whether a wheel with these tags (its WHEEL file's `Tag:` lines, or its file name's
+    python-abi-platform, dotted ones too) runs on Lambda's runtime: true when at least one tag
+    does, as an installer decides. A wheel is often tagged for several manylinux levels at once
+    (charset-normalizer: manylinux_2_5, manylinux1 and manylinux_2_28)."""
+    for tag in tags:
+        pythons, abis, platforms = (part.split(".") for part in tag.split("-"))
+        for python in pythons:
+            for abi in abis:
+                for platform in platforms:
+                    if not _runs_on_cpython_312(python, abi):
+                        continue
+                    glibc = _glibc_needed(platform)
+                    if (platform == "any" and abi == "none") or (glibc is not None and glibc <= LAMBDA_GLIBC):
+                        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        ["py3-none-any"],
+        ["py2.py3-none-any"],
+        ["py312-none-any"],
+        ["cp312-cp312-manylinux_2_5_x86_64", "cp312-cp312-manylinux1_x86_64", "cp312-cp312-manylinux_2_28_x86_64"],
+        ["cp312-cp312-manylinux_2_17_x86_64", "cp312-cp312-manylinux2014_x86_64"],
+        ["cp312-cp312-manylinux2010_x86_64"],
+        ["cp312-cp312-manylinux_2_34_x86_64"],
+        ["cp311-abi3-manylinux_2_34_x86_64"],
+        ["cp39-abi3-manylinux_2_28_x86_64"],
+        ["py3-none-manylinux_2_17_x86_64"],  # a binary with no Python ABI (ruff's kind)
+        ["cp312-cp312-manylinux_2_35_x86_64", "cp312-cp312-manylinux_2_17_x86_64"],  # one tag is enough
+    ],
+)
+def test_a_wheel_fits_lambda_when_one_tag_is_for_cpython_312_on_x86_64_glibc_2_34_or_older(tags) -> None:
+    assert fits_lambda(tags)
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        ["cp312-cp312-manylinux_2_35_x86_64"],  # a newer glibc than Amazon Linux 2023's
+        ["cp312-cp312-manylinux_3_0_x86_64"],
+        ["cp312-cp312-musllinux_1_2_x86_64"],
+        ["cp312-cp312-manylinux_2_17_aarch64", "cp312-cp312-manylinux2014_aarch64"],
+        ["cp312-cp312-linux_x86_64"],  # built here, not portable
+        ["cp312-cp312-macosx_11_0_arm64"],
+        ["cp312-cp312-win_amd64"],
+        ["cp311-cp311-manylinux_2_17_x86_64"],
+        ["cp313-cp313-manylinux_2_17_x86_64"],
+        ["cp313-abi3-manylinux_2_17_x86_64"],  # the stable ABI of a newer Python
+        ["cp312-cp312t-manylinux_2_17_x86_64"],  # free-threaded
+        ["py2-none-any"],
+        ["py313-none-any"],
+        ["cp312-abi3-any"],
+        [],
+    ],
+)
+def test_a_wheel_does_not_fit_lambda_when_no_tag_is(tags) -> None:
+    assert not fits_lambda(tags)
+
+
+def _locked_runtime_versions() -> dict[str, set[str]]:
+    """uv.lock's versions of the runtime dependencies ([project].dependencies and theirs, not the
+    test extra's), by normalized name, as they resolve on Lambda's python3.12 on x86_64 Linux."""
+    from packaging.markers import Marker  # pytest's own dependency
+
+    lambda_environment = {
+        "python_version": "3.12",
+        "python_full_version": "3.12.0",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
+    lock = tomllib.loads(LOCK.read_text())
+    packages = lock["package"]
+    (project,) = [p for p in packages if p["source"].get("editable") == "."]
+    versions: dict[str, set[str]] = {}
+    seen = set()
+    todo = list(project.get("dependencies", []))
+    while todo:
+        dependency = todo.pop()
+        if "marker" in dependency and not Marker(dependency["marker"]).evaluate(lambda_environment):
+            continue
+        (package,) = [
+            p for p in packages
+            if p["name"] == dependency["name"] and dependency.get("version", p["version"]) == p["version"]
+        ]  # fmt: skip
+        versions.setdefault(package["name"], set()).add(package["version"])
+        for extra in (None, *dependency.get("extra", [])):
+            if (package["name"], package["version"], extra) not in seen:
+                seen.add((package["name"], package["version"], extra))
+                todo += package.get("optional-dependencies", {}).get(extra, []) if extra else package.get("dependencies", [])
+    return versions
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def test_lambda_package_holds_the_app_and_wheels_for_lambdas_platform_only(lambda_zip: Path) -> None:
     with zipfile.ZipFile(lambda_zip) as archive:
         entries = archive.infolist()
         names = {entry.filename for entry in entries}
         wheel_tags = {
-            line.split(":", 1)[1].strip()
+            name.split("/", 1)[0]: [
+                line.split(":", 1)[1].strip()
+                for line in archive.read(name).decode().splitlines()
+                if line.startswith("Tag:")
+            ]
             for name in names
             if name.endswith(".dist-info/WHEEL")
-            for line in archive.read(name).decode().splitlines()
-            if line.startswith("Tag:")
         }
     for handler in ("producer/handler.py", "consumer/handler.py", "shared/bootstrap.py", "shared/state/dynamodb.py"):
         assert handler in names
@@ -504,13 +638,26 @@ def test_lambda_package_holds_the_app_and_wheels_for_lambdas_platform_only(lambd
     extensions = [name for name in names if name.endswith(".so")]
     assert "pydantic_core/_pydantic_core.cpython-312-x86_64-linux-gnu.so" in extensions
     assert all(re.search(r"(\.cpython-312-x86_64-linux-gnu|\.abi3)\.so$", name) for name in extensions), extensions
-    for tag in wheel_tags:
-        python, abi, platform = tag.split("-")
-        assert platform == "any" or re.fullmatch(r"manylinux(2014|_2_\d+)_x86_64", platform), tag
-        assert abi in ("none", "abi3", "cp312"), tag
+    # Every distribution came from a wheel, and each wheel has a tag that Lambda's runtime takes.
+    dist_infos = {name.split("/", 1)[0] for name in names if ".dist-info/" in name}
+    assert dist_infos == set(wheel_tags)
+    assert [tags for tags in wheel_tags.values() if not fits_lambda(tags)] == []
     # No tests, dev tools, byte code or console scripts.
     for name in names:
         top = name.split("/", 1)[0]
-        assert top not in ("tests", "bench", "infra", ".venv", "bin", "pytest", "moto", "ruff"), name
+        assert top not in ("tests", "bench", "infra", ".venv", "bin", "pytest", "moto", "ruff", ".lock"), name
         assert "__pycache__" not in name and not name.endswith(".pyc"), name
     assert sum(entry.file_size for entry in entries) < 250 * 2**20
+
+
+def test_lambda_package_holds_exactly_the_locked_versions_of_the_runtime_dependencies(lambda_zip: Path) -> None:
+    with zipfile.ZipFile(lambda_zip) as archive:
+        packaged: dict[str, set[str]] = {}
+        for name in archive.namelist():
+            if name.endswith(".dist-info/METADATA"):
+                metadata = email.message_from_bytes(archive.read(name))
+                packaged.setdefault(_normal(metadata["Name"]), set()).add(metadata["Version"])
+    locked = _locked_runtime_versions()
+    assert {"boto3", "botocore", "pydantic-core", "cryptography", "charset-normalizer"} <= set(locked)
+    assert not {"pytest", "moto", "ruff", "cfn-lint"} & set(locked)  # the test extra's stay out
+    assert packaged == locked
