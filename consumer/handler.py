@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from shared import bootstrap
-from shared.copy import copy_batch, throttled_visibility
+from shared.pipeline.copier import copy_batch, throttled_visibility
 from shared.queue import ReceivedMessage
 from shared.redaction import scrubbed_exceptions
 

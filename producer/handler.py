@@ -6,8 +6,8 @@ from typing import Any
 
 from shared import bootstrap
 from shared.errors import MailSyncerError
+from shared.pipeline.scan import scan_routes
 from shared.redaction import scrubbed_exceptions
-from shared.scan import scan_routes
 
 
 class RoutesFailed(MailSyncerError):

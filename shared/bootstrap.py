@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from shared.aws import make_client
-from shared.connections import MailboxConnections
-from shared.copy import Copier
-from shared.imap import ImapAccount, ImapEndpoint
+from shared.mailbox.connections import MailboxConnections
+from shared.mailbox.session import ImapAccount, ImapEndpoint
+from shared.pipeline.copier import Copier
+from shared.pipeline.scan import ScanLimits
 from shared.queue import MessageQueue
-from shared.scan import ScanLimits
-from shared.settings import Route, Settings, SettingSource
+from shared.settings import Route, Settings, SettingSource, reveal
 from shared.state import StateStore
-from shared.token_store import (
+from shared.tokens.sources import GoogleTokenSource, MicrosoftTokenSource, TokenSource
+from shared.tokens.store import (
     MICROSOFT,
     PersistedRefreshToken,
     ProblemRecordingTokens,
@@ -31,7 +32,6 @@ from shared.token_store import (
     TokenFile,
     TokenStore,
 )
-from shared.tokens import GoogleTokenSource, MicrosoftTokenSource, TokenSource
 
 
 @dataclass
@@ -99,7 +99,7 @@ class App:
             # Microsoft rotates it on every refresh: the newest goes back where it came from.
             refresh_token=PersistedRefreshToken(configured, self._microsoft_token_store(source, configured)),
             client_id=settings.ms_client_id,
-            client_secret=_reveal(settings.ms_client_secret),
+            client_secret=reveal(settings.ms_client_secret),
             authority=settings.ms_authority_url,
             fix=_microsoft_fix(source),
         )
@@ -155,7 +155,7 @@ class App:
                 account=route.gmail_user,
                 refresh_token=route.gmail_refresh_token.get_secret_value(),
                 client_id=settings.gmail_client_id,
-                client_secret=_reveal(settings.gmail_client_secret) or "",
+                client_secret=reveal(settings.gmail_client_secret) or "",
                 token_uri=settings.google_token_uri,
                 fix=_google_fix(settings, route),
             )
@@ -208,7 +208,3 @@ def _google_fix(settings: Settings, route: Route) -> str:
     else:
         where = f"GMAIL_REFRESH_TOKEN in {settings.source_of('gmail_refresh_token')}"
     return f"get a new refresh token with `python -m shared.cli auth gmail` and put it in {where}"
-
-
-def _reveal(secret) -> str | None:
-    return None if secret is None else secret.get_secret_value()

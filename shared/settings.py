@@ -275,6 +275,11 @@ class Settings(BaseSettings):
         raise KeyError(name)
 
 
+def reveal(secret: SecretStr | None) -> str | None:
+    """A secret's value for the one call that needs it (a client library), never for a message."""
+    return None if secret is None else secret.get_secret_value()
+
+
 def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any = None) -> Settings:
     """Read and validate every setting. Raises SettingsInvalid with one line per problem."""
     location = _SecretsLocation(_env_file=env_file)  # type: ignore[call-arg]
@@ -364,7 +369,7 @@ def _read_secret(client: Any, secret_id: str) -> dict[str, Any]:
     place = f"secret {secret_id}"
     try:
         # AWSCURRENT named, not implied: moto's server otherwise misses a version made current
-        # by UpdateSecretVersionStage (how shared.token_store writes, compare-and-set).
+        # by UpdateSecretVersionStage (how shared.tokens.store writes, compare-and-set).
         response = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")

@@ -226,7 +226,7 @@ class StateStore(abc.ABC):
         """Release connections."""
 
     # -- token problems (a refused refresh token, for `status`) ----------------------------
-    # The rotated tokens themselves are never in state: see shared.token_store.TokenFile.
+    # The rotated tokens themselves are never in state: see shared.tokens.store.TokenFile.
     @abc.abstractmethod
     def record_token_problem(self, name: str, error: str | None) -> None:
         """Upsert why the token `name` failed (cut to MAX_ERROR_TEXT, secrets scrubbed by the

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from shared.imap_mailbox import ImapDestination, ImapSource
+from shared.mailbox.imap import ImapDestination, ImapSource
 from shared.queue import sqlite as sqlite_queue
 from shared.queue.sqs import SqsQueue
 from shared.state import ClaimOutcome
@@ -161,7 +161,7 @@ def _during_append(uid: int, action: Signal) -> None:
 
 # ---- the runs --------------------------------------------------------------------------------
 def run_drain() -> int:
-    from shared.cli import main
+    from shared.cli.main import main
 
     return main(["drain"])
 

@@ -89,14 +89,15 @@ def output(done: subprocess.CompletedProcess) -> str:
 
 INTERNAL_ERROR = """
 import os, sys
-import shared.cli as cli
+import shared.cli.status
+from shared.cli.main import main
 
 def broken(args, app, report):
     # A bug whose exception text carries secrets it should never have held.
     raise RuntimeError("unexpected reply with " + os.environ["MS_REFRESH_TOKEN"] + " for " + os.environ["GMAIL_CLIENT_SECRET"])
 
-cli.status = broken
-sys.exit(cli.main(["status"]))
+shared.cli.status.status = broken
+sys.exit(main(["status"]))
 """
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.token_store import TokenFile
+from shared.tokens.store import TokenFile
 from tests.e2e.test_drain import corpus_seed
 from tests.harness.aws import unique_name
 from tests.harness.mail import read_folder, seed

@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from shared.imap import ImapAccount, ImapEndpoint, open_session
-from shared.tokens import GoogleTokenSource, MicrosoftTokenSource
+from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
+from shared.tokens.sources import GoogleTokenSource, MicrosoftTokenSource
 from tests.harness.aws import unique_name
 from tests.harness.oauth import GOOGLE_SCOPE, MS_SCOPE, browser_consent
 from tests.harness.sync_env import REPO_ROOT, _clean_environment

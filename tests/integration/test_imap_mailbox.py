@@ -17,9 +17,9 @@ from imapclient import IMAPClient
 from pydantic import SecretStr
 
 from shared.errors import ImapFailure
-from shared.imap import ImapAccount, ImapEndpoint, open_session
-from shared.imap_mailbox import SUMMARY_CHUNK, ImapDestination, ImapSource
-from shared.mailbox import AppendRejected, SourceMessage, fingerprint
+from shared.mailbox.imap import SUMMARY_CHUNK, ImapDestination, ImapSource
+from shared.mailbox.port import AppendRejected, SourceMessage, fingerprint
+from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
 from tests.harness.mail import connect, corpus, read_folder, seed
 
 pytestmark = pytest.mark.integration

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from shared.errors import ImapFailure, TokenRefreshFailed
-from shared.imap import ImapAccount, ImapEndpoint, open_session
-from shared.tokens import GoogleTokenSource, MicrosoftTokenSource
+from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
+from shared.tokens.sources import GoogleTokenSource, MicrosoftTokenSource
 
 
 @pytest.fixture

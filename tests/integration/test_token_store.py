@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from shared.aws import make_client
-from shared.token_store import (
+from shared.tokens.store import (
     KnownToken,
     PersistedRefreshToken,
     SecretTokenStore,

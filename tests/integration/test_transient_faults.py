@@ -22,9 +22,9 @@ from imapclient.exceptions import IMAPClientError
 from consumer import handler as consumer
 from producer import handler as producer
 from shared import bootstrap
-from shared.consume import consume_queue
-from shared.copy import CopyResult, Outcome, lease_for
 from shared.message_ref import MessageRef
+from shared.pipeline.consume import consume_queue
+from shared.pipeline.copier import CopyResult, Outcome, lease_for
 from shared.queue.sqlite import SqliteQueue
 from shared.settings import Settings, load_settings
 from tests.e2e.test_drain import assert_copied_exactly, corpus_seed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from shared.mailbox import MessageSummary, fingerprint
+from shared.mailbox.port import MessageSummary, fingerprint
 
 WHEN = dt.datetime(2024, 2, 3, 4, 5, 6, tzinfo=dt.timezone(dt.timedelta(hours=-5)))
 

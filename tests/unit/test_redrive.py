@@ -13,8 +13,8 @@ import uuid
 import pytest
 
 from shared.message_ref import MessageRef
+from shared.pipeline.redrive import redrive_dead_letters, report_dead_letters
 from shared.queue.sqlite import SqliteQueue
-from shared.redrive import redrive_dead_letters, report_dead_letters
 from shared.settings import Route
 from shared.state import ClaimStatus
 from shared.state.sqlite import SqliteStateStore

@@ -10,8 +10,8 @@ import ssl
 import imapclient.exceptions
 import pytest
 
-from shared import retry
-from shared.copy import CopyResult, Outcome, throttled_visibility
+from shared.mailbox import retry
+from shared.pipeline.copier import CopyResult, Outcome, throttled_visibility
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 
 

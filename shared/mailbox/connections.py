@@ -25,11 +25,11 @@ from typing import TypeVar
 
 import imapclient
 
-from shared import retry
 from shared.errors import ImapFailure
-from shared.imap import ImapAccount, TransientImapFailure, close_quietly, open_session
-from shared.imap_mailbox import ImapDestination, ImapSource
-from shared.mailbox import AppendRejected, FolderState, SourceMessage
+from shared.mailbox import retry
+from shared.mailbox.imap import ImapDestination, ImapSource
+from shared.mailbox.port import AppendRejected, FolderState, SourceMessage
+from shared.mailbox.session import ImapAccount, TransientImapFailure, close_quietly, open_session
 from shared.redaction import scrub
 from shared.settings import Route
 

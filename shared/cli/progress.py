@@ -8,9 +8,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import TextIO
 
-from shared.copy import CopyResult, Outcome
 from shared.message_ref import UidKey
-from shared.scan import RouteScan
+from shared.pipeline.copier import CopyResult, Outcome
+from shared.pipeline.scan import RouteScan
 from shared.settings import Route
 
 # Not on a terminal (cron, CI, a log file): one line this often instead of a redrawn one.

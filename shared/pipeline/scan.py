@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from shared.errors import QueueUnavailable, StateStoreUnavailable
-from shared.mailbox import SourceMailbox, fingerprint
+from shared.mailbox.port import SourceMailbox, fingerprint
 from shared.message_ref import MessageRef
 from shared.queue import MessageQueue
 from shared.redaction import scrub

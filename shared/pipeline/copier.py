@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.connections import MailboxConnections
 from shared.errors import MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
-from shared.imap import ImapThrottled
-from shared.mailbox import AppendRejected
+from shared.mailbox.connections import MailboxConnections
+from shared.mailbox.port import AppendRejected
+from shared.mailbox.session import ImapThrottled
 from shared.message_ref import MessageRef, UidKey
 from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS

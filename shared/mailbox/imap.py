@@ -1,5 +1,5 @@
 """The mailbox ports over IMAP: `ImapSource` reads a Gmail folder, `ImapDestination` writes to
-Outlook.com. Both wrap a logged-in `IMAPClient` (see `shared.imap.open_session`) and take over
+Outlook.com. Both wrap a logged-in `IMAPClient` (see `shared.mailbox.session.open_session`) and take over
 its `normalise_times` setting, so every INTERNALDATE they see is timezone-aware.
 
 The source is never changed (DESIGN.md guarantee 3): folders are EXAMINEd, bodies and headers
@@ -25,15 +25,15 @@ from imapclient import IMAPClient
 from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imap_utf7 import encode as encode_mailbox_name
 
-from shared import retry
-from shared.imap import ImapAccount, classified_failure
-from shared.mailbox import (
+from shared.mailbox import retry
+from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendRejected,
     FolderState,
     MessageSummary,
     SourceMessage,
 )
+from shared.mailbox.session import ImapAccount, classified_failure
 from shared.redaction import scrub
 
 # UIDs per UID FETCH in `summaries`: a few hundred keeps the command line short (servers cap
@@ -247,7 +247,7 @@ class ImapDestination:
         if facts is not None:
             return facts
         # "select", not "append": a failure here is before the APPEND was sent, so it is safe to
-        # retry (shared.connections tells the two apart by the step).
+        # retry (shared.mailbox.connections tells the two apart by the step).
         with _failures_as_imap_failure(self._account, "select", folder):
             append_limit = None
             if b"APPENDLIMIT" in self._client.capabilities():  # a limit per folder (RFC 7889)
@@ -317,7 +317,7 @@ def _failures_as_imap_failure(account: ImapAccount, step: str, folder: str | Non
     except _IMAP_ERRORS as exc:
         where = f" {folder!r}" if folder is not None else ""
         detail = str(exc).strip() or type(exc).__name__
-        # Transient or throttled as the cause says: shared.connections retries the former on a
+        # Transient or throttled as the cause says: shared.mailbox.connections retries the former on a
         # new session and the queue waits out the latter.
         raise classified_failure(
             scrub(f"{account.label} at {account.endpoint}: {step}{where} failed: {detail[:300]}"), step=step, cause=exc

@@ -5,7 +5,7 @@ Every policy is bounded (a few attempts, seconds in all): a consumer Lambda must
 minutes sleeping, and a failure that outlasts a policy is handed to the queue, whose retries
 (growing delays, then the dead letters) take over. A throttle is never waited out here: the
 server's wait travels with the failure as `retry_after`, and the queue keeps the message
-invisible at least that long (see `shared.copy.throttled_visibility`).
+invisible at least that long (see `shared.pipeline.copier.throttled_visibility`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ class RetryPolicy:
     deadline: float  # seconds: no attempt is started that would begin later than this after the first
 
 
-# Connecting and logging in (shared.imap.open_session).
+# Connecting and logging in (shared.mailbox.session.open_session).
 SESSION = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=10.0)
-# One FETCH or APPEND (or a folder step before it) on a reopened session (shared.connections).
+# One FETCH or APPEND (or a folder step before it) on a reopened session (shared.mailbox.connections).
 # Each attempt may open a session under SESSION; a session that cannot be opened is not retried
 # again here, so the two policies do not multiply.
 COMMAND = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=15.0)

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 
-from shared.copy import Copier, CopyResult, Outcome, copy_batch, throttled_visibility
+from shared.pipeline.copier import Copier, CopyResult, Outcome, copy_batch, throttled_visibility
 from shared.queue import MAX_BATCH, MessageQueue
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 

@@ -4,7 +4,7 @@ TLS is always verified (system CAs plus `IMAP_CA_BUNDLE`). XOAUTH2 uses the acco
 source; LOGIN is used when the account has a password instead. Every failure is an
 `ImapFailure` that says which account, which server and which step, and never the token; one
 that may pass is a `TransientImapFailure` (tried again here under `retry.SESSION`, and by
-`shared.connections` for commands), one where the server asked for a pause an `ImapThrottled`.
+`shared.mailbox.connections` for commands), one where the server asked for a pause an `ImapThrottled`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import imapclient
 import imapclient.exceptions
 from pydantic import SecretStr
 
-from shared import retry
 from shared.errors import ImapFailure, TokenRefreshFailed
+from shared.mailbox import retry
 from shared.redaction import scrub
-from shared.tokens import TokenSource
+from shared.tokens.sources import TokenSource
 
 
 class TransientImapFailure(ImapFailure):

@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from shared.errors import MailSyncerError, StateStoreUnavailable, TokenRefreshFailed
 from shared.redaction import register_secret, scrub
 from shared.state.port import StateStore
-from shared.tokens import TokenSource
+from shared.tokens.sources import TokenSource
 
 log = logging.getLogger("mail_syncer.tokens")
 

@@ -1,6 +1,6 @@
 """The mailbox ports: what the pipeline reads from a source folder and writes to the destination.
 
-Adapters over IMAP are in `shared.imap_mailbox`. The source is only ever read: EXAMINE and
+Adapters over IMAP are in `shared.mailbox.imap`. The source is only ever read: EXAMINE and
 BODY.PEEK[] (DESIGN.md guarantee 3).
 """
 

@@ -35,7 +35,7 @@ from msal.oauth2cli.authcode import AuthCodeReceiver
 
 from shared.errors import MailSyncerError
 from shared.redaction import register_secret, scrub
-from shared.tokens import GOOGLE_SCOPE, HTTP_TIMEOUT_SECONDS, MICROSOFT_SCOPES
+from shared.tokens.sources import GOOGLE_SCOPE, HTTP_TIMEOUT_SECONDS, MICROSOFT_SCOPES
 
 # openid and the e-mail scope only to learn which account consented (from the id_token);
 # IMAP needs only GOOGLE_SCOPE. Full URIs: Google answers with these spellings, and oauthlib

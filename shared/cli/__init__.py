@@ -1,0 +1,1 @@
+"""`python -m shared.cli`: the commands a person runs (see `shared.cli.main`)."""

@@ -1,0 +1,205 @@
+"""The commands that run the pipeline: check, scan, consume, run-once, drain and redrive.
+
+Each takes the parsed arguments, the wired App and a Report, runs its use case and prints what
+a person needs; `shared.cli.main` turns what they raise into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared import bootstrap
+from shared.cli.progress import Progress, RunTally
+from shared.cli.report import ExitCode, Report
+from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
+from shared.mailbox.session import open_session
+from shared.pipeline.consume import consume_queue
+from shared.pipeline.copier import CopyResult, lease_for
+from shared.pipeline.redrive import redrive_dead_letters
+from shared.pipeline.scan import RouteScan, scan_routes
+from shared.redaction import scrub
+
+# -- check -------------------------------------------------------------------------------
+
+
+def check(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """Settings are valid by now; the gate, the queue, then every login. Copies nothing."""
+    settings = app.settings
+    routes = settings.routes
+    report.ok("settings", f"{len(routes)} route(s) ({', '.join(r.name for r in routes)}), destination {settings.outlook_user}")
+    try:
+        app.state.check_health()
+        report.ok("state store", app.state.describe())
+    except StateStoreUnavailable as exc:
+        report.fail("state store", str(exc))
+        report.skip("mailboxes", "not contacted: the state store must work before any IMAP connection")
+        return ExitCode.GATE
+    try:
+        depths = app.queue.depths()
+        report.ok("queue", f"{app.queue.describe()} ({depths.visible} queued, {depths.in_flight} in flight, {depths.dead} dead)")
+    except QueueUnavailable as exc:
+        report.fail("queue", str(exc))
+    for route in routes:
+        _check_source(app, route, report)
+    _check_destination(app, report)
+    return ExitCode.UNREACHABLE if report.failed else ExitCode.OK
+
+
+def _check_source(app: bootstrap.App, route, report: Report) -> None:
+    account = app.source_account(route)
+    what = f"route {route.name}"
+    try:
+        with open_session(account) as client:
+            info = client.select_folder(route.gmail_folder, readonly=True)
+            report.ok(
+                what,
+                f"{account.user} at {account.endpoint}, folder {route.gmail_folder!r}: "
+                f"{info.get(b'EXISTS', 0)} messages, UIDVALIDITY {info.get(b'UIDVALIDITY')}",
+            )
+    except ImapFailure as exc:
+        # Its text starts with the account's label, "route NAME source USER": not "route NAME" twice.
+        report.fail(what, str(exc).removeprefix(f"{what} "))
+    except Exception as exc:  # noqa: BLE001 - a server reply we did not expect, e.g. no such folder
+        report.fail(what, f"{account.user} at {account.endpoint}, folder {route.gmail_folder!r}: {exc}")
+
+
+def _check_destination(app: bootstrap.App, report: Report) -> None:
+    account = app.destination_account
+    try:
+        with open_session(account) as client:
+            folders = []
+            for folder in sorted({r.outlook_folder for r in app.settings.routes}):
+                state = "exists" if client.folder_exists(folder) else "will be created"
+                folders.append(f"{folder!r} {state}")
+            report.ok("destination", f"{account.user} at {account.endpoint}: {', '.join(folders)}")
+    except ImapFailure as exc:
+        report.fail("destination", str(exc))
+    except Exception as exc:  # noqa: BLE001
+        report.fail("destination", f"{account.user} at {account.endpoint}: {exc}")
+
+
+# -- scanning and copying ----------------------------------------------------------------
+
+
+def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    scans = _scan(args, app)
+    _print_scans(scans, dry_run=args.dry_run)
+    return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
+
+
+def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    tally = RunTally()
+    _consume(app, tally)
+    tally.print_summary(app.settings.routes)
+    return _exit_code(tally)
+
+
+def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    scans = _scan(args, app)
+    if args.dry_run:
+        _print_scans(scans, dry_run=True)
+        return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
+    tally = RunTally()
+    tally.add_scans(scans)
+    _consume(app, tally)
+    tally.print_summary(app.settings.routes)
+    return _exit_code(tally)
+
+
+def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """Scan and copy, again and again, until no route has anything left to enqueue."""
+    tally = RunTally()
+    while True:
+        scans = _scan(args, app)
+        tally.add_scans(scans)
+        _consume(app, tally)
+        if not any(s.left_for_next_run for s in scans if not s.error):
+            break
+    tally.print_summary(app.settings.routes)
+    return _exit_code(tally)
+
+
+def _exit_code(tally: RunTally) -> ExitCode:
+    if tally.scan_errors:
+        return ExitCode.UNREACHABLE
+    return ExitCode.COPY_FAILURES if tally.copy_failed else ExitCode.OK
+
+
+def _scan(args: argparse.Namespace, app: bootstrap.App) -> list[RouteScan]:
+    return scan_routes(
+        app.settings.routes,
+        state=app.state,
+        queue=app.queue,
+        open_source=app.connections.borrowed_source,
+        limits=app.scan_limits(),
+        dry_run=getattr(args, "dry_run", False),
+    )
+
+
+def _consume(app: bootstrap.App, tally: RunTally) -> None:
+    app.state.check_health()  # the gate, also when consuming alone
+    lease = app.settings.lease_seconds
+    progress = Progress(total=app.queue.depths().visible)
+
+    def on_result(result: CopyResult) -> None:
+        tally.add(result)
+        progress.advance(result)
+
+    try:
+        consume_queue(app.queue, app.copier(lease_for(lease)), visibility_timeout=lease, on_result=on_result)
+    finally:
+        progress.finish()
+
+
+def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:
+    for scan in scans:
+        if scan.error:
+            print(f"route {scan.route}: scan failed: {scan.error}")
+            continue
+        verb = "would enqueue" if dry_run else "enqueued"
+        mark = f"UIDVALIDITY {scan.watermark.uidvalidity}, UID {scan.watermark.last_uid}" if scan.watermark else "none"
+        print(f"route {scan.route}: {scan.found} new, {verb} {scan.enqueued}, {scan.left_for_next_run} left for the next run; watermark {mark}")
+        if dry_run:
+            for ref in scan.refs:
+                print(f"  UID {ref.uid} (UIDVALIDITY {ref.uidvalidity}, {ref.size} bytes, fingerprint {ref.fingerprint or 'none'})")
+
+
+# -- redrive -----------------------------------------------------------------------------
+
+
+def redrive(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """Dead letters back onto the main queue; a line per route, then the total."""
+    routes = {route.name: route for route in app.settings.routes}
+    if args.route is not None and args.route not in routes:
+        print(f"redrive --route: unknown route {args.route!r} (routes: {', '.join(routes)})", file=sys.stderr)
+        return ExitCode.USAGE
+    result = redrive_dead_letters(
+        app.queue,
+        routes,
+        route=args.route,
+        max_messages=args.max,
+        include_malformed=args.include_malformed,
+        dry_run=args.dry_run,
+    )
+    verb = "would move" if result.dry_run else "moved"
+    for name, count in sorted(result.moved_by_route.items()):
+        print(f"route {name}: {verb} {count} back to the queue")
+    if result.moved_by_service:
+        print(f"all routes: {result.moved_by_service} moved back by SQS (its message move task)")
+    for dead, why in result.skipped:
+        print(f"left in the dead letters: message {dead.message_id} (group {dead.group_id or '-'}): {scrub(why)}")
+    if result.skipped:
+        print("  (not references of a configured route: put back, they would be quarantined again at once; "
+              "--include-malformed moves them anyway)")
+    total = f"total: {verb} {result.total}"
+    if result.dry_run:
+        total += " (dry run: nothing was moved)"
+        if not result.complete:
+            total += "; SQS showed only the first dead letters of each route, there are more"
+    elif result.total:
+        total += "; `consume` or `drain` copies them (in AWS the consumer function picks them up)"
+    print(total)
+    return ExitCode.OK
+
+

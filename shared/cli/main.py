@@ -1,0 +1,60 @@
+"""`python -m shared.cli`: parse the command line, load the settings, run the command, and turn
+what it raised into an exit code.
+
+Every command but `auth` loads the settings first (one line per problem, exit 3), then runs its
+use case. Exit codes tell one failure from another (see `shared.cli.report.ExitCode`); no command
+prints a traceback for an expected failure, and nothing printed carries a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from shared import bootstrap
+from shared.cli.auth import auth
+from shared.cli.parser import build_parser
+from shared.cli.report import ExitCode, Report
+from shared.errors import MailSyncerError, SettingsInvalid, StateStoreUnavailable
+from shared.logs import configure_logging
+from shared.redaction import scrub
+from shared.settings import load_settings
+
+log = logging.getLogger("mail_syncer.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "auth":
+        return auth(args)  # before the settings: it runs before the routes and tokens exist
+    report = Report()
+    try:
+        settings = load_settings(args.env_file)
+    except SettingsInvalid as exc:
+        for problem in exc.problems:
+            report.fail("settings", problem)
+        return ExitCode.SETTINGS
+    configure_logging(settings.log_level)
+    app = bootstrap.build(settings)
+    try:
+        return handlers[args.command](args, app, report)
+    except StateStoreUnavailable as exc:
+        report.fail("state store", str(exc))
+        if args.command != "check":
+            # It may fail mid-run too: what was copied before is recorded, so say only what stops.
+            print("stopped: no mailbox is opened while the state store fails; run again once it works", file=sys.stderr)
+        return ExitCode.GATE
+    except MailSyncerError as exc:
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        return ExitCode.UNREACHABLE
+    except KeyboardInterrupt:
+        print("interrupted: claims left behind expire after LEASE_SECONDS; run again to finish", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Exception:  # noqa: BLE001 - a bug: log it scrubbed rather than crash with raw text
+        log.exception("internal error in %s", args.command)
+        return ExitCode.INTERNAL
+    finally:
+        app.close()
+

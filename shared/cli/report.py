@@ -1,0 +1,41 @@
+"""What every command prints its checks with, and the exit codes that tell one failure from another."""
+
+from __future__ import annotations
+
+import sys
+from enum import IntEnum
+
+from shared.redaction import scrub
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    COPY_FAILURES = 1  # some messages could not be copied (and are recorded)
+    USAGE = 2  # argparse's own code for a bad command line
+    SETTINGS = 3  # settings missing or invalid
+    GATE = 4  # the state store cannot be read and written: nothing was attempted
+    UNREACHABLE = 5  # a mailbox, a token endpoint or the queue failed
+    INTERNAL = 70  # a bug: the scrubbed traceback is in the log
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+
+
+class Report:
+    """One line per check: `ok    what  detail` or `FAIL  what  detail`."""
+
+    def __init__(self, out=None) -> None:
+        self.out = out or sys.stdout
+        self.failed = False
+
+    def ok(self, what: str, detail: str) -> None:
+        self._line("ok", what, detail)
+
+    def fail(self, what: str, detail: str) -> None:
+        self.failed = True
+        self._line("FAIL", what, detail)
+
+    def skip(self, what: str, detail: str) -> None:
+        self._line("skip", what, detail)
+
+    def _line(self, mark: str, what: str, detail: str) -> None:
+        print(f"{mark:<5} {what:<18} {scrub(detail)}", file=self.out, flush=True)
+

@@ -1,0 +1,152 @@
+"""`status`: per route what was copied, skipped and failed and why; dead letters; the queue; the
+destination's refresh token."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+
+from shared import bootstrap
+from shared.cli.report import ExitCode, Report
+from shared.errors import QueueUnavailable
+from shared.pipeline.redrive import DeadLetterCounts, report_dead_letters
+from shared.redaction import scrub
+
+
+def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    app.state.check_health()
+    routes = []
+    for route in app.settings.routes:
+        mark = app.state.read_watermark(route.name)
+        counts = app.state.route_counts(route.name)
+        last_scan = app.state.read_scan(route.name)
+        routes.append(
+            {
+                "route": route.name,
+                "source": f"{route.gmail_user} {route.gmail_folder}",
+                "destination_folder": route.outlook_folder,
+                "watermark": None if mark is None else {"uidvalidity": mark.uidvalidity, "last_uid": mark.last_uid},
+                "claims": counts.by_status,
+                "skipped_reasons": counts.skipped_reasons,
+                "failures": counts.failures,
+                "last_scan": None if last_scan is None else {
+                    "at": _iso(last_scan.at),
+                    "error": last_scan.error,
+                    "failing_since": None if last_scan.failing_since is None else _iso(last_scan.failing_since),
+                },
+            }
+        )
+    try:
+        depths = app.queue.depths()
+        queue = {"where": app.queue.describe(), "queued": depths.visible, "in_flight": depths.in_flight, "dead": depths.dead}
+        dead = report_dead_letters(app.queue, app.state, {route.name: route for route in app.settings.routes})
+        for item in routes:
+            item["dead_letters"] = _dead_letter_counts(dead.by_route.get(item["route"], DeadLetterCounts()))
+        # Bodies that are not references of a configured route: `redrive` leaves them (see --include-malformed).
+        queue["dead_letters_not_routed"] = _dead_letter_counts(dead.not_routed)
+        # False when only some could be looked at: SQS FIFO hides a group's messages behind its first ones.
+        queue["dead_letters_complete"] = dead.complete
+    except QueueUnavailable as exc:
+        queue = {"where": app.queue.describe(), "error": str(exc)}
+    destination = _destination_status(app)
+    if args.json:
+        print(json.dumps({"routes": routes, "queue": queue, "destination": destination}, indent=2))
+        return ExitCode.OK
+    for item in routes:
+        mark = item["watermark"]
+        where = f"UIDVALIDITY {mark['uidvalidity']}, UID {mark['last_uid']}" if mark else "none yet"
+        claims = item["claims"]
+        print(f"route {item['route']}: {item['source']} -> {item['destination_folder']}; watermark {where}")
+        print(
+            f"  done {claims.get('done', 0)}, skipped {claims.get('skipped', 0)}{_reasons(item['skipped_reasons'])}, "
+            f"failed {claims.get('failed', 0)}, in progress {claims.get('in_progress', 0) + claims.get('appending', 0)}"
+        )
+        if item["failures"]:
+            print(f"  open failure records{_reasons(item['failures'])}")
+        _print_dead_letters("  dead letters (`redrive` puts them back on the queue)", item.get("dead_letters"))
+        scanned = item["last_scan"]
+        if scanned is None:
+            print("  never scanned")
+        elif scanned["error"]:
+            print(f"  last scan {scanned['at']} FAILED (failing since {scanned['failing_since']}): {scanned['error']}")
+        else:
+            print(f"  last scan {scanned['at']} ok")
+    _print_destination(destination)
+    if "error" in queue:
+        print(f"queue: {queue['error']}")
+    else:
+        print(f"queue: {queue['where']}: {queue['queued']} queued, {queue['in_flight']} in flight, {queue['dead']} dead")
+        _print_dead_letters("  dead letters of no configured route (left by `redrive`)", queue["dead_letters_not_routed"])
+        if not queue["dead_letters_complete"]:
+            print("  (dead letters per route: only the first of each route could be looked at)")
+    return ExitCode.OK
+
+
+def _dead_letter_counts(counts: DeadLetterCounts) -> dict:
+    return {"count": counts.count, "reasons": dict(counts.reasons.most_common())}
+
+
+def _print_dead_letters(title: str, dead: dict | None) -> None:
+    if not dead or not dead["count"]:
+        return
+    print(f"{title}: {dead['count']}")
+    for reason, count in dead["reasons"].items():
+        print(f"    {count} x {scrub(reason)}")
+
+
+def _iso(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) + ")"
+
+
+def _destination_status(app: bootstrap.App) -> dict:
+    """For `status`: where the destination's refresh token comes from and where its newest
+    rotation is kept, and the refusal recorded when its refresh token stopped working."""
+    from shared.tokens.store import MICROSOFT, TokenStoreUnavailable
+
+    settings = app.settings
+    info: dict = {"user": settings.outlook_user, "refresh_token": None, "token_problem": None}
+    if settings.ms_refresh_token is not None:
+        source = settings.source_of("ms_refresh_token")
+        if source.kind == "secret":
+            kept = {"configured_in": str(source), "newest_kept_in": str(source)}
+        else:
+            token_file = app.microsoft_token_file()
+            kept = {"configured_in": str(source), "newest_kept_in": token_file.where}
+            try:
+                stored = token_file.stored()  # rotations of the configured token only
+            except TokenStoreUnavailable as exc:
+                kept["error"] = str(exc)
+            else:
+                if stored is not None:
+                    kept |= {"rotations_stored": stored.version, "last_stored": _iso(stored.updated_at)}
+        info["refresh_token"] = kept
+    problem = app.state.read_token_problem(MICROSOFT)
+    if problem is not None:
+        info["token_problem"] = {"error": problem.error, "since": _iso(problem.first_at), "last": _iso(problem.last_at)}
+    return info
+
+
+def _print_destination(info: dict) -> None:
+    line = f"destination {info['user']}"
+    kept = info["refresh_token"]
+    if kept is not None:
+        line += f": refresh token from {kept['configured_in']}"
+        if "rotations_stored" in kept:
+            line += f"; its newest rotation ({kept['rotations_stored']} stored, last {kept['last_stored']}) in {kept['newest_kept_in']}"
+        else:
+            line += f"; rotations are kept in {kept['newest_kept_in']}"
+    print(line)
+    if kept is not None and "error" in kept:
+        print(f"  the kept token cannot be read: {kept['error']}")
+    problem = info["token_problem"]
+    if problem is not None:
+        print(f"  token REFUSED since {problem['since']} (last {problem['last']}): {problem['error']}")
+
+
