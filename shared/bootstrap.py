@@ -125,7 +125,7 @@ class App:
     def copier(self, lease_until: Callable[[], float], owner: str | None = None) -> Copier:
         return Copier(
             state=self.state,
-            connections=self.connections,
+            mailboxes=self.connections,
             routes={route.name: route for route in self.settings.routes},
             owner=owner or process_owner(),
             lease_until=lease_until,

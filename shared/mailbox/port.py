@@ -1,7 +1,13 @@
 """The mailbox ports: what the pipeline reads from a source folder and writes to the destination.
 
-Adapters over IMAP are in `shared.mailbox.imap`. The source is only ever read: EXAMINE and
-BODY.PEEK[] (DESIGN.md guarantee 3).
+`SourceMailbox` and `DestinationMailbox` are one folder's reads and the destination's writes;
+`Mailboxes` is the consumer's way to them: sessions opened on first use, kept, and dropped after a
+failure. The errors a use case acts on are here too: `AppendRejected` (a refusal, permanent or
+not) and `MailboxThrottled` (stay away `retry_after` seconds); the adapters' errors subclass them.
+
+Adapters over IMAP are in `shared.mailbox.imap` and `shared.mailbox.connections`; use cases
+import this module only. The source is only ever read: EXAMINE and BODY.PEEK[] (DESIGN.md
+guarantee 3).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.errors import MailSyncerError
+from shared.settings import Route
 
 # The flags copied to the destination. \Recent belongs to a session and \Deleted would hide the
 # copy; keywords (no backslash) are copied too where the destination accepts them.
@@ -59,7 +66,23 @@ class AppendRejected(MailSyncerError):
         super().__init__(message)
 
 
-class SourceMailbox(Protocol):
+class MailboxThrottled(MailSyncerError):
+    """The server asked to be left alone (Outlook's "Request is throttled", Gmail's bandwidth
+    limits): not retried at once; the queue keeps the message away at least `retry_after` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float, **kwargs) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, **kwargs)  # cooperative: an adapter's error may add its own fields
+
+
+class SourceReader(Protocol):
+    """A source folder as the consumer reads it: one message at a time."""
+
+    def fetch(self, uid: int) -> SourceMessage | None:
+        """`FETCH BODY.PEEK[] FLAGS INTERNALDATE`; None when the message is gone."""
+
+
+class SourceMailbox(SourceReader, Protocol):
     def examine(self, folder: str) -> FolderState:
         """EXAMINE (read-only SELECT) `folder`; later calls read from it."""
 
@@ -73,9 +96,6 @@ class SourceMailbox(Protocol):
     def summaries(self, uids: Sequence[int]) -> list[MessageSummary]:
         """Summaries of the UIDs that still exist, in UID order."""
 
-    def fetch(self, uid: int) -> SourceMessage | None:
-        """`FETCH BODY.PEEK[] FLAGS INTERNALDATE`; None when the message is gone."""
-
 
 class DestinationMailbox(Protocol):
     def ensure_folder(self, folder: str) -> None:
@@ -88,6 +108,23 @@ class DestinationMailbox(Protocol):
     def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
         """UIDs in `folder` holding exactly `message`'s bytes with its INTERNALDATE (the crash
         window: did an interrupted APPEND land?)."""
+
+
+class Mailboxes(Protocol):
+    """The consumer's sessions: one per route's source, one to the destination, opened on first
+    use and kept across messages (and warm Lambda invocations)."""
+
+    def source(self, route: Route) -> tuple[SourceReader, FolderState]:
+        """The route's source folder, EXAMINEd, and its state when it was."""
+
+    def destination(self) -> DestinationMailbox:
+        """The destination, logged in."""
+
+    def drop_source(self, route: Route) -> None:
+        """Forget the route's source session (it failed mid-command); the next use opens a new one."""
+
+    def drop_destination(self) -> None:
+        """Forget the destination session likewise."""
 
 
 def fingerprint(summary: MessageSummary) -> str | None:

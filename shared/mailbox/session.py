@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from shared.errors import ImapFailure, TokenRefreshFailed
 from shared.mailbox import retry
+from shared.mailbox.port import MailboxThrottled
 from shared.redaction import scrub
 from shared.tokens.sources import TokenSource
 
@@ -32,13 +33,11 @@ class TransientImapFailure(ImapFailure):
     timed out, or the server answered [UNAVAILABLE]. Worth another try on a new session."""
 
 
-class ImapThrottled(ImapFailure):
-    """The server asked to be left alone (Outlook's "Request is throttled", Gmail's bandwidth
-    limits): not retried at once; the queue waits at least `retry_after` seconds."""
+class ImapThrottled(MailboxThrottled, ImapFailure):
+    """A throttle met at an IMAP step: the port's MailboxThrottled, with the step it was met at."""
 
     def __init__(self, message: str, *, step: str, retry_after: float):
-        self.retry_after = retry_after
-        super().__init__(message, step=step)
+        super().__init__(message, retry_after=retry_after, step=step)
 
 
 def classified_failure(message: str, *, step: str, cause: BaseException | None) -> ImapFailure:

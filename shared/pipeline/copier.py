@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from shared.errors import MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
-from shared.mailbox.connections import MailboxConnections
-from shared.mailbox.port import AppendRejected
-from shared.mailbox.session import ImapThrottled
+from shared.mailbox.port import AppendRejected, Mailboxes, MailboxThrottled
 from shared.message_ref import MessageRef, UidKey
 from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
@@ -72,7 +70,7 @@ class Copier:
     """What copying needs, passed in by the handler or the CLI (see shared.bootstrap)."""
 
     state: StateStore
-    connections: MailboxConnections
+    mailboxes: Mailboxes
     routes: Mapping[str, Route]
     owner: str  # unique per process (and per Lambda invocation)
     lease_until: Callable[[], float]  # when a claim taken now must expire
@@ -94,7 +92,7 @@ class Copier:
                 twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
                 if twin is not None:
                     return self._skip(ref, f"duplicate of route {twin.route} UID {twin.uid}")
-            source, folder = self.connections.source(route)
+            source, folder = self.mailboxes.source(route)
             if folder.uidvalidity != ref.uidvalidity:
                 # The UID names another message now; the producer rescans the renumbered folder
                 # and fingerprints recognise what was copied already.
@@ -106,7 +104,7 @@ class Copier:
                     # copied already. Failed instead, and looked at again in a fresh session.
                     raise UidNotAssigned(f"not in use yet in the source (UIDNEXT {folder.uidnext})")
                 return self._skip(ref, "gone from the source")
-            destination = self.connections.destination()
+            destination = self.mailboxes.destination()
             if resuming_append:
                 # A process died after sending APPEND and before finalize: it may be there already,
                 # and only a copy of these exact bytes counts.
@@ -127,8 +125,8 @@ class Copier:
         except (StateStoreUnavailable, QueueUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - recorded and retried by the queue
-            self.connections.drop_source(route)
-            self.connections.drop_destination()
+            self.mailboxes.drop_source(route)
+            self.mailboxes.drop_destination()
             return self._fail(ref, exc, append_outcome_unknown=appending or resuming_append)
 
     @contextmanager
@@ -223,7 +221,7 @@ def throttled_visibility(result: CopyResult) -> int | None:
 
 
 def _retry_after(exc: BaseException) -> float | None:
-    return exc.retry_after if isinstance(exc, (AppendRejected, ImapThrottled)) else None
+    return exc.retry_after if isinstance(exc, (AppendRejected, MailboxThrottled)) else None
 
 
 def lease_for(seconds: float, clock: Callable[[], float] = time.time) -> Callable[[], float]:
