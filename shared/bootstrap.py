@@ -8,6 +8,7 @@ Nothing here opens a connection: the fail-safe gate decides first.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import socket
 import uuid
@@ -166,25 +167,21 @@ def build(settings: Settings) -> App:
     return App(settings)
 
 
-_lambda_app: App | None = None
-
-
+@functools.cache
 def lambda_app() -> App:
     """The App of this Lambda container: built on the first invocation, reused while warm, so
     IMAP sessions, access tokens and AWS clients outlive one invocation. Settings come from the
-    environment and Secrets Manager (no .env in Lambda)."""
-    global _lambda_app
-    if _lambda_app is None:
-        from shared.logs import configure_logging
-        from shared.settings import load_settings
+    environment and Secrets Manager (no .env in Lambda). Tests start a new container with
+    `lambda_app.cache_clear()`."""
+    from shared.logs import configure_logging
+    from shared.settings import load_settings
 
-        # First without a level: the runtime's handler may be at DEBUG, and botocore's debug
-        # lines of the Secrets Manager read would carry every secret in clear.
-        configure_logging()
-        settings = load_settings(env_file=None)
-        configure_logging(settings.log_level)
-        _lambda_app = build(settings)
-    return _lambda_app
+    # First without a level: the runtime's handler may be at DEBUG, and botocore's debug
+    # lines of the Secrets Manager read would carry every secret in clear.
+    configure_logging()
+    settings = load_settings(env_file=None)
+    configure_logging(settings.log_level)
+    return build(settings)
 
 
 def process_owner() -> str:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
-from tests.harness.mail import read_folder, seed
+from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
 
 
 def status_json(setup) -> dict:

@@ -3,41 +3,9 @@ refresh, the CLI in a subprocess, exactly as a user runs it."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
-from tests.harness.mail import connect, corpus, read_folder, seed
-
-UTC = dt.timezone.utc
-
-
-def corpus_seed(count: int | None = None):
-    """Corpus messages with flags and distinct INTERNALDATEs in the last two days, in many zones."""
-    now = dt.datetime.now(UTC).replace(microsecond=0)
-    flag_sets = [(), ("\\Seen",), ("\\Flagged", "\\Seen"), ("\\Answered",), ("\\Draft",), ("$Label1", "\\Seen")]
-    messages = []
-    for index, message in enumerate(corpus()[:count]):
-        zone = dt.timezone(dt.timedelta(hours=(index % 25) - 12))
-        when = (now - dt.timedelta(minutes=17 * (index + 1))).astimezone(zone)
-        messages.append((message.bytes, flag_sets[index % len(flag_sets)], when))
-    return messages
-
-
-def assert_copied_exactly(source, destination) -> None:
-    """Same messages in the same order: BODY[] bytes, flags and INTERNALDATE (the instant)."""
-    assert len(destination) == len(source)
-    for src, dst in zip(source, destination):
-        assert dst.body == src.body, f"source UID {src.uid}: bytes differ"
-        assert dst.flags == src.flags, f"source UID {src.uid}: flags differ"
-        assert dst.internaldate == src.internaldate, f"source UID {src.uid}: INTERNALDATE differs"
-
-
-def uidnext(server, user, folder) -> int:
-    client = connect(server, user)
-    try:
-        return client.folder_status(folder, [b"UIDNEXT"])[b"UIDNEXT"]
-    finally:
-        client.logout()
+from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed, uidnext
 
 
 def test_drain_copies_the_corpus_exactly_once(sync_env, dovecot_pair, oauth_server):

@@ -6,73 +6,12 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-
-import pytest
 
 from consumer import handler as consumer
-from shared import bootstrap
 from producer import handler as producer
-from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
-from tests.harness.aws import lambda_deployment
-from tests.harness.mail import read_folder, seed
-
-
-class LambdaContext:
-    """As the runtime gives it: the time left shrinks as the invocation runs."""
-
-    def __init__(self, timeout_seconds: float = 60) -> None:
-        self.aws_request_id = str(uuid.uuid4())
-        self._end = time.time() + timeout_seconds
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self._end - time.time()) * 1000))
-
-
-@pytest.fixture
-def lambda_env(sync_env, aws_env, aws_client, monkeypatch):
-    """A deployed pipeline in miniature: the table, the FIFO queue pair, the functions' env."""
-    setup = sync_env(routes=(("corpus", "INBOX", "Gmail/Corpus"),))
-    with lambda_deployment(setup, aws_env, aws_client, monkeypatch) as queue_url:
-        yield setup, queue_url
-
-
-def lambda_records(messages: list[dict]) -> dict:
-    return {
-        "Records": [
-            {
-                "messageId": m["MessageId"],
-                "receiptHandle": m["ReceiptHandle"],
-                "body": m["Body"],
-                "attributes": m["Attributes"],
-                "eventSource": "aws:sqs",
-            }
-            for m in messages
-        ]
-    }
-
-
-def run_consumer_until_empty(sqs, queue_url: str) -> list[dict]:
-    """Feed real receive batches to the handler until the queue is empty; the handler's answers."""
-    answers = []
-    for _ in range(200):  # bounded: 107 messages in batches of 10 need far fewer
-        received = sqs.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=60, MessageSystemAttributeNames=["All"]
-        ).get("Messages", [])
-        if not received:
-            attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
-            if attributes["ApproximateNumberOfMessages"] == attributes["ApproximateNumberOfMessagesNotVisible"] == "0":
-                return answers
-            continue
-        answer = consumer.handler(lambda_records(received), LambdaContext())
-        answers.append(answer)
-        retry = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
-        for message in received:
-            if message["MessageId"] in retry:
-                sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
-            else:
-                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-    raise AssertionError("the queue did not empty")
+from shared import bootstrap
+from tests.harness.aws import LambdaContext, lambda_records, run_consumer_until_empty
+from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
 
 
 def test_handlers_copy_the_corpus_exactly_once(lambda_env, dovecot_pair, aws_client):

@@ -15,11 +15,10 @@ import sqlite3
 import time
 import uuid
 
-from shared.queue.sqlite import SqliteQueue
-from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
-from tests.e2e.test_lambda import LambdaContext, lambda_env, run_consumer_until_empty  # noqa: F401 - a fixture
-from tests.harness.mail import connect, read_folder, seed
 from producer import handler as producer
+from shared.queue.sqlite import SqliteQueue
+from tests.harness.aws import LambdaContext, run_consumer_until_empty
+from tests.harness.mail import assert_copied_exactly, connect, corpus_seed, read_folder, seed
 
 
 def poison(route: str) -> list[tuple[str, str, str]]:

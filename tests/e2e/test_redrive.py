@@ -15,11 +15,8 @@ import json
 import pytest
 
 from producer import handler as producer
-from shared import bootstrap
-from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
-from tests.e2e.test_lambda import LambdaContext, run_consumer_until_empty
-from tests.harness.aws import lambda_deployment
-from tests.harness.mail import read_folder, seed
+from tests.harness.aws import LambdaContext, cold_start, lambda_deployment, run_consumer_until_empty
+from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
 
 REFUSED_FOLDER = "~Work"
 REFUSAL = f"create folder '{REFUSED_FOLDER}' failed: create failed: [CANNOT] Invalid mailbox name: Begins with '~'"
@@ -139,8 +136,7 @@ def test_redrive_on_sqs_and_dynamodb(aws_pipeline, dovecot_pair, aws_client, mon
     queue = status_json(setup)["queue"]
     assert (queue["queued"], queue["dead"], queue["dead_letters_not_routed"]["count"]) == (2, 1, 1)
     monkeypatch.setenv("SYNC_ROUTES_JSON", setup.env["SYNC_ROUTES_JSON"])
-    bootstrap._lambda_app.close()
-    monkeypatch.setattr(bootstrap, "_lambda_app", None)  # a new deployment with the fixed route
+    cold_start()  # a new deployment with the fixed route
     answers = run_consumer_until_empty(sqs, queue_url)
     assert all(answer == {"batchItemFailures": []} for answer in answers)
     assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"))

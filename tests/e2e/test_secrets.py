@@ -36,10 +36,9 @@ from shared import bootstrap
 from shared.logs import LIBRARY_LOGGERS
 from shared.queue.sqs import create_fifo_queue_pair
 from shared.state.dynamodb import create_state_table
-from tests.e2e.test_drain import corpus_seed
-from tests.e2e.test_lambda import LambdaContext, run_consumer_until_empty
-from tests.harness.aws import unique_name
-from tests.harness.mail import read_folder, seed
+from tests.harness.aws import LambdaContext, cold_start, run_consumer_until_empty, unique_name
+from tests.harness.mail import corpus_seed, read_folder, seed
+
 
 def token_like() -> str:
     """A string shaped like a refresh token, for the places a user might paste one by mistake."""
@@ -302,11 +301,6 @@ def test_lambda_handlers_leak_no_secret(sync_env, dovecot_pair, oauth_server, aw
         monkeypatch.setenv(key, value)
     known = [*setup.secrets, gmail.password, ms_client_secret]
     errors: dict[str, str] = {}
-
-    def cold_start() -> None:
-        if bootstrap._lambda_app is not None:
-            bootstrap._lambda_app.close()
-        monkeypatch.setattr(bootstrap, "_lambda_app", None)
 
     def call(label: str, handler, event: dict) -> dict | None:
         """The handler's answer; an exception it raises is kept as Lambda's runtime reports it

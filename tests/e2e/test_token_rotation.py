@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 from shared.tokens.store import TokenFile
-from tests.e2e.test_drain import corpus_seed
 from tests.harness.aws import unique_name
-from tests.harness.mail import read_folder, seed
+from tests.harness.mail import corpus_seed, read_folder, seed
 
 
 def token_dir(setup) -> Path:

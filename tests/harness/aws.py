@@ -1,9 +1,12 @@
-"""moto's server mode over HTTP, as boto3 reaches real AWS: one per test session."""
+"""moto's server mode over HTTP, as boto3 reaches real AWS: one per test session; a deployment in
+miniature on it (`lambda_deployment`, `lambda_env`), and the Lambda runtime's part played by the
+tests (`cold_start`, `LambdaContext`, `lambda_records`, `run_consumer_until_empty`)."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,7 +90,6 @@ def unique_name(prefix: str) -> str:
 def lambda_deployment(setup, aws_env, aws_client, monkeypatch, *, max_receive_count: int = 3) -> Iterator[str]:
     """A deployed pipeline in miniature for a SyncEnv: the table and the FIFO queue pair on moto,
     the functions' environment set in this process, and a cold start. Yields the queue URL."""
-    from shared import bootstrap
     from shared.queue.sqs import create_fifo_queue_pair
     from shared.state.dynamodb import create_state_table
 
@@ -97,9 +99,77 @@ def lambda_deployment(setup, aws_env, aws_client, monkeypatch, *, max_receive_co
     setup.env.update(aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url})
     for key, value in setup.env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(bootstrap, "_lambda_app", None)
+    cold_start()
     try:
         yield queue_url
     finally:
-        if bootstrap._lambda_app is not None:
-            bootstrap._lambda_app.close()
+        cold_start()
+
+
+# ---- the Lambda runtime's part, played by the tests ---------------------------------------------
+def cold_start() -> None:
+    """A new Lambda container: the warm App (its sessions and clients) closed and forgotten."""
+    from shared import bootstrap
+
+    if bootstrap.lambda_app.cache_info().currsize:
+        bootstrap.lambda_app().close()
+    bootstrap.lambda_app.cache_clear()
+
+
+class LambdaContext:
+    """As the runtime gives it: the time left shrinks as the invocation runs."""
+
+    def __init__(self, timeout_seconds: float = 60) -> None:
+        self.aws_request_id = str(uuid.uuid4())
+        self._end = time.time() + timeout_seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._end - time.time()) * 1000))
+
+
+@pytest.fixture
+def lambda_env(sync_env, aws_env, aws_client, monkeypatch):
+    """A deployed pipeline in miniature: the table, the FIFO queue pair, the functions' env."""
+    setup = sync_env(routes=(("corpus", "INBOX", "Gmail/Corpus"),))
+    with lambda_deployment(setup, aws_env, aws_client, monkeypatch) as queue_url:
+        yield setup, queue_url
+
+
+def lambda_records(messages: list[dict]) -> dict:
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m["Attributes"],
+                "eventSource": "aws:sqs",
+            }
+            for m in messages
+        ]
+    }
+
+
+def run_consumer_until_empty(sqs, queue_url: str) -> list[dict]:
+    """Feed real receive batches to the handler until the queue is empty; the handler's answers."""
+    from consumer import handler as consumer
+
+    answers = []
+    for _ in range(200):  # bounded: 107 messages in batches of 10 need far fewer
+        received = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=60, MessageSystemAttributeNames=["All"]
+        ).get("Messages", [])
+        if not received:
+            attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+            if attributes["ApproximateNumberOfMessages"] == attributes["ApproximateNumberOfMessagesNotVisible"] == "0":
+                return answers
+            continue
+        answer = consumer.handler(lambda_records(received), LambdaContext())
+        answers.append(answer)
+        retry = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
+        for message in received:
+            if message["MessageId"] in retry:
+                sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+            else:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    raise AssertionError("the queue did not empty")

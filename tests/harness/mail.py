@@ -9,7 +9,8 @@ the oauth2 passdb, which asks ``oauth_server``'s introspection endpoint: a token
 only as the user it was issued for. Dovecot's auth penalty and failure delay are off.
 
 Helpers: ``connect``/``tls_client`` (verified TLS), ``append`` (exact bytes: imapclient's
-own ``append`` rewrites line endings), ``seed``, ``read_folder``, ``corpus``.
+own ``append`` rewrites line endings), ``seed``, ``read_folder``, ``corpus``, ``corpus_seed``,
+``assert_copied_exactly``, ``uidnext``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable, Union
@@ -406,3 +407,33 @@ def corpus() -> list[CorpusMessage]:
             traits = frozenset(t for t in row["traits"].split(",") if t)
             messages.append(CorpusMessage(row["file"], data, traits))
     return messages
+
+
+# ---- what the pipeline tests seed and check -------------------------------------------------
+def corpus_seed(count: int | None = None):
+    """Corpus messages with flags and distinct INTERNALDATEs in the last two days, in many zones."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    flag_sets = [(), ("\\Seen",), ("\\Flagged", "\\Seen"), ("\\Answered",), ("\\Draft",), ("$Label1", "\\Seen")]
+    messages = []
+    for index, message in enumerate(corpus()[:count]):
+        zone = timezone(timedelta(hours=(index % 25) - 12))
+        when = (now - timedelta(minutes=17 * (index + 1))).astimezone(zone)
+        messages.append((message.bytes, flag_sets[index % len(flag_sets)], when))
+    return messages
+
+
+def assert_copied_exactly(source, destination) -> None:
+    """Same messages in the same order: BODY[] bytes, flags and INTERNALDATE (the instant)."""
+    assert len(destination) == len(source)
+    for src, dst in zip(source, destination):
+        assert dst.body == src.body, f"source UID {src.uid}: bytes differ"
+        assert dst.flags == src.flags, f"source UID {src.uid}: flags differ"
+        assert dst.internaldate == src.internaldate, f"source UID {src.uid}: INTERNALDATE differs"
+
+
+def uidnext(server, user, folder) -> int:
+    client = connect(server, user)
+    try:
+        return client.folder_status(folder, [b"UIDNEXT"])[b"UIDNEXT"]
+    finally:
+        client.logout()

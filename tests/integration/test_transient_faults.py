@@ -27,10 +27,8 @@ from shared.pipeline.consume import consume_queue
 from shared.pipeline.copier import CopyResult, Outcome, lease_for
 from shared.queue.sqlite import SqliteQueue
 from shared.settings import Settings, load_settings
-from tests.e2e.test_drain import assert_copied_exactly, corpus_seed
-from tests.e2e.test_lambda import LambdaContext, lambda_records
-from tests.harness.aws import lambda_deployment
-from tests.harness.mail import read_folder, seed, wait_for
+from tests.harness.aws import LambdaContext, lambda_deployment, lambda_records
+from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed, wait_for
 
 pytestmark = pytest.mark.integration
 
