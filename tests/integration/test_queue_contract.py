@@ -26,6 +26,7 @@ from shared.queue.port import MessageQueue, QueueDepths, ReceivedMessage
 from shared.queue.sqlite import SqliteQueue
 from shared.aws import make_client
 from shared.queue.sqs import SqsQueue, create_fifo_queue_pair
+from tests.fakes.queue import FakeQueue
 from tests.harness.aws import REGION, unique_name
 
 pytestmark = pytest.mark.integration
@@ -55,10 +56,12 @@ class Backend:
     dead_letter_reasons: Callable[[], list[str | None]]
 
 
-@pytest.fixture(params=["sqlite", "sqs"])
+@pytest.fixture(params=["sqlite", "sqs", "memory"])
 def backend(request, tmp_path) -> Iterator[Backend]:
     if request.param == "sqlite":
         yield sqlite_backend(tmp_path / "state" / "mail_syncer.db")
+    elif request.param == "memory":
+        yield memory_backend()
     else:
         yield from sqs_backend(request.getfixturevalue("aws_env"), request.getfixturevalue("aws_client")("sqs"))
 
@@ -77,6 +80,13 @@ def sqlite_backend(path: Path) -> Backend:
 
     queue = SqliteQueue(path, max_receive_count=MAX_RECEIVE_COUNT, clock=clock)
     return Backend(queue, clock.advance, dead_letter_reasons)
+
+
+def memory_backend() -> Backend:
+    """The unit tests' in-memory fake, held to the same contract."""
+    clock = FakeClock()
+    queue = FakeQueue(max_receive_count=MAX_RECEIVE_COUNT, clock=clock)
+    return Backend(queue, clock.advance, lambda: [dead.reason for dead in queue.dead_letters()])
 
 
 def sqs_backend(aws_env: dict, admin) -> Iterator[Backend]:
@@ -239,7 +249,7 @@ def test_extend_visibility_keeps_the_message_in_flight(backend):
 # SQLite only: moto honours every receipt handle a message ever had, where real SQS FIFO refuses
 # an expired one and changes nothing. The SQS adapter's handling of that refusal is covered by
 # the test of a receipt the queue never issued.
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("backend", ["sqlite", "memory"], indirect=True)
 def test_a_stale_receipt_changes_nothing(backend):
     queue = backend.queue
     queue.send_refs(refs("alpha", 1))
@@ -437,7 +447,7 @@ def test_redrive_of_an_empty_dead_letter_queue_moves_nothing(queue):
     assert queue.redrive(lambda dead: True, limit=5).total == 0
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("backend", ["sqlite", "memory"], indirect=True)
 def test_sqlite_a_message_handed_back_after_its_last_receive_is_dead_lettered_at_once(backend):
     # SQS dead-letters it at the next receive; nothing can receive it in between either way, so
     # the local queue spares the caller the wait.

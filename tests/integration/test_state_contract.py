@@ -31,6 +31,7 @@ from shared.state.port import (
     Watermark,
 )
 from shared.state.sqlite import SqliteStateStore
+from tests.fakes.state import FailingStateStore
 from tests.harness.aws import REGION, unique_name
 
 pytestmark = pytest.mark.integration
@@ -65,10 +66,15 @@ def dynamodb_client(aws_env):
     return make_client("dynamodb", aws_env["AWS_ENDPOINT_URL"], REGION)
 
 
-@pytest.fixture(params=["sqlite", "dynamodb"])
+@pytest.fixture(params=["sqlite", "dynamodb", "failing-wrapper"])
 def store(request, tmp_path, clock):
     if request.param == "sqlite":
         store = SqliteStateStore(tmp_path / "state" / "state.db", clock=clock)
+        yield store
+        store.close()
+    elif request.param == "failing-wrapper":
+        # The unit tests' fault-injecting wrapper, with no fault set: it must change nothing.
+        store = FailingStateStore(SqliteStateStore(tmp_path / "state" / "state.db", clock=clock))
         yield store
         store.close()
     else:
