@@ -18,6 +18,7 @@ from tests.fakes.mailbox import (
 from tests.fakes.queue import FakeQueue
 from tests.fakes.routes import make_route
 from tests.fakes.state import FailingStateStore
+from tests.fakes.world import FakeWorld
 
 __all__ = [
     "Answer",
@@ -32,6 +33,7 @@ __all__ = [
     "FakeQueue",
     "FakeSource",
     "FakeThrottled",
+    "FakeWorld",
     "FaultScript",
     "StoredMessage",
     "email",

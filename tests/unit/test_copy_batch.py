@@ -1,0 +1,135 @@
+"""`copy_batch`: FIFO per route within a batch, and quarantine of bodies that are not references.
+
+Batches come from the fake queue as the consumer receives them, so quarantine is checked where a
+user would look: the dead letters, with their reasons, each once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.pipeline.copier import CopyResult, Outcome, copy_batch
+from shared.queue import ReceivedMessage
+from shared.state import ClaimStatus
+from tests.fakes import FakeWorld
+
+
+@pytest.fixture
+def world(tmp_path):
+    world = FakeWorld.build(tmp_path)
+    yield world
+    world.close()
+
+
+def receive_all(world: FakeWorld) -> list[ReceivedMessage]:
+    batch = world.queue.receive(10, visibility_timeout=60)
+    assert world.queue.depths().visible == 0, "the test's batch did not fit in one receive"
+    return batch
+
+
+def outcomes(results: list[tuple[ReceivedMessage, CopyResult]]) -> list[tuple[str, str]]:
+    return [(message.group_id, result.outcome) for message, result in results]
+
+
+def test_after_a_message_that_is_not_acknowledged_the_rest_of_its_route_waits_and_other_routes_go_on(world):
+    work_1, work_2 = world.arrive("work"), world.arrive("work")
+    news_1 = world.arrive("news")
+    work_3 = world.arrive("work")
+    world.queue.send_refs([work_1, work_2, news_1, work_3])
+    batch = receive_all(world)
+    world.destination.refuse_next_append("refused for now by the destination: [UNAVAILABLE]", permanent=False)
+
+    results = copy_batch(batch, copier=world.copier(), queue=world.queue)
+
+    assert [message for message, _ in results] == batch  # in the order given
+    assert outcomes(results) == [
+        ("work", Outcome.FAILED),
+        ("work", Outcome.UNPROCESSED),
+        ("news", Outcome.COPIED),
+        ("work", Outcome.UNPROCESSED),
+    ]
+    assert all(result == CopyResult(Outcome.UNPROCESSED) for _, result in results if result.outcome is Outcome.UNPROCESSED)
+    # Held back, not tried: never claimed (a claim comes before any IMAP).
+    assert world.claim(work_2) is None and world.claim(work_3) is None
+    assert world.destination.bodies("Work") == []
+    assert len(world.destination.bodies("News")) == 1
+
+
+def test_a_busy_message_holds_back_its_route_too(world):
+    work_1, work_2 = world.arrive("work"), world.arrive("work")
+    world.state.inner.claim_uid(work_1.key, "consumer-2", world.clock() + 30)
+    world.queue.send_refs([work_1, work_2])
+
+    results = copy_batch(receive_all(world), copier=world.copier(), queue=world.queue)
+
+    assert outcomes(results) == [("work", Outcome.BUSY), ("work", Outcome.UNPROCESSED)]
+    assert world.claim(work_2) is None
+
+
+def test_acknowledged_outcomes_do_not_hold_back_the_route(world):
+    done, gone, fresh = world.arrive("work"), world.arrive("work"), world.arrive("work")
+    world.copier().copy_message(done)
+    world.source_of("work").expunge("INBOX", gone.uid)
+    world.queue.send_raw(done.to_body(), "work")  # a redelivery
+    world.queue.send_refs([gone, fresh])
+
+    results = copy_batch(receive_all(world), copier=world.copier(), queue=world.queue)
+
+    assert outcomes(results) == [("work", Outcome.ALREADY_DONE), ("work", Outcome.SKIPPED), ("work", Outcome.COPIED)]
+    assert len(world.destination.bodies("Work")) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("not json", "queue body: not JSON (Expecting value: line 1 column 1 (char 0))"),
+        (json.dumps({"v": 1, "route": "work", "uidvalidity": 7}), "queue body.uid: missing or not an integer from 1 to 4294967295"),
+        (json.dumps({"Records": []}), "queue body.v: missing, not a message reference (fields: 'Records')"),
+        (json.dumps({"v": 1, "route": "nobody", "uidvalidity": 7, "uid": 1}), "queue body.route: unknown route 'nobody'"),
+    ],
+)
+def test_a_body_that_is_not_a_reference_of_a_configured_route_is_dead_lettered_once_naming_the_field(
+    world, body, reason
+):
+    before = world.arrive("work")
+    world.queue.send_refs([before])
+    bad_id = world.queue.send_raw(body, "work")
+    after = world.arrive("work")
+    world.queue.send_refs([after])
+
+    results = copy_batch(receive_all(world), copier=world.copier(), queue=world.queue)
+
+    # Quarantine is acknowledged: the good messages on either side of it, same route, are copied.
+    assert outcomes(results) == [("work", Outcome.COPIED), ("work", Outcome.QUARANTINED), ("work", Outcome.COPIED)]
+    assert results[1][1] == CopyResult(Outcome.QUARANTINED, None, reason)
+    assert [(letter.message_id, letter.body, letter.reason) for letter in world.queue.dead_letters()] == [
+        (bad_id, body, reason)
+    ]
+    assert world.queue.calls_to("quarantine") == [("quarantine", bad_id, reason)]
+    assert len(world.destination.bodies("Work")) == 2
+    assert world.state.calls_to("claim_uid") == 2  # nothing was claimed for the bad body
+
+
+def test_quarantine_in_a_batch_does_not_touch_the_state_store_or_mailboxes(world):
+    bad_id = world.queue.send_raw("{}", "work")
+    world.state.fail()  # any state call would raise
+
+    results = copy_batch(receive_all(world), copier=world.copier(), queue=world.queue)
+
+    assert outcomes(results) == [("work", Outcome.QUARANTINED)]
+    assert [letter.message_id for letter in world.queue.dead_letters()] == [bad_id]
+    assert world.state.calls == [] and world.mailboxes.sources_opened == []
+
+
+def test_a_routes_messages_land_in_the_destination_in_queue_order(world):
+    first, second = world.arrive("work"), world.arrive("work")
+    world.queue.send_refs([first, second])
+
+    copy_batch(receive_all(world), copier=world.copier(), queue=world.queue)
+
+    assert [world.claim(ref).status for ref in (first, second)] == [ClaimStatus.DONE, ClaimStatus.DONE]
+    assert world.destination.bodies("Work") == [
+        world.source_of("work").message("INBOX", uid).body for uid in (first.uid, second.uid)
+    ]
