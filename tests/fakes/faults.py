@@ -37,10 +37,14 @@ class FaultScript:
         with self._lock:
             self._steps[operation].extend([step] * times)
 
-    def raise_(self, operation: str, error: BaseException, times: int = 1) -> None:
+    def raise_(self, operation: str, error: BaseException, times: int = 1, *, after: int = 0) -> None:
+        """`after` calls work as usual, then `times` calls raise `error`."""
+
         def fail() -> None:
             raise error
 
+        if after:
+            self.queue(operation, lambda: None, after)
         self.queue(operation, fail, times)
 
     def answer(self, operation: str, value: Any, times: int = 1) -> None:

@@ -205,7 +205,8 @@ class FakeSource:
         with self._account.lock:
             target = self.folder(folder)
             if body is None:
-                body = email(f"Message {target.uidnext} in {folder}")
+                # Unique per account, folder and UID: distinct messages have distinct fingerprints.
+                body = email(f"Message {target.uidnext} in {folder} of {self.user}")
             if gmail_msgid is None and self._account.gmail_ids:
                 gmail_msgid = self._account.new_gmail_msgid()
             return target.store(body, flags, internaldate, gmail_msgid)
@@ -230,8 +231,9 @@ class FakeSource:
             return mapping
 
     # -- faults -------------------------------------------------------------------------------
-    def fail_next(self, operation: str, error: BaseException, times: int = 1) -> None:
-        self._account.script.raise_(operation, error, times)
+    def fail_next(self, operation: str, error: BaseException, times: int = 1, *, after: int = 0) -> None:
+        """After `after` calls that work, `times` calls to `operation` raise `error`."""
+        self._account.script.raise_(operation, error, times, after=after)
 
     def throttle_next(self, operation: str, retry_after: float, times: int = 1) -> None:
         """As Gmail's "[OVERQUOTA] bandwidth limits": MailboxThrottled with `retry_after`."""
@@ -397,8 +399,9 @@ class FakeDestination:
         self._script.queue("append", lambda: gate._hold())
         return gate
 
-    def fail_next(self, operation: str, error: BaseException, times: int = 1) -> None:
-        self._script.raise_(operation, error, times)
+    def fail_next(self, operation: str, error: BaseException, times: int = 1, *, after: int = 0) -> None:
+        """After `after` calls that work, `times` calls to `operation` raise `error`."""
+        self._script.raise_(operation, error, times, after=after)
 
     def before_next(self, operation: str, action: Callable[[], None], times: int = 1) -> None:
         def step() -> None:

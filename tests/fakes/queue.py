@@ -98,8 +98,10 @@ class FakeQueue(MessageQueue):
         return "in-memory queue (tests.fakes)"
 
     # -- for the test ---------------------------------------------------------------------------
-    def fail_next(self, operation: str, error: BaseException, times: int = 1) -> None:
-        self._script.raise_(operation, error, times)
+    def fail_next(self, operation: str, error: BaseException, times: int = 1, *, after: int = 0) -> None:
+        """After `after` calls that work, `times` calls to `operation` raise `error` (e.g.
+        QueueUnavailable) before doing anything."""
+        self._script.raise_(operation, error, times, after=after)
 
     def send_raw(self, body: str, group_id: str) -> str:
         """Send any body, as a foreign or broken sender would (no deduplication): its message id."""
