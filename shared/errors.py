@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# An error message quotes at most this much of what a library or a server said.
+MAX_QUOTED_CHARS = 300
+
 
 class MailSyncerError(Exception):
     """Base for errors that end a command with one clear line instead of a traceback."""
@@ -52,3 +55,13 @@ class ImapFailure(MailSyncerError):
     def __init__(self, message: str, *, step: str):
         self.step = step
         super().__init__(message)
+
+
+def shorten(text: str) -> str:
+    """`text` cut to MAX_QUOTED_CHARS, marked where it was cut: a server or a library may say a lot."""
+    return text if len(text) <= MAX_QUOTED_CHARS else text[:MAX_QUOTED_CHARS] + "..."
+
+
+def brief(exc: BaseException) -> str:
+    """What an exception says, in short (its class name when it says nothing)."""
+    return shorten(str(exc) or type(exc).__name__)

@@ -33,13 +33,16 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from shared.aws import SecretMissing, SecretUnreadable, make_client, read_json_secret
 from shared.errors import SettingsInvalid
 from shared.message_ref import ROUTE_NAME_PATTERN
 from shared.redaction import register_secret
 
 # IMAP list wildcards and control characters can never be part of a folder we create or select.
 FORBIDDEN_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f*%]")
+# How a folder name in the settings names its levels ("Gmail/Work"); the destination's too.
 FOLDER_SEPARATOR = "/"
+MICROSOFT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 
 Auth = Literal["xoauth2", "password"]
 
@@ -252,7 +255,7 @@ class Settings(BaseSettings):
 
     @property
     def ms_authority_url(self) -> str:
-        return (self.ms_authority or f"https://login.microsoftonline.com/{self.ms_tenant}").rstrip("/")
+        return microsoft_authority(self.ms_tenant, self.ms_authority)
 
     def source_of(self, name: str) -> SettingSource:
         """Where the value of setting `name` (e.g. "ms_refresh_token") was read, in the order
@@ -268,11 +271,10 @@ class Settings(BaseSettings):
             return SettingSource("secret", secret_id=self._secret_sources[name])
         return SettingSource("unset")
 
-    def route(self, name: str) -> Route:
-        for route in self._routes:
-            if route.name == name:
-                return route
-        raise KeyError(name)
+
+def microsoft_authority(tenant: str, override: str | None) -> str:
+    """The authority msal signs in at: MS_AUTHORITY when set (a local stand-in), else the tenant's."""
+    return (override or f"{MICROSOFT_AUTHORITY_HOST}/{tenant}").rstrip("/")
 
 
 def reveal(secret: SecretStr | None) -> str | None:
@@ -345,8 +347,6 @@ def _read_secrets(location: _SecretsLocation, client: Any, sources: dict[str, st
     if not ids:
         return {}
     if client is None:
-        from shared.aws import make_client
-
         client = make_client("secretsmanager", location.aws_endpoint_url, location.aws_region)
     merged: dict[str, Any] = {}
     problems: list[str] = []
@@ -364,30 +364,13 @@ def _read_secrets(location: _SecretsLocation, client: Any, sources: dict[str, st
 
 
 def _read_secret(client: Any, secret_id: str) -> dict[str, Any]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+    try:
+        _, data = read_json_secret(client, secret_id)
+    except SecretMissing:
+        raise SettingsInvalid([f"secret {secret_id} (AWS_SECRETS_MANAGER_SECRET_IDS): not found"]) from None
+    except SecretUnreadable as exc:
+        raise SettingsInvalid([str(exc)]) from None
     place = f"secret {secret_id}"
-    try:
-        # AWSCURRENT named, not implied: moto's server otherwise misses a version made current
-        # by UpdateSecretVersionStage (how shared.tokens.store writes, compare-and-set).
-        response = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code == "ResourceNotFoundException":
-            raise SettingsInvalid([f"{place} (AWS_SECRETS_MANAGER_SECRET_IDS): not found"]) from None
-        raise SettingsInvalid([f"{place}: cannot be read: {code}"]) from None
-    except BotoCoreError as exc:
-        raise SettingsInvalid([f"{place}: cannot be read: {type(exc).__name__}: {exc}"]) from None
-    text = response.get("SecretString")
-    if text is None:
-        raise SettingsInvalid([f"{place} is binary, not a JSON object"])
-    try:
-        data = json.loads(text)
-    except ValueError:
-        # The error position would point into the secret; say only that it is not JSON.
-        raise SettingsInvalid([f"{place} is not valid JSON"]) from None
-    if not isinstance(data, dict):
-        raise SettingsInvalid([f"{place} is not a JSON object"])
     fields = Settings.model_fields
     values: dict[str, Any] = {}
     unknown = []

@@ -1,3 +1,5 @@
+import pytest
+
 pytest_plugins = [
     "tests.harness.aws",
     "tests.harness.imap_proxy",
@@ -5,3 +7,13 @@ pytest_plugins = [
     "tests.harness.oauth",
     "tests.harness.sync_env",
 ]
+
+# Tests are marked by the folder they live in, so no module can forget its mark.
+FOLDER_MARKS = {"integration": pytest.mark.integration, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        parts = item.path.relative_to(config.rootpath).parts
+        if len(parts) > 1 and parts[0] == "tests" and parts[1] in FOLDER_MARKS:
+            item.add_marker(FOLDER_MARKS[parts[1]])

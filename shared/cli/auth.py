@@ -18,12 +18,11 @@ def auth(args: argparse.Namespace) -> ExitCode:
     """`auth gmail` / `auth microsoft`: consent in a browser (or with a device code), then the
     refresh token as JSON on stdout, or merged into a Secrets Manager secret. Needs no routes
     yet: it reads only the OAuth clients and endpoints (flags first, then env and .env)."""
-    from shared.settings import load_auth_settings
+    from shared.settings import load_auth_settings, microsoft_authority
     from shared.tokens.consent import (
         AuthFailed,
         Browser,
         google_consent,
-        microsoft_authority,
         microsoft_consent,
         microsoft_device_consent,
     )

@@ -232,7 +232,7 @@ def _append_certainly_not_landed(error: BaseException) -> bool:
         return (
             not error.permanent
             and error.retry_after is None
-            and any(code in error.reason.upper() for code in retry.TRANSIENT_CODES)
+            and retry.names_transient_code(error.reason)
         )
     # Lost before the APPEND went out (capability, select). Once it was sent, whether it landed is
     # unknown: the copy fails and the next try looks in the destination first.

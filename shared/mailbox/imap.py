@@ -35,11 +35,11 @@ from shared.mailbox.port import (
 )
 from shared.mailbox.session import ImapAccount, classified_failure
 from shared.redaction import scrub
+from shared.settings import FOLDER_SEPARATOR
 
 # UIDs per UID FETCH in `summaries`: a few hundred keeps the command line short (servers cap
 # line length; Gmail UIDs have up to 10 digits) while saving round trips.
 SUMMARY_CHUNK = 300
-FOLDER_SEPARATOR = "/"
 # RFC 7888: LITERAL- allows non-synchronising literals only up to this size.
 LITERAL_MINUS_MAX = 4096
 
@@ -56,8 +56,6 @@ _TOO_LARGE_TEXT = re.compile(
     r"too (?:large|big)|size exceeds|exceeds? the (?:maximum |max |allowed )*(?:message )?size", re.IGNORECASE
 )
 _LINE_TOO_LONG_TEXT = re.compile(r"line (?:is )?too long|too long line", re.IGNORECASE)
-_THROTTLED_TEXT = re.compile(r"throttled(?:.*?Suggested Backoff Time: (\d+) ?milliseconds)?", re.IGNORECASE)
-_TRANSIENT_CODES = {"UNAVAILABLE", "SERVERBUG", "INUSE"}  # RFC 5530: try again later
 _TOO_LARGE = "too large for the destination"
 
 # What a broken or closed connection raises: socket errors and timeouts are OSError; imaplib
@@ -377,24 +375,24 @@ def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
     message = f"{context} answered {status} {server_text}"
     code_match = _RESPONSE_CODE.match(server_text)
     code = code_match.group(1).upper() if code_match else None
-    throttled = _THROTTLED_TEXT.search(server_text)
     # Seconds to stay away: Outlook's suggested backoff, or a default for other throttles and
     # [OVERQUOTA]; the queue keeps the message invisible at least that long.
     wait = retry.throttle_wait(server_text)
     if code == "TOOBIG":
         return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
-    if throttled:
+    if "throttled" in server_text.lower():
         # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds".
-        backoff = f" (suggested backoff {throttled.group(1)} ms)" if throttled.group(1) else ""
+        suggested = retry.suggested_backoff_ms(server_text)
+        backoff = f" (suggested backoff {suggested} ms)" if suggested is not None else ""
         return AppendRejected(
             message, permanent=False, reason=f"throttled by the destination{backoff}", retry_after=wait
         )
-    if code not in _TRANSIENT_CODES:
+    if code not in retry.TRANSIENT_CODES:
         if _TOO_LARGE_TEXT.search(server_text):
             return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
         if code == "LIMIT" or _LINE_TOO_LONG_TEXT.search(server_text):
             return AppendRejected(message, permanent=True, reason=f"rejected by the destination: {server_text}")
-    # [UNAVAILABLE], [SERVERBUG], [INUSE] and anything not recognised: worth another try later.
+    # [UNAVAILABLE], [INUSE] and anything not recognised (such as [SERVERBUG]): worth another try later.
     return AppendRejected(
         message, permanent=False, reason=f"refused for now by the destination: {server_text}", retry_after=wait
     )

@@ -42,8 +42,11 @@ SESSION = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=10.0)
 # again here, so the two policies do not multiply.
 COMMAND = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=15.0)
 
-# RFC 5530 response codes that say: the same command may work in a moment.
-TRANSIENT_CODES = ("[UNAVAILABLE]", "[INUSE]")
+# RFC 5530 response codes that say the same command may work in a moment: UNAVAILABLE (a
+# subsystem is down for now) and INUSE (another session holds what the command needs). Not
+# SERVERBUG: it says the server broke its own invariants, not that a retry soon will pass; such a
+# refusal is left to the queue's slower retries, like any refusal not known to be permanent.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "INUSE"})
 # Outlook.com: "Request is throttled. Suggested Backoff Time: 1500 milliseconds".
 _SUGGESTED_BACKOFF = re.compile(r"throttled.*?Suggested Backoff Time: *(\d+) *milliseconds", re.IGNORECASE | re.DOTALL)
 # Gmail: "[OVERQUOTA] Account exceeded command or bandwidth limits", "[THROTTLED]", "Too many
@@ -56,11 +59,23 @@ _THROTTLED = re.compile(
 DEFAULT_THROTTLE_WAIT_SECONDS = 60.0
 
 
+def names_transient_code(text: str) -> bool:
+    """Whether a server's reply (or an error text quoting it) carries a TRANSIENT_CODES code."""
+    upper = text.upper()
+    return any(f"[{code}]" in upper for code in TRANSIENT_CODES)
+
+
+def suggested_backoff_ms(server_text: str) -> int | None:
+    """Outlook.com's "Suggested Backoff Time" in a throttled reply, when it names one."""
+    suggested = _SUGGESTED_BACKOFF.search(server_text)
+    return int(suggested.group(1)) if suggested else None
+
+
 def throttle_wait(server_text: str) -> float | None:
     """Seconds a server's reply asks us to stay away, or None when it is not a throttle."""
-    suggested = _SUGGESTED_BACKOFF.search(server_text)
-    if suggested:
-        return int(suggested.group(1)) / 1000
+    suggested = suggested_backoff_ms(server_text)
+    if suggested is not None:
+        return suggested / 1000
     if _THROTTLED.search(server_text):
         return DEFAULT_THROTTLE_WAIT_SECONDS
     return None
@@ -85,7 +100,7 @@ def is_transient(error: BaseException) -> bool:
         if throttle_wait(text) is not None:
             return False
         # imapclient turns an abort during login into a LoginError with imaplib's text.
-        return any(code in text.upper() for code in TRANSIENT_CODES) or text.startswith("socket error")
+        return names_transient_code(text) or text.startswith("socket error")
     return False
 
 

@@ -21,7 +21,7 @@ import imapclient
 import imapclient.exceptions
 from pydantic import SecretStr
 
-from shared.errors import ImapFailure, TokenRefreshFailed
+from shared.errors import ImapFailure, TokenRefreshFailed, shorten
 from shared.mailbox import retry
 from shared.mailbox.port import MailboxThrottled
 from shared.redaction import scrub
@@ -187,7 +187,7 @@ def _describe(exc: BaseException) -> str:
         text = exc.args[0].decode("utf-8", "replace").strip() or text
     elif (quoted := re.fullmatch(r"b(['\"])(.*)\1", text)) is not None:
         text = quoted.group(2)
-    return text if len(text) <= 300 else text[:300] + "..."
+    return shorten(text)
 
 
 def _is_loopback(host: str) -> bool:

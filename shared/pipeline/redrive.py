@@ -39,7 +39,6 @@ class DeadLetterCounts:
 class DeadLetterReport:
     by_route: dict[str, DeadLetterCounts]  # configured routes that have dead letters
     not_routed: DeadLetterCounts  # bodies that are not references of a configured route
-    looked_at: int
     # False when only part of the dead letters could be looked at: SQS FIFO shows no message of
     # a group behind one in flight, and at most `limit` are looked at.
     complete: bool
@@ -83,7 +82,7 @@ def report_dead_letters(
         else:
             by_route.setdefault(ref.route, DeadLetterCounts()).add(_why_dead(dead, ref, state))
     complete = len(dead_letters) >= queue.depths().dead
-    return DeadLetterReport(by_route, not_routed, len(dead_letters), complete)
+    return DeadLetterReport(by_route, not_routed, complete)
 
 
 def _why_dead(dead: DeadLetter, ref: MessageRef, state: StateStore) -> str:

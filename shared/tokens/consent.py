@@ -33,7 +33,7 @@ import requests
 from google_auth_oauthlib.flow import InstalledAppFlow, WSGITimeoutError
 from msal.oauth2cli.authcode import AuthCodeReceiver
 
-from shared.errors import MailSyncerError
+from shared.errors import MailSyncerError, brief
 from shared.redaction import register_secret, scrub
 from shared.tokens.sources import GOOGLE_SCOPE, HTTP_TIMEOUT_SECONDS, MICROSOFT_SCOPES
 
@@ -42,7 +42,6 @@ from shared.tokens.sources import GOOGLE_SCOPE, HTTP_TIMEOUT_SECONDS, MICROSOFT_
 # compares the granted scopes with the requested ones as written.
 GOOGLE_USERINFO_EMAIL = "https://www.googleapis.com/auth/userinfo.email"
 GOOGLE_SCOPES = ["openid", GOOGLE_USERINFO_EMAIL, GOOGLE_SCOPE]
-MICROSOFT_DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
 
 BROWSER_DONE_PAGE = "mail_syncer has its refresh token. You can close this tab and go back to the terminal."
 
@@ -131,7 +130,7 @@ def google_consent(
     except oauthlib.oauth2.OAuth2Error as exc:
         raise AuthFailed(scrub(f"Google refused at {token_uri}: {exc.error}: {exc.description or ''}".rstrip(": "))) from None
     except (requests.RequestException, google.auth.exceptions.TransportError) as exc:
-        raise AuthFailed(scrub(f"Google: cannot reach {token_uri}: {_short(exc)}")) from None
+        raise AuthFailed(scrub(f"Google: cannot reach {token_uri}: {brief(exc)}")) from None
     granted = set(credentials.granted_scopes or GOOGLE_SCOPES)
     if GOOGLE_SCOPE not in granted:
         raise AuthFailed(
@@ -175,10 +174,6 @@ def _google_account(id_token: str | None) -> str | None:
 # -- Microsoft --------------------------------------------------------------------------------
 
 
-def microsoft_authority(tenant: str, override: str | None) -> str:
-    return (override or f"{MICROSOFT_DEFAULT_AUTHORITY_HOST}/{tenant}").rstrip("/")
-
-
 def microsoft_consent(
     *,
     client_id: str,
@@ -209,7 +204,7 @@ def microsoft_consent(
     try:
         result = app.acquire_token_by_auth_code_flow(flow, response, scopes=MICROSOFT_SCOPES)
     except (requests.RequestException, ValueError, RuntimeError) as exc:
-        raise AuthFailed(scrub(f"Microsoft: the sign-in answer was refused at {authority}: {_short(exc)}")) from None
+        raise AuthFailed(scrub(f"Microsoft: the sign-in answer was refused at {authority}: {brief(exc)}")) from None
     return _microsoft_consent(authority, result)
 
 
@@ -220,7 +215,7 @@ def microsoft_device_consent(*, client_id: str, authority: str, browser: Browser
     try:
         flow = app.initiate_device_flow(scopes=MICROSOFT_SCOPES)
     except (requests.RequestException, ValueError) as exc:
-        raise AuthFailed(scrub(f"Microsoft: cannot start the device-code sign-in at {authority}: {_short(exc)}")) from None
+        raise AuthFailed(scrub(f"Microsoft: cannot start the device-code sign-in at {authority}: {brief(exc)}")) from None
     if "user_code" not in flow:
         raise AuthFailed(_microsoft_error(authority, flow))
     # msal polls until this time; ours is the sooner of the two.
@@ -229,7 +224,7 @@ def microsoft_device_consent(*, client_id: str, authority: str, browser: Browser
     try:
         result = app.acquire_token_by_device_flow(flow)
     except (requests.RequestException, ValueError) as exc:
-        raise AuthFailed(scrub(f"Microsoft: cannot reach {authority}: {_short(exc)}")) from None
+        raise AuthFailed(scrub(f"Microsoft: cannot reach {authority}: {brief(exc)}")) from None
     return _microsoft_consent(authority, result)
 
 
@@ -244,7 +239,7 @@ def _msal_app(client_id: str, client_secret: str | None, authority: str) -> msal
             return msal.ConfidentialClientApplication(client_id, client_credential=client_secret, **kwargs)
         return msal.PublicClientApplication(client_id, **kwargs)
     except (requests.RequestException, ValueError) as exc:
-        raise AuthFailed(scrub(f"Microsoft: cannot use the authority {authority}: {_short(exc)}")) from None
+        raise AuthFailed(scrub(f"Microsoft: cannot use the authority {authority}: {brief(exc)}")) from None
 
 
 def _microsoft_consent(authority: str, result: dict) -> Consent:
@@ -265,7 +260,3 @@ def _microsoft_error(authority: str, answer: dict) -> str:
     detail = (answer.get("error_description") or "").splitlines()[:1]
     return scrub(f"Microsoft refused at {authority}: {error} {' '.join(detail)}".strip())
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "..."

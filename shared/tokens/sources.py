@@ -21,7 +21,7 @@ import msal
 import msal.authority
 import requests
 
-from shared.errors import TokenRefreshFailed
+from shared.errors import TokenRefreshFailed, brief
 from shared.redaction import register_secret, scrub
 
 GOOGLE_SCOPE = "https://mail.google.com/"
@@ -118,7 +118,7 @@ class GoogleTokenSource:
             raise TokenRefreshFailed(scrub(_with_fix(text, self._fix if refused else None)), refused=refused) from None
         except google.auth.exceptions.TransportError as exc:
             raise TokenRefreshFailed(
-                scrub(f"Google token refresh for {self._account}: cannot reach {self._token_uri}: {_short(exc)}")
+                scrub(f"Google token refresh for {self._account}: cannot reach {self._token_uri}: {brief(exc)}")
             ) from None
         register_secret(self._credentials.token)
 
@@ -132,7 +132,6 @@ class MicrosoftTokenSource:
         client_id: str,
         authority: str,
         client_secret: str | None = None,
-        on_rotate: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         fix: str = MICROSOFT_FIX,
     ) -> None:
@@ -146,18 +145,12 @@ class MicrosoftTokenSource:
         self._client_id = client_id
         self._client_secret = client_secret
         self._authority = authority
-        self._on_rotate = on_rotate
         self._clock = clock
         self._app: msal.ClientApplication | None = None
         self._token: str | None = None
         self._expires_at = 0.0
         self._lock = threading.Lock()
         register_secret(client_secret)
-
-    @property
-    def refresh_token(self) -> str:
-        """The newest refresh token: Microsoft issues a new one with every refresh."""
-        return self._keeper.current()
 
     def access_token(self) -> str:
         with self._lock:
@@ -177,7 +170,7 @@ class MicrosoftTokenSource:
             result = app.acquire_token_by_refresh_token(used, scopes=MICROSOFT_SCOPES)
         except (requests.RequestException, ValueError) as exc:
             raise TokenRefreshFailed(
-                scrub(f"Microsoft token refresh for {self._account}: cannot reach {self._authority}: {_short(exc)}")
+                scrub(f"Microsoft token refresh for {self._account}: cannot reach {self._authority}: {brief(exc)}")
             ) from None
         if "error" in result:
             error = result.get("error", "")
@@ -195,8 +188,6 @@ class MicrosoftTokenSource:
         if rotated and rotated != used:
             register_secret(rotated)
             self._keeper.rotated(used, rotated)
-            if self._on_rotate is not None:
-                self._on_rotate(rotated)
 
     def _application(self) -> msal.ClientApplication:
         # Built on first use: msal reads the authority's OpenID configuration when constructed,
@@ -215,7 +206,7 @@ class MicrosoftTokenSource:
                     self._app = msal.PublicClientApplication(self._client_id, **kwargs)
             except (requests.RequestException, ValueError) as exc:
                 raise TokenRefreshFailed(
-                    scrub(f"Microsoft token refresh for {self._account}: cannot use authority {self._authority}: {_short(exc)}")
+                    scrub(f"Microsoft token refresh for {self._account}: cannot use authority {self._authority}: {brief(exc)}")
                 ) from None
         return self._app
 
@@ -223,7 +214,3 @@ class MicrosoftTokenSource:
 def _with_fix(text: str, fix: str | None) -> str:
     return text if fix is None else f"{text.rstrip('.')}; {fix}"
 
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 300 else text[:300] + "..."

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from shared.aws import SecretMissing, SecretUnreadable, error_code, read_json_secret
 from shared.errors import MailSyncerError, StateStoreUnavailable, TokenRefreshFailed
 from shared.redaction import register_secret, scrub
 from shared.state.port import StateStore
@@ -268,7 +269,7 @@ def merge_secret_key(client: Any, secret_id: str, key: str, value: str) -> Secre
     for _ in range(SECRET_WRITE_TRIES):
         try:
             version_id, data = _read_json_secret(client, secret_id)
-        except _SecretMissing:
+        except SecretMissing:
             if _create_secret(client, secret_id, {key: value}):
                 return SecretWrite(secret_id, key, created=True)
             continue  # created by someone else meanwhile: merge into theirs
@@ -278,32 +279,15 @@ def merge_secret_key(client: Any, secret_id: str, key: str, value: str) -> Secre
     raise SecretWriteFailed(f"secret {secret_id}: changed by others on each of {SECRET_WRITE_TRIES} tries")
 
 
-class _SecretMissing(Exception):
-    pass
-
-
 def _read_json_secret(client: Any, secret_id: str) -> tuple[str, dict]:
-    place = f"secret {secret_id}"
     try:
-        response = client.get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")  # see settings._read_secret
-    except ClientError as exc:
-        code = _code(exc)
-        if code == "ResourceNotFoundException":
-            raise _SecretMissing() from None
-        raise SecretWriteFailed(f"{place}: cannot be read: {code}") from None
-    except BotoCoreError as exc:
-        raise SecretWriteFailed(f"{place}: cannot be read: {type(exc).__name__}: {exc}") from None
-    text = response.get("SecretString")
-    try:
-        data = json.loads(text) if text is not None else None
-    except ValueError:
-        data = None  # the parse error would quote the secret: say only what it is not
-    if not isinstance(data, dict):
-        raise SecretWriteFailed(f"{place}: is not a JSON object; its keys cannot be merged")
+        version_id, data = read_json_secret(client, secret_id)
+    except SecretUnreadable as exc:
+        raise SecretWriteFailed(f"{exc}: a token cannot be merged into it") from None
     for value in data.values():
         if isinstance(value, str):
             register_secret(value)
-    return response["VersionId"], data
+    return version_id, data
 
 
 def _put_if_current(client: Any, secret_id: str, data: dict, version_id: str) -> bool:
@@ -317,7 +301,7 @@ def _put_if_current(client: Any, secret_id: str, data: dict, version_id: str) ->
             VersionStages=[PENDING_STAGE],
         )
     except ClientError as exc:
-        raise SecretWriteFailed(f"{place}: cannot be written: {_code(exc)}") from None
+        raise SecretWriteFailed(f"{place}: cannot be written: {error_code(exc)}") from None
     except BotoCoreError as exc:
         raise SecretWriteFailed(f"{place}: cannot be written: {type(exc).__name__}: {exc}") from None
     try:
@@ -328,9 +312,9 @@ def _put_if_current(client: Any, secret_id: str, data: dict, version_id: str) ->
             RemoveFromVersionId=version_id,
         )
     except ClientError as exc:
-        if _code(exc) == "InvalidParameterException":
+        if error_code(exc) == "InvalidParameterException":
             return False  # AWSCURRENT is no longer on version_id: someone wrote first
-        raise SecretWriteFailed(f"{place}: cannot be made current: {_code(exc)}") from None
+        raise SecretWriteFailed(f"{place}: cannot be made current: {error_code(exc)}") from None
     except BotoCoreError as exc:
         raise SecretWriteFailed(f"{place}: cannot be made current: {type(exc).__name__}: {exc}") from None
     return True
@@ -340,9 +324,9 @@ def _create_secret(client: Any, secret_id: str, data: dict) -> bool:
     try:
         client.create_secret(Name=secret_id, SecretString=json.dumps(data), ClientRequestToken=str(uuid.uuid4()))
     except ClientError as exc:
-        if _code(exc) == "ResourceExistsException":
+        if error_code(exc) == "ResourceExistsException":
             return False
-        raise SecretWriteFailed(f"secret {secret_id}: cannot be created: {_code(exc)}") from None
+        raise SecretWriteFailed(f"secret {secret_id}: cannot be created: {error_code(exc)}") from None
     except BotoCoreError as exc:
         raise SecretWriteFailed(f"secret {secret_id}: cannot be created: {type(exc).__name__}: {exc}") from None
     return True
@@ -351,10 +335,6 @@ def _create_secret(client: Any, secret_id: str, data: dict) -> bool:
 def _key_in(data: dict, setting: str) -> str:
     """The key as the secret spells it (settings are read case-insensitively)."""
     return next((key for key in data if key.lower() == setting.lower()), setting)
-
-
-def _code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code") or type(exc).__name__
 
 
 # -- token problems in state ------------------------------------------------------------------

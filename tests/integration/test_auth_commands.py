@@ -24,8 +24,6 @@ from tests.harness.aws import unique_name
 from tests.harness.oauth import GOOGLE_SCOPE, MS_SCOPE, browser_consent
 from tests.harness.sync_env import REPO_ROOT, _clean_environment
 
-pytestmark = pytest.mark.integration
-
 AUTHORIZE_URL = re.compile(r"(https://127\.0\.0\.1:\d+/\S+/authorize\?\S+)")
 DEVICE_CODE = re.compile(r"enter the code (\S+) to authenticate")
 

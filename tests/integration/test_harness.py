@@ -20,8 +20,6 @@ from imapclient.exceptions import LoginError
 from tests.harness.mail import append, connect, corpus, read_folder, seed, tls_client
 from tests.harness.oauth import MS_SCOPE
 
-pytestmark = pytest.mark.integration
-
 CORPUS = corpus()
 # What Dovecot 2.3.19 does not give back byte for byte (APPEND of exact bytes, then
 # FETCH BODY.PEEK[]); see test_corpus_round_trip.

@@ -22,8 +22,6 @@ from shared.mailbox.port import AppendRejected, SourceMessage, fingerprint
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
 from tests.harness.mail import connect, corpus, read_folder, seed
 
-pytestmark = pytest.mark.integration
-
 CORPUS = corpus()
 UTC = dt.timezone.utc
 

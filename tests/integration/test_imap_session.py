@@ -6,7 +6,7 @@ import pytest
 
 from shared.errors import ImapFailure, TokenRefreshFailed
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
-from shared.tokens.sources import GoogleTokenSource, MicrosoftTokenSource
+from shared.tokens.sources import GoogleTokenSource, InMemoryRefreshToken, MicrosoftTokenSource
 
 
 @pytest.fixture
@@ -78,24 +78,35 @@ def test_refused_refresh_token(oauth_server, google_tokens, dovecot_pair):
 def test_microsoft_rotation_keeps_the_newest_refresh_token(oauth_server, trust_test_ca, dovecot_pair):
     user = dovecot_pair.outlook.new_user("me")
     first = oauth_server.issue_refresh_token(user, "microsoft")
-    rotated: list[str] = []
+    keeper = RecordingRefreshToken(first)
     clock = [1000.0]
     tokens = MicrosoftTokenSource(
         account=user,
-        refresh_token=first,
+        refresh_token=keeper,
         client_id=oauth_server.ms_client_id,
         authority=oauth_server.ms_authority,
-        on_rotate=rotated.append,
         clock=lambda: clock[0],
     )
     with open_session(account(dovecot_pair.outlook, user, tokens)) as client:
         assert client.noop()
-    assert len(rotated) == 1 and tokens.refresh_token == rotated[0] != first
+    assert len(keeper.issued) == 1 and keeper.current() == keeper.issued[0] != first
     # Near expiry (the stand-in issues 3600 s tokens): the next use refreshes with the new token.
     clock[0] += 3600 - 299
     oauth_server.revoke(first)
     tokens.access_token()
-    assert len(rotated) == 2 and tokens.refresh_token == rotated[1]
+    assert len(keeper.issued) == 2 and keeper.current() == keeper.issued[1]
+
+
+class RecordingRefreshToken(InMemoryRefreshToken):
+    """The keeper, with every refresh token the endpoint issued in turn."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(token)
+        self.issued: list[str] = []
+
+    def rotated(self, used: str, issued: str) -> None:
+        super().rotated(used, issued)
+        self.issued.append(issued)
 
 
 def test_unreachable_server_names_the_step(dovecot_pair):

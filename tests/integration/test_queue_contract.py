@@ -29,8 +29,6 @@ from shared.queue.sqs import SqsQueue, create_fifo_queue_pair
 from tests.fakes.queue import FakeQueue
 from tests.harness.aws import REGION, unique_name
 
-pytestmark = pytest.mark.integration
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_RECEIVE_COUNT = 2
 # Upper bound on a condition wait; the conditions themselves come true within about a second.

@@ -34,8 +34,6 @@ from shared.state.sqlite import SqliteStateStore
 from tests.fakes.state import FailingStateStore
 from tests.harness.aws import REGION, unique_name
 
-pytestmark = pytest.mark.integration
-
 START = 1_700_000_000.0
 LEASE = 60.0
 ROUTE = "work"

@@ -25,9 +25,6 @@ from shared.tokens.store import (
 )
 from tests.harness.aws import REGION, unique_name
 
-pytestmark = pytest.mark.integration
-
-
 @pytest.fixture
 def token_path(tmp_path):
     return tmp_path / "state-tokens" / "microsoft.db"

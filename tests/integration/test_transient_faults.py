@@ -30,8 +30,6 @@ from shared.settings import Settings, load_settings
 from tests.harness.aws import LambdaContext, lambda_deployment, lambda_records
 from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed, wait_for
 
-pytestmark = pytest.mark.integration
-
 GMAIL_BANDWIDTH = "NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)"
 BODY_FETCH = b"BODY.PEEK[]"  # the consumer's FETCH; the producer's asks for BODY.PEEK[HEADER.FIELDS ...]
 

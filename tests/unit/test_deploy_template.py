@@ -282,8 +282,8 @@ def test_each_function_has_its_own_role_with_only_what_it_needs(resources) -> No
 AWS_ADAPTERS = {
     "shared/state/dynamodb.py": "dynamodb",
     "shared/queue/sqs.py": "sqs",
-    "shared/token_store.py": "secretsmanager",
-    "shared/settings.py": "secretsmanager",
+    "shared/tokens/store.py": "secretsmanager",
+    "shared/aws.py": "secretsmanager",  # read_json_secret, for settings and the token store
 }
 # Calls no function makes: the CLI's (status, redrive, auth ... --write-secret-id, run with the
 # operator's own credentials) and the helpers that create tables and queues for the tests.

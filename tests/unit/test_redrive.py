@@ -149,6 +149,6 @@ def test_the_report_gives_each_dead_letter_the_reason_recorded_for_it(db, dead):
     }
     assert report.not_routed.count == 2
     assert dict(report.not_routed.reasons) == {NOT_JSON: 1, "max receive count 1 exceeded": 1}
-    assert (report.looked_at, report.complete) == (5, True)
+    assert report.complete
     assert not report_dead_letters(dead, state, ROUTES, limit=2).complete
     state.close()

@@ -114,3 +114,19 @@ def test_the_named_policies_stay_short():
 )
 def test_throttled_visibility_is_the_wait_rounded_up_plus_a_second(retry_after, seconds):
     assert throttled_visibility(CopyResult(Outcome.FAILED, retry_after=retry_after)) == seconds
+
+
+@pytest.mark.parametrize(
+    "text, transient",
+    [
+        ("NO [UNAVAILABLE] Try again later", True),
+        ("append failed: [INUSE] Mailbox is locked", True),
+        ("NO [unavailable] lower case", True),
+        # RFC 5530: the server broke its own invariants; nothing says a retry in a moment passes.
+        ("NO [SERVERBUG] Internal error", False),
+        ("NO [OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)", False),
+        ("NO UNAVAILABLE without brackets is only a word", False),
+    ],
+)
+def test_names_transient_code(text, transient):
+    assert retry.names_transient_code(text) is transient
