@@ -1,5 +1,6 @@
 # The newcomer's commands. Each sets up what it needs first. Every install comes from uv.lock.
 #   make test    install Dovecot if missing, make .venv, run every test
+#   make unit    make .venv, run only the unit tests (no servers; the use cases on fakes)
 #   make drain   make .venv, then copy every route's new mail until nothing is left
 #   make check   make .venv, then validate settings and log in to every mailbox
 #   make package   the Lambda code package (build/lambda/mail-syncer.zip) for serverless.yml
@@ -26,7 +27,7 @@ export UV_PYTHON_DOWNLOADS := never
 # What `make lock` passes to `uv lock`: by default every dependency moves to its newest version.
 LOCK_ARGS ?= --upgrade
 
-.PHONY: test check drain system-packages package template lock lock-check
+.PHONY: test unit check drain system-packages package template lock lock-check
 
 $(UV):
 	$(PYTHON) -m venv $(UV_HOME)
@@ -57,6 +58,11 @@ system-packages:
 test: system-packages $(SYNCED)
 	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The use cases on fakes, settings, message refs and the deploy template: no Dovecot, no moto.
+unit: $(SYNCED)
+	$(PY) -m ruff check --quiet .
+	$(PY) -m pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
 check: $(SYNCED)
 	$(PY) -m shared.cli check
