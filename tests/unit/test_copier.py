@@ -276,17 +276,6 @@ def test_an_interrupted_append_that_did_not_land_is_appended_once(world):
     assert world.claim(ref).status is ClaimStatus.DONE
 
 
-def test_a_resumed_append_is_not_skipped_as_a_duplicate_of_its_own_earlier_attempt(world):
-    # The FP# record of a message is written only when it is done; a resumed APPEND looks in the
-    # destination, not in the fingerprints, so it is never skipped as a copy of itself.
-    ref = world.arrive("work", gmail_msgid=11)
-    crashed_mid_append(world, ref, landed=True)
-
-    assert world.copier().copy_message(ref).outcome is Outcome.COPIED
-    assert world.state.calls_to("find_copied") == 0
-    assert len(world.destination.bodies("Work")) == 1
-
-
 # -- refusals and throttles ----------------------------------------------------------------------
 
 
