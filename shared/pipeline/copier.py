@@ -2,8 +2,9 @@
 
 `copy_message` reads top to bottom as the path of one message: claim the UID; acknowledge what
 is already final; skip a duplicate; fetch (BODY.PEEK[], so the source is never changed); mark
-appending; APPEND; finalize with the destination UID and the fingerprint. An error records the
-failure and releases the claim, so the queue's retry (and at last its dead letters) take over.
+appending; APPEND; finalize with the destination UID and the fingerprint. An error releases the
+claim and records the failure, so the queue's retry (and at last its dead letters) take over; a
+claim lost to another consumer midway makes the message BUSY, not failed.
 
 `copy_batch` is what the Lambda handler and the local `consume` loop both call: it quarantines
 bodies that are not message references, and keeps FIFO order per route (after a message of a
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
-from shared.errors import MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
+from shared.errors import ClaimLost, MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
 from shared.mailbox.port import AppendRejected, Mailboxes, MailboxThrottled
 from shared.message_ref import MessageRef, UidKey
 from shared.queue import MessageQueue, ReceivedMessage
@@ -76,6 +77,18 @@ class Copier:
     lease_until: Callable[[], float]  # when a claim taken now must expire
 
     def copy_message(self, ref: MessageRef) -> CopyResult:
+        try:
+            return self._copy_message(ref)
+        except ClaimLost as lost:
+            # Our lease ran out midway and another consumer took the claim: the message is its
+            # now. Not a failure of the message (nothing is recorded); the queue brings it back,
+            # by when the claim is final or free again.
+            holder = self.state.get_claim(ref.key)
+            live = holder is not None and not holder.status.is_final
+            log.warning("route %s UID %d: claim taken over midway: %s", ref.route, ref.uid, scrub(str(lost)))
+            return CopyResult(Outcome.BUSY, ref.key, str(lost), busy_until=holder.lease_until if live else None)
+
+    def _copy_message(self, ref: MessageRef) -> CopyResult:
         route = self.routes[ref.route]
         key = ref.key
         claimed = self.state.claim_uid(key, self.owner, self.lease_until())
@@ -122,7 +135,7 @@ class Copier:
                 return self._skip(ref, rejected.reason)
             # A refusal (not a lost connection): the APPEND certainly did not land.
             return self._fail(ref, rejected, append_outcome_unknown=False)
-        except (StateStoreUnavailable, QueueUnavailable):
+        except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
             raise
         except Exception as exc:  # noqa: BLE001 - recorded and retried by the queue
             self.mailboxes.drop_source(route)
@@ -168,8 +181,10 @@ class Copier:
 
     def _fail(self, ref: MessageRef, exc: BaseException, *, append_outcome_unknown: bool) -> CopyResult:
         text = scrub(str(exc)) or type(exc).__name__
-        attempts = self.state.record_failure(ref.key, type(exc).__name__, text)
+        # Released first: a claim taken over meanwhile raises ClaimLost here, before a failure is
+        # recorded against the new owner's claim.
         self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
+        attempts = self.state.record_failure(ref.key, type(exc).__name__, text)
         log.warning("route %s UID %d failed (attempt %d): %s", ref.route, ref.uid, attempts, text)
         return CopyResult(Outcome.FAILED, ref.key, text, retry_after=_retry_after(exc))
 
