@@ -526,9 +526,11 @@ def test_a_claim_taken_over_during_a_slow_fetch_gives_a_result_instead_of_ending
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: when an APPEND was interrupted and the source's UIDVALIDITY then changed, the old "
-    "reference is skipped without looking in the destination and no FP# record is written, so the "
-    "message under its new UID is appended again: two copies",
+    reason="known bug, found by this test: when an APPEND was interrupted and the source's UIDVALIDITY "
+    "then changed, the old reference is skipped without looking in the destination and no FP# record is "
+    "written, so the message under its new UID is appended again: two copies. Its fix needs the "
+    "crash-window lookup that issue 12 rebuilds (Outlook.com rebuilds MIME, so today's byte compare "
+    "cannot find a copy there).",
 )
 def test_an_interrupted_append_followed_by_a_uidvalidity_change_is_not_copied_twice(world):
     ref = world.arrive("work", gmail_msgid=77)
