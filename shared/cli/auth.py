@@ -33,9 +33,7 @@ def auth(args: argparse.Namespace) -> ExitCode:
     try:
         settings = load_auth_settings(args.env_file)
     except SettingsInvalid as exc:
-        for problem in exc.problems:
-            report.fail("settings", problem)
-        return ExitCode.SETTINGS
+        return report.settings_invalid(exc.problems)
     browser = Browser(open=not args.no_browser, out=sys.stderr, timeout=args.timeout, port=args.port)
     try:
         if args.provider == "gmail":

@@ -33,9 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.env_file)
     except SettingsInvalid as exc:
-        for problem in exc.problems:
-            report.fail("settings", problem)
-        return ExitCode.SETTINGS
+        return report.settings_invalid(exc.problems)
     configure_logging(settings.log_level)
     app = bootstrap.build(settings)
     try:

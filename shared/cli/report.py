@@ -33,6 +33,12 @@ class Report:
         self.failed = True
         self._line("FAIL", what, detail)
 
+    def settings_invalid(self, problems: list[str]) -> ExitCode:
+        """One line per settings problem; the exit code that says the settings are at fault."""
+        for problem in problems:
+            self.fail("settings", problem)
+        return ExitCode.SETTINGS
+
     def skip(self, what: str, detail: str) -> None:
         self._line("skip", what, detail)
 
