@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.harness.imap_proxy",
     "tests.harness.mail",
     "tests.harness.oauth",
+    "tests.harness.outlook_front",
     "tests.harness.sync_env",
 ]
 
