@@ -17,7 +17,8 @@ relayed as they come.
 all on by default; tests may change them while the front runs). Sources for each behaviour are in
 the comments of ``Behaviours`` and of the code that does it. In short:
 
-1. rebuilt MIME: FETCH of any body section answers from ``render_exchange_mime(stored)``;
+1. rebuilt MIME: FETCH of any body section answers from ``render_exchange_mime(stored)``
+   (ENVELOPE and BODYSTRUCTURE still come from Dovecot, i.e. from the stored bytes);
 2. RFC822.SIZE is ``estimated_size(stored size)``; SEARCH LARGER/SMALLER answer by it;
 3. CAPABILITY is Outlook's; what Outlook lacks gets ``BAD Command Error. 12``;
 4. APPEND and SELECT pass through (APPENDUID, UIDNEXT, UIDVALIDITY), PERMANENTFLAGS are Outlook's
@@ -1151,10 +1152,8 @@ class _Session:
         self._pending_mechanism, self._sasl_user = mechanism, None
         if len(args) > 1:
             self._sasl_user = _sasl_user(mechanism, args[1].text)
-        holder = {}
 
         def on_tagged(status_text: bytes) -> None:
-            holder["status"] = status_text
             self._logged_in(self._sasl_user)(status_text)
 
         self._forward(tag, name, args, drop=drop, on_tagged=on_tagged)

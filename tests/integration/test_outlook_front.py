@@ -545,3 +545,49 @@ def test_one_shot_connection_drop_after_the_append_reply(outlook_front, dovecot_
     with pytest.raises((OSError, IMAPClientError, ssl.SSLError)):
         append(client, "INBOX", b"Subject: lost\r\n\r\nreply lost\r\n")
     assert len(read_folder(outlook, user, "INBOX")) == 1  # Dovecot stored it all the same
+
+
+def test_each_behaviour_switches_off_alone(outlook_front, dovecot_pair):
+    """rebuilt_mime=False: BODY[] is the stored bytes, sizes still estimated; estimated_size=False:
+    RFC822.SIZE is the stored size, bodies still rebuilt; outlook_flags=False keeps keywords;
+    case_insensitive_folders=False lists INBOX as INBOX."""
+    outlook = dovecot_pair.outlook
+    message = CORPUS[0].bytes
+    for switches in (
+        {"rebuilt_mime": False},
+        {"estimated_size": False},
+        {"outlook_flags": False},
+        {"case_insensitive_folders": False},
+    ):
+        front = outlook_front(outlook, **switches)
+        user = outlook.new_user("switch")
+        client = login(front, outlook, user)
+        uid = append(client, "INBOX", message, ["$Label1"])
+        client.select_folder("INBOX")
+        got = client.fetch([uid], [b"BODY.PEEK[]", b"RFC822.SIZE", b"FLAGS"])[uid]
+        folders = [name for _, _, name in client.list_folders()]
+        client.logout()
+        stored = stored_form(message)
+        rebuilt = switches.get("rebuilt_mime", True)
+        assert got[b"BODY[]"] == (render_exchange_mime(stored) if rebuilt else stored), switches
+        assert got[b"RFC822.SIZE"] == (
+            estimated_size(len(stored)) if switches.get("estimated_size", True) else len(stored)
+        )
+        assert (b"$Label1" in got[b"FLAGS"]) == (not switches.get("outlook_flags", True)), switches
+        assert folders == (["Inbox"] if switches.get("case_insensitive_folders", True) else ["INBOX"]), switches
+
+
+def test_numbered_parts_come_from_the_rebuilt_message(corpus_box, dovecot_pair):
+    front, user, uids, _ = corpus_box
+    name = "003-cpython-multipart-images.eml"
+    rendered = render_exchange_mime(stored_form(next(m.bytes for m in CORPUS if m.name == name)))
+    boundary = re.search(rb'boundary="([^"]+)"', rendered).group(1)
+    parts = rendered.split(b"--" + boundary)
+    first_header, _, first_body = parts[1][2:].partition(b"\r\n\r\n")
+    client = login(front, dovecot_pair.outlook, user)
+    client.select_folder("INBOX", readonly=True)
+    got = client.fetch([uids[name]], [b"BODY.PEEK[1]", b"BODY.PEEK[1.MIME]", b"BODY.PEEK[9]"])[uids[name]]
+    client.logout()
+    assert got[b"BODY[1]"] == first_body[:-2]  # without the CRLF that belongs to the next delimiter
+    assert got[b"BODY[1.MIME]"] == first_header + b"\r\n\r\n"
+    assert got[b"BODY[9]"] == b""
