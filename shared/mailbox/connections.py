@@ -28,7 +28,7 @@ import imapclient
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.imap import ImapDestination, ImapSource
-from shared.mailbox.port import AppendRejected, FolderState, SourceMessage
+from shared.mailbox.port import AppendRejected, FolderState, SourceMessage, UidFloor
 from shared.mailbox.session import ImapAccount, TransientImapFailure, close_quietly, open_session
 from shared.redaction import scrub
 from shared.settings import Route
@@ -194,10 +194,13 @@ class ReopeningDestination:
     def ensure_folder(self, folder: str) -> None:
         self._call(lambda destination: destination.ensure_folder(folder), _transient, f"create folder {folder!r}")
 
-    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
+    def uid_floor(self, folder: str) -> UidFloor | None:
+        return self._call(lambda destination: destination.uid_floor(folder), _transient, f"select {folder!r}")
+
+    def find_copies(self, folder: str, message: SourceMessage, since: UidFloor | None) -> list[int]:
         # Read-only, so safe to repeat.
         return self._call(
-            lambda destination: destination.find_copies(folder, message),
+            lambda destination: destination.find_copies(folder, message, since),
             _transient,
             f"find copies of source UID {message.uid} in {folder!r}",
         )

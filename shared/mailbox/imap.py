@@ -26,12 +26,15 @@ from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imap_utf7 import encode as encode_mailbox_name
 
 from shared.mailbox import retry
+from shared.mailbox.identity import FIELDS as IDENTITY_FIELDS
+from shared.mailbox.identity import Identity, header_block
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendRejected,
     FolderState,
     MessageSummary,
     SourceMessage,
+    UidFloor,
 )
 from shared.mailbox.session import ImapAccount, classified_failure
 from shared.redaction import scrub
@@ -44,6 +47,7 @@ SUMMARY_CHUNK = 300
 LITERAL_MINUS_MAX = 4096
 
 _HEADER_FIELDS_KEY_PREFIX = b"BODY[HEADER.FIELDS"
+_IDENTITY_FIELDS = b"BODY.PEEK[HEADER.FIELDS (" + " ".join(IDENTITY_FIELDS).encode("ascii") + b")]"
 _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
 # A keyword is an IMAP atom: printable ASCII without atom-specials. Anything else would make the
 # whole APPEND a syntax error, retried forever.
@@ -170,6 +174,9 @@ class ImapDestination:
         self._account = account
         self._ensured: set[str] = set()
         self._folder_facts: dict[str, _FolderFacts] = {}
+        # Per folder, a lower bound of the UID its next APPEND gets: UIDNEXT when this session
+        # SELECTed it, then one past each APPENDUID. No extra round trip per message.
+        self._floors: dict[str, UidFloor] = {}
         client.normalise_times = False
 
     # ---- folders -----------------------------------------------------------------------------
@@ -233,7 +240,11 @@ class ImapDestination:
             status, text = _run_with_literal(self._client, command, body, binary=binary)
         if status == "OK":
             appended = _APPENDUID.search(text)
-            return int(appended.group(2)) if appended else None
+            if appended is None:
+                return None
+            uidvalidity, uid = int(appended.group(1)), int(appended.group(2))
+            self._floors[folder] = UidFloor(uidvalidity, uid + 1)
+            return uid
         raise _refusal(self._text(f"APPEND to {folder!r} ({len(body)} bytes)"), status, text)
 
     def _capabilities(self) -> tuple[bytes, ...]:
@@ -253,6 +264,8 @@ class ImapDestination:
                 append_limit = self._client.folder_status(folder, [b"APPENDLIMIT"]).get(b"APPENDLIMIT")
             # SELECT, not EXAMINE: a read-only folder reports PERMANENTFLAGS () (Dovecot does).
             selected = self._client.select_folder(folder)
+        if b"UIDVALIDITY" in selected and b"UIDNEXT" in selected:
+            self._floors[folder] = UidFloor(int(selected[b"UIDVALIDITY"]), int(selected[b"UIDNEXT"]))
         permanent = [flag.decode("ascii", "replace") for flag in selected.get(b"PERMANENTFLAGS", ())]
         facts = _FolderFacts(
             any_keyword="\\*" in permanent,
@@ -263,45 +276,51 @@ class ImapDestination:
         return facts
 
     # ---- crash recovery ----------------------------------------------------------------------
-    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
-        """UIDs in `folder` holding exactly `message`'s bytes with its INTERNALDATE instant.
+    def uid_floor(self, folder: str) -> UidFloor | None:
+        self._facts(folder)  # SELECTs it once a session, which tells its UIDNEXT
+        return self._floors.get(folder)
 
-        The server narrows the candidates: SEARCH for its size among the days around its
-        INTERNALDATE (servers differ in the zone they take SEARCH dates in). Then their
-        INTERNALDATE, then their bytes: only an exact copy counts, so a message without a
-        Message-ID, or one sharing its Message-ID with another, is never taken for another.
-        Not by Message-ID: a header the server parses otherwise than we do would hide the
-        copy, and it would be appended twice. A folder that does not exist holds no copies.
+    def find_copies(self, folder: str, message: SourceMessage, since: UidFloor | None) -> list[int]:
+        """UIDs in `folder` holding a copy of `message` appended at or above `since`.
+
+        Known by INTERNALDATE (the instant the APPEND gave) and identity: Message-ID, Date, From
+        and Subject as a re-rendering leaves them (shared.mailbox.identity). Never by bytes or
+        RFC822.SIZE: Exchange rebuilds the MIME it serves and estimates sizes (imapsync's
+        FAQ.Exchange.txt), so neither finds an earlier copy there. Two consumers appending into
+        one folder at once, or messages sharing a Message-ID, are told apart by the rest of
+        the identity and the INTERNALDATE. A folder that does not exist holds no copies.
         """
-        size, internaldate = len(message.body), message.internaldate
+        internaldate = message.internaldate
         if internaldate.tzinfo is None:
             raise ValueError("find_copies needs a timezone-aware internaldate")
-        day = internaldate.date()
-        window = ["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)]
+        wanted = Identity.of(header_block(message.body))
         with _failures_as_imap_failure(self._account, "find copies", folder):
             try:
-                self._client.select_folder(folder, readonly=True)
+                selected = self._client.select_folder(folder, readonly=True)
             except imaplib.IMAP4.abort:
                 raise
             except imaplib.IMAP4.error:
                 if not self._folder_exists(folder):
                     return []
                 raise
-            candidates = self._client.search([*window, "LARGER", max(size - 1, 0), "SMALLER", size + 1])
-            if not candidates:
-                return []
-            facts = self._client.fetch(candidates, [b"RFC822.SIZE", b"INTERNALDATE"])
-            alike = sorted(
-                uid
-                for uid, data in facts.items()
-                if data.get(b"RFC822.SIZE") == size and data.get(b"INTERNALDATE") == internaldate
-            )
+            if since is not None and int(selected.get(b"UIDVALIDITY", -1)) == since.uidvalidity:
+                # "n:*" always includes the highest UID, even one below n (RFC 3501 6.4.8).
+                candidates = [uid for uid in self._client.search(["UID", f"{since.uid}:*"]) if uid >= since.uid]
+            else:
+                # Where the APPEND landed is not known: the days around its INTERNALDATE (servers
+                # differ in the zone they take SEARCH dates in).
+                day = internaldate.date()
+                candidates = self._client.search(["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)])
             copies = []
-            for uid in alike:  # one body at a time: each may be tens of MB
-                stored = self._client.fetch([uid], [b"BODY.PEEK[]"]).get(uid, {}).get(b"BODY[]")
-                if stored == message.body:
-                    copies.append(uid)
-            return copies
+            ordered = sorted(candidates)
+            for start in range(0, len(ordered), SUMMARY_CHUNK):
+                fetched = self._client.fetch(ordered[start : start + SUMMARY_CHUNK], [b"INTERNALDATE", _IDENTITY_FIELDS])
+                for uid, data in fetched.items():
+                    if data.get(b"INTERNALDATE") != internaldate:
+                        continue
+                    if wanted.same_as(Identity.of(_header_fields(data) or b"")):
+                        copies.append(uid)
+            return sorted(copies)
 
     def _text(self, detail: str) -> str:
         return scrub(f"{self._account.label} at {self._account.endpoint}: {detail}")

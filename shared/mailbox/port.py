@@ -54,6 +54,16 @@ class SourceMessage:
     internaldate: dt.datetime  # timezone-aware
 
 
+@dataclass(frozen=True)
+class UidFloor:
+    """Where the next APPEND into a folder lands at the earliest: every message appended from
+    now on gets a UID at or above `uid`, for as long as the folder keeps `uidvalidity`. Recorded
+    before an APPEND, it bounds the search for that APPEND's copy after a crash."""
+
+    uidvalidity: int
+    uid: int
+
+
 class AppendRejected(MailSyncerError):
     """The destination refused an APPEND. `permanent`: it can never succeed (too large, NUL
     bytes without BINARY, lines too long), so the message is skipped with `reason`, not retried.
@@ -105,9 +115,16 @@ class DestinationMailbox(Protocol):
         """APPEND the exact bytes with the copied flags and INTERNALDATE; the new UID from
         APPENDUID, or None when the server has no UIDPLUS. Raises AppendRejected."""
 
-    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
-        """UIDs in `folder` holding exactly `message`'s bytes with its INTERNALDATE (the crash
-        window: did an interrupted APPEND land?)."""
+    def uid_floor(self, folder: str) -> UidFloor | None:
+        """Where an APPEND into `folder` made now lands at the earliest; None when the server does
+        not say (no UIDNEXT). Asked before the APPEND and recorded with the claim."""
+
+    def find_copies(self, folder: str, message: SourceMessage, since: UidFloor | None) -> list[int]:
+        """UIDs in `folder` that hold a copy of `message` appended at or above `since` (the crash
+        window: did an interrupted APPEND land?). A copy is known by its INTERNALDATE and its
+        identity (`shared.mailbox.identity`), never by bytes or size: a server may re-render both.
+        Without `since`, or when the folder's UIDVALIDITY is no longer `since`'s, the messages
+        of the days around its INTERNALDATE are looked at instead."""
 
 
 class Mailboxes(Protocol):

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from shared.errors import ClaimLost, MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
-from shared.mailbox.port import AppendRejected, Mailboxes, MailboxThrottled
+from shared.mailbox.port import AppendRejected, Mailboxes, MailboxThrottled, UidFloor
 from shared.message_ref import MessageRef, UidKey
 from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
-from shared.state import ClaimOutcome, ClaimStatus, StateStore
+from shared.state import Claim, ClaimOutcome, ClaimStatus, StateStore
 
 log = logging.getLogger("mail_syncer.copy")
 
@@ -120,12 +120,18 @@ class Copier:
             destination = self.mailboxes.destination()
             if resuming_append:
                 # A process died after sending APPEND and before finalize: it may be there already,
-                # and only a copy of these exact bytes counts.
-                found = destination.find_copies(route.outlook_folder, message)
+                # at or above where that APPEND was to land.
+                found = destination.find_copies(route.outlook_folder, message, _floor_of(claimed.claim))
                 if found:
                     return self._done(ref, found[0], "found in the destination after an interrupted APPEND")
             destination.ensure_folder(route.outlook_folder)
-            self.state.mark_appending(key, self.owner)
+            floor = destination.uid_floor(route.outlook_folder)
+            self.state.mark_appending(
+                key,
+                self.owner,
+                dest_uidvalidity=floor.uidvalidity if floor else None,
+                dest_uid_floor=floor.uid if floor else None,
+            )
             appending = True
             with self._lease_renewed(key):
                 dest_uid = destination.append(route.outlook_folder, message)
@@ -233,6 +239,13 @@ def throttled_visibility(result: CopyResult) -> int | None:
     if result.retry_after is None:
         return None
     return min(math.ceil(result.retry_after) + THROTTLE_MARGIN_SECONDS, MAX_VISIBILITY_SECONDS)
+
+
+def _floor_of(claim: Claim) -> UidFloor | None:
+    """Where the interrupted APPEND was to land, as its claim recorded it."""
+    if claim.dest_uidvalidity is None or claim.dest_uid_floor is None:
+        return None  # recorded by an earlier version, or the server gave no UIDNEXT
+    return UidFloor(claim.dest_uidvalidity, claim.dest_uid_floor)
 
 
 def _retry_after(exc: BaseException) -> float | None:

@@ -216,7 +216,8 @@ class DynamoStateStore(StateStore):
             condition = (
                 "attribute_not_exists(pk) OR (#status IN (:in_progress, :failed) AND lease_until <= :now)"
             )
-            update += ", #status = :in_progress"
+            # A fresh claim has no APPEND behind it: an old one's floor goes (as in SQLite).
+            update += ", #status = :in_progress REMOVE dest_uidvalidity, dest_uid_floor"
             values |= {":in_progress": _s(ClaimStatus.IN_PROGRESS), ":failed": _s(ClaimStatus.FAILED)}
         response = self._call(
             "update_item",
@@ -242,13 +243,21 @@ class DynamoStateStore(StateStore):
             {":lease_until": _n(lease_until), ":now": _n(self._clock())},
         )
 
-    def mark_appending(self, key: UidKey, owner: str) -> None:
-        self._update_owned(
-            key,
-            owner,
-            "SET #status = :appending, updated_at = :now",
-            {":appending": _s(ClaimStatus.APPENDING), ":now": _n(self._clock())},
-        )
+    def mark_appending(
+        self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
+    ) -> None:
+        update = "SET #status = :appending, updated_at = :now"
+        values = {":appending": _s(ClaimStatus.APPENDING), ":now": _n(self._clock())}
+        floor = {"dest_uidvalidity": dest_uidvalidity, "dest_uid_floor": dest_uid_floor}
+        for name, value in floor.items():
+            if value is not None:
+                update += f", {name} = :{name}"
+                values[f":{name}"] = _n(value)
+        # A floor not known now must not leave an earlier APPEND's behind.
+        removed = [name for name, value in floor.items() if value is None]
+        if removed:
+            update += " REMOVE " + ", ".join(removed)
+        self._update_owned(key, owner, update, values)
 
     def finalize(
         self,
@@ -528,6 +537,8 @@ def _claim_from_item(key: UidKey, item: dict) -> Claim:
         fingerprint=_optional_str(item, "fingerprint"),
         reason=_optional_str(item, "reason"),
         updated_at=_float(item, "updated_at"),
+        dest_uidvalidity=_optional_int(item, "dest_uidvalidity"),
+        dest_uid_floor=_optional_int(item, "dest_uid_floor"),
     )
 
 

@@ -74,6 +74,11 @@ class Claim:
     fingerprint: str | None = None
     reason: str | None = None
     updated_at: float = 0.0
+    # Where an APPEND of it lands at the earliest (set with APPENDING): the destination folder's
+    # UIDVALIDITY and a UID every message appended since is at or above. A takeover looks for an
+    # earlier copy from there (shared.mailbox.port.UidFloor). None when not known.
+    dest_uidvalidity: int | None = None
+    dest_uid_floor: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,12 @@ class StateStore(abc.ABC):
         """Raises ClaimLost unless `owner` holds a non-final claim."""
 
     @abc.abstractmethod
-    def mark_appending(self, key: UidKey, owner: str) -> None:
-        """IN_PROGRESS or APPENDING -> APPENDING. Raises ClaimLost unless `owner` holds it."""
+    def mark_appending(
+        self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
+    ) -> None:
+        """IN_PROGRESS or APPENDING -> APPENDING, with where the APPEND lands at the earliest
+        (kept across takeovers until the next mark_appending). Raises ClaimLost unless `owner`
+        holds it."""
 
     @abc.abstractmethod
     def finalize(

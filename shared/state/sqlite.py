@@ -76,6 +76,8 @@ CREATE TABLE IF NOT EXISTS claims (
     fingerprint TEXT,
     reason TEXT,
     updated_at REAL NOT NULL,
+    dest_uidvalidity INTEGER,
+    dest_uid_floor INTEGER,
     PRIMARY KEY (route, uidvalidity, uid)
 );
 CREATE TABLE IF NOT EXISTS failures (
@@ -105,6 +107,9 @@ CREATE TABLE IF NOT EXISTS health (
 """
 
 _KEY_MATCH = "route = :route AND uidvalidity = :uidvalidity AND uid = :uid"
+# Columns added since a table was first made: a state file made by an earlier version gains them
+# when it is opened (SQLite adds a column in place; its rows read NULL there).
+_ADDED_COLUMNS = {"claims": ("dest_uidvalidity INTEGER", "dest_uid_floor INTEGER")}
 
 
 class SqliteStateStore(StateStore):
@@ -167,13 +172,18 @@ class SqliteStateStore(StateStore):
             answer = answer_without_taking(found, owner, now)
             if answer is not None:
                 return answer
+            status = status_after_taking(found)
+            keeps_floor = found is not None and status is ClaimStatus.APPENDING
             claim = Claim(
                 key=key,
-                status=status_after_taking(found),
+                status=status,
                 owner=owner,
                 lease_until=lease_until,
                 attempts=(found.attempts if found else 0) + 1,
                 updated_at=now,
+                # A takeover mid-APPEND looks for the earlier copy from where that APPEND landed.
+                dest_uidvalidity=found.dest_uidvalidity if keeps_floor else None,
+                dest_uid_floor=found.dest_uid_floor if keeps_floor else None,
             )
             self._save_claim(db, claim)
             return ClaimResult(ClaimOutcome.CLAIMED, claim)
@@ -187,10 +197,19 @@ class SqliteStateStore(StateStore):
             claim = self._owned_claim(db, key, owner)
             self._save_claim(db, replace(claim, lease_until=lease_until, updated_at=self._clock()))
 
-    def mark_appending(self, key: UidKey, owner: str) -> None:
+    def mark_appending(
+        self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
+    ) -> None:
         with self._writing() as db:
             claim = self._owned_claim(db, key, owner)
-            self._save_claim(db, replace(claim, status=ClaimStatus.APPENDING, updated_at=self._clock()))
+            appending = replace(
+                claim,
+                status=ClaimStatus.APPENDING,
+                updated_at=self._clock(),
+                dest_uidvalidity=dest_uidvalidity,
+                dest_uid_floor=dest_uid_floor,
+            )
+            self._save_claim(db, appending)
 
     def finalize(
         self,
@@ -364,6 +383,7 @@ class SqliteStateStore(StateStore):
             db.row_factory = sqlite3.Row
             _use_wal(db)
             db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+            _add_missing_columns(db)
         except BaseException:
             db.close()
             raise
@@ -409,6 +429,8 @@ class SqliteStateStore(StateStore):
             fingerprint=row["fingerprint"],
             reason=row["reason"],
             updated_at=row["updated_at"],
+            dest_uidvalidity=row["dest_uidvalidity"],
+            dest_uid_floor=row["dest_uid_floor"],
         )
 
     def _owned_claim(self, db: sqlite3.Connection, key: UidKey, owner: str) -> Claim:
@@ -421,9 +443,9 @@ class SqliteStateStore(StateStore):
     def _save_claim(db: sqlite3.Connection, claim: Claim) -> None:
         db.execute(
             "INSERT OR REPLACE INTO claims (route, uidvalidity, uid, status, owner, lease_until,"
-            " attempts, dest_uid, fingerprint, reason, updated_at) VALUES (:route, :uidvalidity,"
-            " :uid, :status, :owner, :lease_until, :attempts, :dest_uid, :fingerprint, :reason,"
-            " :updated_at)",
+            " attempts, dest_uid, fingerprint, reason, updated_at, dest_uidvalidity, dest_uid_floor)"
+            " VALUES (:route, :uidvalidity, :uid, :status, :owner, :lease_until, :attempts, :dest_uid,"
+            " :fingerprint, :reason, :updated_at, :dest_uidvalidity, :dest_uid_floor)",
             _key_params(claim.key)
             | {
                 "status": claim.status.value,
@@ -434,6 +456,8 @@ class SqliteStateStore(StateStore):
                 "fingerprint": claim.fingerprint,
                 "reason": claim.reason,
                 "updated_at": claim.updated_at,
+                "dest_uidvalidity": claim.dest_uidvalidity,
+                "dest_uid_floor": claim.dest_uid_floor,
             },
         )
 
@@ -479,6 +503,22 @@ class SqliteStateStore(StateStore):
                 " first_at REAL NOT NULL, last_at REAL NOT NULL)"
             )
             yield db
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Give a table made by an earlier version the _ADDED_COLUMNS it lacks; looked at under the
+    write lock, so two processes opening the same old file add each column once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _use_wal(db: sqlite3.Connection) -> None:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from shared.errors import MailSyncerError
+from shared.mailbox.identity import Identity, header_block
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendRejected,
@@ -37,6 +38,7 @@ from shared.mailbox.port import (
     MailboxThrottled,
     MessageSummary,
     SourceMessage,
+    UidFloor,
 )
 from shared.settings import Route
 from tests.fakes.faults import Answer, FaultScript
@@ -48,7 +50,7 @@ DEFAULT_INTERNALDATE = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.time
 BLOCK_LIMIT_SECONDS = 10.0
 
 SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "fetch"})
-DESTINATION_OPERATIONS = frozenset({"ensure_folder", "append", "find_copies"})
+DESTINATION_OPERATIONS = frozenset({"ensure_folder", "uid_floor", "append", "find_copies"})
 
 _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
 
@@ -335,8 +337,16 @@ class FakeDestination:
     `throttle_next`, `lose_connection_in_next_append`, `block_next_append`, `fail_next`,
     `before_next`; read `calls`, `appends` and `messages(folder)`."""
 
-    def __init__(self, *, uidplus: bool = True, folders: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        uidplus: bool = True,
+        folders: Sequence[str] = (),
+        served: Callable[[bytes], bytes] = lambda stored: stored,
+    ) -> None:
         self.uidplus = uidplus
+        # What a FETCH serves of the stored bytes: unchanged, or rebuilt as Exchange does.
+        self.served = served
         self.folders: dict[str, FakeFolder] = {}
         self.calls: list[tuple] = []
         self._script = FaultScript(DESTINATION_OPERATIONS)
@@ -430,16 +440,33 @@ class FakeDestination:
             after()
         return uid if self.uidplus else None
 
-    def find_copies(self, folder: str, message: SourceMessage) -> list[int]:
-        answer = self._begin("find_copies", (folder, message.uid))
+    def uid_floor(self, folder: str) -> UidFloor | None:
+        answer = self._begin("uid_floor", folder)
+        if answer is not None:
+            return answer.value
+        with self._lock:
+            found = self.folders.get(folder)
+            return UidFloor(found.uidvalidity, found.uidnext) if found else None
+
+    def find_copies(self, folder: str, message: SourceMessage, since: UidFloor | None) -> list[int]:
+        """As the port says: INTERNALDATE and identity of what the server serves, at or above
+        `since` while the folder keeps its UIDVALIDITY (else every message: the fake has no
+        date window to narrow by)."""
+        answer = self._begin("find_copies", (folder, message.uid, since))
         if answer is not None:
             return answer.value
         if message.internaldate.tzinfo is None:
             raise ValueError("find_copies needs a timezone-aware internaldate")
+        wanted = Identity.of(header_block(message.body))
+        with self._lock:
+            found = self.folders.get(folder)
+            lowest = since.uid if since is not None and found is not None and found.uidvalidity == since.uidvalidity else 1
         return [
             stored.uid
             for stored in self.messages(folder)
-            if stored.body == message.body and stored.internaldate == message.internaldate  # same instant
+            if stored.uid >= lowest
+            and stored.internaldate == message.internaldate  # the same instant
+            and wanted.same_as(Identity.of(header_block(self.served(stored.body))))
         ]
 
     def _begin(self, operation: str, argument: object) -> Answer | None:

@@ -113,9 +113,11 @@ class FailingStateStore(StateStore):
         self._enter("extend_lease")
         self.inner.extend_lease(key, owner, lease_until)
 
-    def mark_appending(self, key: UidKey, owner: str) -> None:
+    def mark_appending(
+        self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
+    ) -> None:
         self._enter("mark_appending")
-        self.inner.mark_appending(key, owner)
+        self.inner.mark_appending(key, owner, dest_uidvalidity=dest_uidvalidity, dest_uid_floor=dest_uid_floor)
 
     def finalize(
         self,

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from shared.errors import ImapFailure
 from shared.mailbox.imap import SUMMARY_CHUNK, ImapDestination, ImapSource
-from shared.mailbox.port import AppendRejected, SourceMessage, fingerprint
+from shared.mailbox.port import AppendRejected, SourceMessage, UidFloor, fingerprint
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
 from tests.harness.mail import connect, corpus, read_folder, seed
 
@@ -493,59 +493,80 @@ def test_a_long_session_does_not_pile_up_what_appends_answer(dovecot_pair, sessi
 
 
 # ---- destination: find_copies --------------------------------------------------------------------
-def test_find_copies_counts_only_the_same_bytes_and_instant(dovecot_pair, destination_of):
+def test_find_copies_looks_from_the_floor_by_instant_and_identity_not_bytes(dovecot_pair, destination_of):
     outlook = dovecot_pair.outlook
     user = outlook.new_user("find")
     when = dt.datetime(2024, 4, 1, 23, 30, 0, tzinfo=zone(-8))  # 07:30 the next day in UTC
     copy = message("x", "<copy@example.org>", "body A")
-    twin = message("x", "<copy@example.org>", "body B")  # shares Message-ID, size and date
-    assert len(twin) == len(copy)
+    # As Exchange serves it: rebuilt, so other bytes and size, the same properties.
+    rendered = b"From: <A@example.org>\r\nSubject: =?utf-8?q?x?=\r\nMessage-ID: <copy@example.org>\r\n\r\nbody A, re-encoded\r\n"
     seed(
         outlook,
         user,
         "Work",
         [
-            (twin, (), when),
-            (copy, ("\\Seen",), when),  # the copy
-            (copy, (), when + dt.timedelta(seconds=1)),  # same bytes, another INTERNALDATE
-            (message("x", "<copy@example.org>", "longer text"), (), when),  # another size
-            (copy, (), when.astimezone(zone(9))),  # the same instant written in another zone
+            (copy, (), when),  # 1: an earlier copy, below the floor
+            (rendered, ("\\Seen",), when),  # 2: the copy
+            (copy, (), when + dt.timedelta(seconds=1)),  # 3: another INTERNALDATE
+            (message("y", "<copy@example.org>"), (), when),  # 4: shares the Message-ID, not the subject
+            (message("x", "<other@example.org>", "body A"), (), when),  # 5: another Message-ID
+            (rendered, (), when.astimezone(zone(9))),  # 6: the same instant written in another zone
         ],
     )
     destination = destination_of(outlook, user)
-    assert destination.find_copies("Work", SourceMessage(7, copy, (), when)) == [2, 5]
-    assert destination.find_copies("Work", SourceMessage(7, copy, (), when.astimezone(UTC))) == [2, 5]
-    assert destination.find_copies("Work", SourceMessage(8, twin, (), when)) == [1]
-    assert destination.find_copies("Work", SourceMessage(9, message("y", "<copy@example.org>"), (), when)) == []
-    assert destination.find_copies("Not There", SourceMessage(7, copy, (), when)) == []
+    floor = destination.uid_floor("Work")
+    assert floor.uid == 7
+    found_from = UidFloor(floor.uidvalidity, 2)
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when), found_from) == [2, 6]
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when.astimezone(UTC)), found_from) == [2, 6]
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when), floor) == []  # nothing at 7 yet
+    # Where the APPEND landed is not known (no floor, or the folder was renumbered since): the
+    # days around its INTERNALDATE.
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when), None) == [1, 2, 6]
+    renumbered = UidFloor(floor.uidvalidity + 1, 2)
+    assert destination.find_copies("Work", SourceMessage(7, copy, (), when), renumbered) == [1, 2, 6]
+    assert destination.find_copies("Not There", SourceMessage(7, copy, (), when), None) == []
 
 
-def test_find_copies_without_message_id_compares_bytes_around_the_day(dovecot_pair, destination_of):
+def test_find_copies_without_message_id_uses_the_rest_of_the_identity(dovecot_pair, destination_of):
     outlook = dovecot_pair.outlook
     user = outlook.new_user("findnoid")
     when = dt.datetime(2024, 4, 1, 23, 30, 0, tzinfo=zone(-8))
     copy = message("no id")
+    with_added_id = b"Message-ID: <added.by.server@outlook.test>\r\n" + copy  # Exchange gives it one
     seed(
         outlook,
         user,
         "INBOX",
         [
             (copy, (), when - dt.timedelta(days=3)),  # outside the searched days
-            (copy, (), when),  # the copy
-            (message("no iD"), (), when),  # same size and date, other bytes
-            (message("no id", body="other"), (), when),  # another size
+            (with_added_id, (), when),  # the copy
+            (message("no iD, another subject"), (), when),  # same date, another subject
             (copy, (), when + dt.timedelta(hours=1)),  # another INTERNALDATE
         ],
     )
     destination = destination_of(outlook, user)
-    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), when)) == [2]
-    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), when - dt.timedelta(days=3))) == [1]
-    assert destination.find_copies("INBOX", SourceMessage(1, message("no iD"), (), when)) == [3]
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), when), None) == [2]
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), when - dt.timedelta(days=3)), None) == [1]
     later = when + dt.timedelta(minutes=1)
-    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), later)) == []
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), later), None) == []
     # It searches the folder afresh each time.
     (uid,) = seed(outlook, user, "INBOX", [(copy, (), later)])
-    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), later)) == [uid]
+    assert destination.find_copies("INBOX", SourceMessage(1, copy, (), later), None) == [uid]
+
+
+def test_the_uid_floor_follows_each_append(dovecot_pair, destination_of):
+    outlook = dovecot_pair.outlook
+    user = outlook.new_user("floor")
+    seed(outlook, user, "INBOX", [(message("one"), (), dt.datetime(2024, 1, 1, tzinfo=UTC))])
+    destination = destination_of(outlook, user)
+    before = destination.uid_floor("INBOX")
+    assert before.uid == 2
+    appended = destination.append("INBOX", SourceMessage(1, message("two"), (), dt.datetime(2024, 1, 2, tzinfo=UTC)))
+    assert appended == 2 and destination.uid_floor("INBOX") == UidFloor(before.uidvalidity, 3)
+    # Another session appends meanwhile: the floor is a lower bound, still below its UID.
+    seed(outlook, user, "INBOX", [(message("three"), (), dt.datetime(2024, 1, 3, tzinfo=UTC))])
+    assert destination.uid_floor("INBOX").uid <= 3
 
 
 # ---- a scripted IMAP server ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import re
 import socket
+import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
@@ -16,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from shared.errors import ClaimLost, StateStoreUnavailable
 from shared.aws import make_client
+from shared.errors import ClaimLost, StateStoreUnavailable
 from shared.state.dynamodb import DynamoStateStore, create_state_table
 from shared.state.port import (
     MAX_ERROR_TEXT,
@@ -236,6 +237,55 @@ def test_mark_appending(store, clock):
     store.mark_appending(uid_key(), "a")  # already APPENDING: still fine
 
     assert store.get_claim(uid_key()).status is ClaimStatus.APPENDING
+
+
+def test_where_an_append_lands_is_kept_across_takeovers_until_the_next_append(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.mark_appending(uid_key(), "a", dest_uidvalidity=9, dest_uid_floor=120)
+    clock.advance(LEASE + 1)
+
+    taken = claim(store, uid_key(), "b", clock).claim
+    assert (taken.status, taken.dest_uidvalidity, taken.dest_uid_floor) == (ClaimStatus.APPENDING, 9, 120)
+    store.release(uid_key(), "b", append_outcome_unknown=True)
+    again = claim(store, uid_key(), "c", clock).claim
+    assert (again.dest_uidvalidity, again.dest_uid_floor) == (9, 120)
+    assert store.get_claim(uid_key()) == again
+
+    store.mark_appending(uid_key(), "c", dest_uidvalidity=9, dest_uid_floor=131)
+    assert (store.get_claim(uid_key()).dest_uidvalidity, store.get_claim(uid_key()).dest_uid_floor) == (9, 131)
+    store.mark_appending(uid_key(), "c")  # where this one lands is not known: no stale floor is kept
+    assert (store.get_claim(uid_key()).dest_uidvalidity, store.get_claim(uid_key()).dest_uid_floor) == (None, None)
+
+
+def test_a_claim_taken_again_after_a_certain_failure_has_no_floor(store, clock):
+    claim(store, uid_key(), "a", clock)
+    store.mark_appending(uid_key(), "a", dest_uidvalidity=9, dest_uid_floor=120)
+    store.release(uid_key(), "a")  # refused: the APPEND certainly did not land
+
+    taken = claim(store, uid_key(), "b", clock).claim
+    assert (taken.status, taken.dest_uidvalidity, taken.dest_uid_floor) == (ClaimStatus.IN_PROGRESS, None, None)
+    assert store.get_claim(uid_key()) == taken
+
+
+def test_a_state_file_of_an_earlier_version_gains_the_new_columns(tmp_path, clock):
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:  # the claims table as the first release made it
+        db.execute(
+            "CREATE TABLE claims (route TEXT NOT NULL, uidvalidity INTEGER NOT NULL, uid INTEGER NOT NULL,"
+            " status TEXT NOT NULL, owner TEXT, lease_until REAL NOT NULL, attempts INTEGER NOT NULL,"
+            " dest_uid INTEGER, fingerprint TEXT, reason TEXT, updated_at REAL NOT NULL,"
+            " PRIMARY KEY (route, uidvalidity, uid))"
+        )
+        db.execute("INSERT INTO claims VALUES ('work', 7, 42, 'appending', NULL, 0, 1, NULL, NULL, NULL, 1.0)")
+    store = SqliteStateStore(path, clock=clock)
+
+    found = store.get_claim(uid_key())
+    assert (found.status, found.dest_uidvalidity, found.dest_uid_floor) == (ClaimStatus.APPENDING, None, None)
+    claim(store, uid_key(), "a", clock)
+    store.mark_appending(uid_key(), "a", dest_uidvalidity=9, dest_uid_floor=5)
+    assert store.get_claim(uid_key()).dest_uid_floor == 5
+    store.close()
+    assert SqliteStateStore(path, clock=clock).get_claim(uid_key()).dest_uid_floor == 5  # opened again: no change
 
 
 # -- release -------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ many copies, the claim's status and reason, the failure record.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import email.utils as email_utils
 import math
 import threading
 
@@ -31,17 +34,45 @@ def world(tmp_path):
     world.close()
 
 
-def crashed_mid_append(world: FakeWorld, ref: MessageRef, *, landed: bool) -> None:
-    """Another process claimed `ref`, marked it appending and died (its APPEND landed or not);
-    then its lease ran out."""
+def crashed_mid_append(world: FakeWorld, ref: MessageRef, *, landed: bool, floor_recorded: bool = True) -> None:
+    """Another process claimed `ref`, marked it appending with where its APPEND would land (as the
+    copier does; `floor_recorded=False`: as an earlier version did, without) and died, its APPEND
+    landed or not; then its lease ran out."""
+    folder = world.routes[ref.route].outlook_folder
+    world.destination.create_folder(folder)
+    floor = world.destination.folders[folder]
     world.state.inner.claim_uid(ref.key, "crashed", world.clock() + LEASE_SECONDS)
-    world.state.inner.mark_appending(ref.key, "crashed")
+    if floor_recorded:
+        world.state.inner.mark_appending(
+            ref.key, "crashed", dest_uidvalidity=floor.uidvalidity, dest_uid_floor=floor.uidnext
+        )
+    else:
+        world.state.inner.mark_appending(ref.key, "crashed")
     if landed:
-        world.destination.ensure_folder(world.routes[ref.route].outlook_folder)
         source = world.source_of(ref.route)
         message = source.message(world.routes[ref.route].gmail_folder, ref.uid).as_source_message()
-        world.destination.append(world.routes[ref.route].outlook_folder, message)
+        world.destination.append(folder, message)
     world.clock.advance(LEASE_SECONDS + 1)
+
+
+def as_exchange_serves(stored: bytes) -> bytes:
+    """Headers as Exchange Online serves a message it stored: rebuilt from its properties, so in
+    another order, Date in UTC, the display name unquoted, the subject RFC 2047 encoded, headers of
+    its own added; the body is not looked at here."""
+    block, _, body = stored.partition(b"\r\n\r\n")
+    fields = dict(line.split(b": ", 1) for line in block.split(b"\r\n"))
+    date = email_utils.parsedate_to_datetime(fields[b"Date"].decode()) if b"Date" in fields else None
+    subject = base64.b64encode(fields.get(b"Subject", b"")).decode()
+    lines = [
+        b"Received: from BN8PR01MB1234.prod.outlook.com; " + b"Mon, 6 May 2024 11:08:09 +0000",
+        b"Subject: =?utf-8?B?" + subject.encode() + b"?=",
+        b"From: " + fields[b"From"].replace(b'"', b""),
+        b"Message-ID: " + fields.get(b"Message-ID", b"<DM6PR01MB5555.added@outlook.com>"),
+    ]
+    if date is not None:
+        lines.append(b"Date: " + email_utils.format_datetime(date.astimezone(dt.timezone.utc)).encode())
+    lines.append(b"X-MS-Exchange-Organization-AuthAs: Internal")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 # -- copied --------------------------------------------------------------------------------------
@@ -274,6 +305,78 @@ def test_an_interrupted_append_that_did_not_land_is_appended_once(world):
     assert world.destination.appends == 1
     assert world.destination.bodies("Work") == [world.source_of("work").message("INBOX", ref.uid).body]
     assert world.claim(ref).status is ClaimStatus.DONE
+
+
+def test_an_interrupted_append_is_found_though_the_destination_serves_other_bytes(world):
+    """Exchange stores no MIME: what it serves of the copy is not what was appended. The copy is
+    found by INTERNALDATE and identity at or above where the APPEND was to land."""
+    world.destination.served = as_exchange_serves
+    body = email("Invoice 2024-05", extra_headers=["Date: Mon, 6 May 2024 07:08:09 -0400"])
+    ref = world.arrive("work", body)
+    crashed_mid_append(world, ref, landed=True)
+    [landed] = world.destination.messages("Work")
+
+    result = world.copier().copy_message(ref)
+
+    assert (result.outcome, result.dest_uid) == (Outcome.COPIED, landed.uid)
+    assert result.detail == "found in the destination after an interrupted APPEND"
+    assert world.destination.appends == 1  # the crashed one only
+    assert world.destination.bodies("Work") == [body]
+
+
+def test_a_claim_records_where_its_append_lands_before_the_append(world):
+    world.destination.create_folder("Work")
+    for subject in ("one", "two", "three"):  # UIDs 1 to 3 are taken
+        earlier = world.arrive("work", email(subject))
+        world.destination.append("Work", world.source_of("work").message("INBOX", earlier.uid).as_source_message())
+    ref = world.arrive("work", email("four"))
+    seen = []
+    world.destination.before_next("append", lambda: seen.append(world.claim(ref)))
+
+    world.copier().copy_message(ref)
+
+    [claim] = seen
+    assert (claim.status, claim.dest_uidvalidity, claim.dest_uid_floor) == (
+        ClaimStatus.APPENDING, world.destination.folders["Work"].uidvalidity, 4
+    )
+    assert world.claim(ref).dest_uid == 4
+
+
+def test_a_message_another_consumer_appended_meanwhile_is_not_taken_for_the_copy(world):
+    """Same INTERNALDATE, same folder, above the floor: told apart by its identity."""
+    ref = world.arrive("work", email("ours"))
+    crashed_mid_append(world, ref, landed=False)
+    theirs = world.source_of("home").message("INBOX", world.arrive("home", email("theirs")).uid).as_source_message()
+    world.destination.append("Work", theirs)
+
+    result = world.copier().copy_message(ref)
+
+    assert (result.outcome, result.detail) == (Outcome.COPIED, "")
+    assert sorted(world.destination.bodies("Work")) == sorted([theirs.body, email("ours")])
+
+
+def test_a_message_sharing_its_message_id_is_not_taken_for_the_copy(world):
+    ref = world.arrive("work", email("the original", message_id="<same@mail.test>"))
+    crashed_mid_append(world, ref, landed=False)
+    other = email("a resend", message_id="<same@mail.test>")
+    theirs = world.source_of("home").message("INBOX", world.arrive("home", other).uid).as_source_message()
+    world.destination.append("Work", theirs)
+
+    assert world.copier().copy_message(ref).detail == ""  # appended, not "found"
+    assert len(world.destination.bodies("Work")) == 2
+
+
+def test_an_interrupted_append_recorded_without_a_floor_is_still_found(world):
+    """A claim left APPENDING by an earlier version has no floor: the whole folder is looked at."""
+    ref = world.arrive("work")
+    crashed_mid_append(world, ref, landed=True, floor_recorded=False)
+
+    result = world.copier().copy_message(ref)
+
+    assert result.detail == "found in the destination after an interrupted APPEND"
+    assert len(world.destination.bodies("Work")) == 1
+    [(_, (_, _, since))] = world.destination.calls_to("find_copies")
+    assert since is None
 
 
 # -- refusals and throttles ----------------------------------------------------------------------
