@@ -51,8 +51,18 @@ class Identity:
             subject_undeclared_8bit=subject is not None and any(byte > 0x7F for byte in subject),
         )
 
+    @property
+    def described(self) -> bool:
+        """Whether it has a Date, a sender or a subject (a Message-ID alone may be the server's)."""
+        return self.date is not None or bool(self.senders) or bool(self.subject)
+
     def same_as(self, candidate: Identity) -> bool:
         """Whether `candidate` (a destination message's headers) may be a rendering of this one."""
+        if self.described and not candidate.described:
+            # The server could not read this header block (a malformed line ends it for some
+            # parsers) and served one without Date, From and Subject, and its own Message-ID:
+            # nothing here can tell; the INTERNALDATE and the UID floor have to.
+            return True
         if self.message_id is not None and candidate.message_id != self.message_id:
             return False
         if self.date is not None and candidate.date != self.date:
@@ -68,6 +78,7 @@ class Identity:
 
 def header_block(message: bytes) -> bytes:
     """The header block of a whole message: up to the first empty line (CRLF or bare LF)."""
+    message = message.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark some writers put first
     for separator in (b"\r\n\r\n", b"\n\n"):
         end = message.find(separator)
         if end != -1:

@@ -11,6 +11,7 @@ import socket
 import threading
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from imapclient import IMAPClient
@@ -567,6 +568,37 @@ def test_the_uid_floor_follows_each_append(dovecot_pair, destination_of):
     # Another session appends meanwhile: the floor is a lower bound, still below its UID.
     seed(outlook, user, "INBOX", [(message("three"), (), dt.datetime(2024, 1, 3, tzinfo=UTC))])
     assert destination.uid_floor("INBOX").uid <= 3
+
+
+def test_after_a_crash_each_corpus_copy_is_found_behind_the_outlook_front(dovecot_pair, outlook_front, sessions):
+    """Through a front that serves rebuilt MIME and estimated sizes, as Exchange Online does, each
+    copy is still found from the floor recorded before its APPEND, and only it: not its
+    byte-identical twin in the corpus, not the messages appended after it."""
+    outlook = dovecot_pair.outlook
+    user = outlook.new_user("frontfind")
+    front = outlook_front(outlook)
+    via_front = SimpleNamespace(
+        host=front.host, imaps_port=front.port, ca_bundle_path=outlook.ca_bundle_path, password=outlook.password
+    )
+    destination = ImapDestination(*sessions(via_front, user))
+    destination.ensure_folder("Copies")
+    base = dt.datetime(2024, 2, 1, 12, 0, 0, tzinfo=UTC)
+    appended, refused = [], []
+    for i, corpus_message in enumerate(CORPUS):
+        message = SourceMessage(i + 1, corpus_message.bytes, (), (base + dt.timedelta(minutes=i)).astimezone(ZONES[i % len(ZONES)]))
+        floor = destination.uid_floor("Copies")
+        try:
+            uid = destination.append("Copies", message)
+        except AppendRejected:
+            refused.append(corpus_message.name)
+            continue
+        appended.append((corpus_message.name, message, floor, uid))
+
+    # NUL bytes and no BINARY on Outlook; Command Error. 10 for a line over 9,900 characters.
+    assert refused == ["077-mimekit-as2-smime-binary-nul.eml", "093-phpmime-24k-char-line.eml"]
+    after_crash = ImapDestination(*sessions(via_front, user))  # knows nothing but the floors
+    found = {name: after_crash.find_copies("Copies", message, floor) for name, message, floor, _ in appended}
+    assert found == {name: [uid] for name, _, _, uid in appended}
 
 
 # ---- a scripted IMAP server ----------------------------------------------------------------------
