@@ -12,9 +12,9 @@ def pytest_terminal_summary(terminalreporter) -> None:
     if not rows:
         return
     terminalreporter.write_sep("=", "fault matrix: killed or broken at a point, then run again")
-    terminalreporter.write_line(f"{'path':<7} {'point':<58} {'lost':>4} {'duplicated':>10} {'foreign':>7}")
+    terminalreporter.write_line(f"{'path':<7} {'server':<8} {'point':<58} {'lost':>4} {'duplicated':>10} {'foreign':>7}")
     for row in rows:
         mark = "" if row.clean else "   <-- FAILED"
         terminalreporter.write_line(
-            f"{row.path:<7} {row.point:<58} {row.lost:>4} {row.duplicated:>10} {row.foreign:>7}{mark}"
+            f"{row.path:<7} {row.server:<8} {row.point:<58} {row.lost:>4} {row.duplicated:>10} {row.foreign:>7}{mark}"
         )

@@ -49,6 +49,7 @@ PARALLEL_SCENARIOS = 4
 class Row:
     path: str  # "drain" or "lambda"
     point: str
+    server: str  # the destination: "dovecot", or "outlook" (the Outlook.com front before Dovecot)
     lost: int  # source messages not in the destination
     duplicated: int  # extra copies of source messages
     foreign: int  # destination messages matching no source message (bytes, flags or date changed)
@@ -119,6 +120,7 @@ def driver(env: dict, workdir: Path, path: str, *args: str, timeout: float = 120
 @dataclass
 class Scenario:
     path: str
+    server: str
     point: str
     hook: str
     uid: int
@@ -137,7 +139,7 @@ class Scenario:
             self.rerun = driver(self.env, self.workdir, self.path)
         source = read_folder(dovecot_pair.gmail, self.gmail_user, "INBOX")
         destination = read_folder(dovecot_pair.outlook, self.outlook_user, FOLDER)
-        self.row = Row(self.path, self.point, *faults(source, destination))
+        self.row = Row(self.path, self.point, self.server, *faults(source, destination))
         return self
 
     def problem(self) -> str | None:
@@ -156,7 +158,8 @@ def _output(done: subprocess.CompletedProcess) -> str:
 
 def _matrix_text(rows: list[Row]) -> str:
     return "\n".join(
-        f"{r.path:<7} {r.point:<52} lost {r.lost}  duplicated {r.duplicated}  foreign {r.foreign}" for r in rows
+        f"{r.path:<7} {r.server:<8} {r.point:<52} lost {r.lost}  duplicated {r.duplicated}  foreign {r.foreign}"
+        for r in rows
     )
 
 
@@ -171,31 +174,46 @@ def run_matrix(scenarios: list[Scenario], dovecot_pair) -> None:
     assert not problems, _matrix_text(rows) + "\n\n" + "\n\n".join(problems)
 
 
-def route_env(sync_env, name: str) -> tuple[dict, str, str, Path]:
+def route_env(sync_env, name: str, destination=None) -> tuple[dict, str, str, Path]:
+    """A route's settings; `destination`: a front (host, port) the destination is reached through."""
     setup = sync_env(routes=((name, "INBOX", FOLDER),))
     env = setup.env | {"LEASE_SECONDS": LEASE_SECONDS}
     env["STATE_DB"] = str(setup.workdir / "state" / f"{name}.db")
+    if destination is not None:
+        env |= {"OUTLOOK_IMAP_HOST": destination.host, "OUTLOOK_IMAP_PORT": str(destination.port)}
     return env, setup.routes[0].gmail_user, setup.outlook_user, setup.workdir
 
 
-def test_drain_killed_at_each_point_then_rerun(sync_env, dovecot_pair):
+@pytest.fixture(params=["dovecot", "outlook"])
+def destination(request, dovecot_pair):
+    """The destination as the code under test reaches it: the Outlook Dovecot itself, or the
+    Outlook.com front before it (rebuilt MIME, estimated sizes: tests/harness/outlook_front.py).
+    Either way the matrix reads what Dovecot stores, byte for byte."""
+    if request.param == "dovecot":
+        return request.param, None
+    return request.param, request.getfixturevalue("outlook_front")(dovecot_pair.outlook)
+
+
+def test_drain_killed_at_each_point_then_rerun(sync_env, dovecot_pair, destination):
+    server, front = destination
     scenarios = []
     for index, (point, hook, uid) in enumerate(POINTS):
-        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"drain{index}")
-        scenarios.append(Scenario("drain", point, hook, uid, env, gmail_user, outlook_user, workdir))
+        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"drain{index}", front)
+        scenarios.append(Scenario("drain", server, point, hook, uid, env, gmail_user, outlook_user, workdir))
     run_matrix(scenarios, dovecot_pair)
 
 
-def test_lambda_handlers_killed_at_each_point_then_rerun(sync_env, dovecot_pair, aws_env, aws_client):
+def test_lambda_handlers_killed_at_each_point_then_rerun(sync_env, dovecot_pair, aws_env, aws_client, destination):
+    server, front = destination
     scenarios = []
     for index, (point, hook, uid) in enumerate(POINTS):
-        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"lambda{index}")
+        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"lambda{index}", front)
         table = unique_name("crash")
         create_state_table(aws_client("dynamodb"), table)
         # Above the deliveries a killed run and a still-held claim can cost (each is one receive).
         queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("crash"), max_receive_count=5)
         env |= aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url}
-        scenarios.append(Scenario("lambda", point, hook, uid, env, gmail_user, outlook_user, workdir))
+        scenarios.append(Scenario("lambda", server, point, hook, uid, env, gmail_user, outlook_user, workdir))
     run_matrix(scenarios, dovecot_pair)
 
 
@@ -260,7 +278,7 @@ def test_destination_dovecot_killed_and_restarted_during_append(sync_env, doveco
 
     source = read_folder(dovecot_pair.gmail, gmail_user, "INBOX")
     destination = read_folder(own_outlook, outlook_user, FOLDER)
-    row = Row("drain", "destination Dovecot killed and restarted during APPEND", *faults(source, destination))
+    row = Row("drain", "destination Dovecot killed and restarted during APPEND", "dovecot", *faults(source, destination))
     MATRIX.append(row)
     assert returncode == 0, running.output()
     # The outage was met (UID 4's APPEND failed), and then got over.
@@ -321,7 +339,7 @@ def test_moto_stopped_during_a_drain_fails_safe_and_loses_nothing(sync_env, dove
 
     source = read_folder(dovecot_pair.gmail, gmail_user, "INBOX")
     destination = read_folder(dovecot_pair.outlook, outlook_user, FOLDER)
-    row = Row("drain", "moto (DynamoDB + SQS) stopped after an APPEND, then back", *faults(source, destination))
+    row = Row("drain", "moto (DynamoDB + SQS) stopped after an APPEND, then back", "dovecot", *faults(source, destination))
     MATRIX.append(row)
     assert rerun.returncode == 0, _output(rerun)
     assert row.clean, row
