@@ -29,7 +29,7 @@ from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
-from shared.state import Claim, ClaimOutcome, ClaimStatus, StateStore
+from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, StateStore
 
 log = logging.getLogger("mail_syncer.copy")
 
@@ -99,17 +99,28 @@ class Copier:
                 Outcome.BUSY, key, f"claimed by {claimed.claim.owner}", busy_until=claimed.claim.lease_until
             )
         resuming_append = claimed.claim.status is ClaimStatus.APPENDING
+        # An earlier APPEND of this message may have landed (a process died after sending it):
+        # look in the destination first, from where that APPEND was to land.
+        look_first, look_from = resuming_append, _floor_of(claimed.claim)
         appending = False
         try:
             if ref.fingerprint and not resuming_append:
                 twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
-                if twin is not None:
+                if twin is not None and not twin.unresolved:
                     return self._skip(ref, f"duplicate of route {twin.route} UID {twin.uid}")
+                if twin is not None:
+                    # Its APPEND under the UID it had before the source was renumbered was
+                    # interrupted, and is looked for now that the message is back.
+                    look_first, look_from = True, _floor_of(twin)
             source, folder = self.mailboxes.source(route)
             if folder.uidvalidity != ref.uidvalidity:
                 # The UID names another message now; the producer rescans the renumbered folder
-                # and fingerprints recognise what was copied already.
-                return self._skip(ref, f"UIDVALIDITY changed to {folder.uidvalidity} since it was queued")
+                # and fingerprints recognise what was copied already, or (an interrupted APPEND)
+                # where to look for it.
+                reason = f"UIDVALIDITY changed to {folder.uidvalidity} since it was queued"
+                if resuming_append:
+                    reason += "; its interrupted APPEND is looked for when it is queued again"
+                return self._skip(ref, reason, append_unresolved=resuming_append)
             message = source.fetch(ref.uid)
             if message is None:
                 if folder.uidnext is not None and ref.uid >= folder.uidnext:
@@ -118,10 +129,8 @@ class Copier:
                     raise UidNotAssigned(f"not in use yet in the source (UIDNEXT {folder.uidnext})")
                 return self._skip(ref, "gone from the source")
             destination = self.mailboxes.destination()
-            if resuming_append:
-                # A process died after sending APPEND and before finalize: it may be there already,
-                # at or above where that APPEND was to land.
-                found = destination.find_copies(route.outlook_folder, message, _floor_of(claimed.claim))
+            if look_first:
+                found = destination.find_copies(route.outlook_folder, message, look_from)
                 if found:
                     return self._done(ref, found[0], "found in the destination after an interrupted APPEND")
             destination.ensure_folder(route.outlook_folder)
@@ -180,8 +189,17 @@ class Copier:
         self.state.finalize(ref.key, self.owner, ClaimStatus.DONE, dest_uid=dest_uid, fingerprint=ref.fingerprint)
         return CopyResult(Outcome.COPIED, ref.key, note, dest_uid)
 
-    def _skip(self, ref: MessageRef, reason: str) -> CopyResult:
-        self.state.finalize(ref.key, self.owner, ClaimStatus.SKIPPED, reason=reason)
+    def _skip(self, ref: MessageRef, reason: str, *, append_unresolved: bool = False) -> CopyResult:
+        if append_unresolved and not ref.fingerprint:
+            log.warning("route %s UID %d: an interrupted APPEND cannot be followed: no fingerprint", ref.route, ref.uid)
+        self.state.finalize(
+            ref.key,
+            self.owner,
+            ClaimStatus.SKIPPED,
+            reason=reason,
+            fingerprint=ref.fingerprint if append_unresolved else None,
+            append_unresolved=append_unresolved,
+        )
         log.info("route %s UID %d skipped: %s", ref.route, ref.uid, reason)
         return CopyResult(Outcome.SKIPPED, ref.key, reason)
 
@@ -241,11 +259,11 @@ def throttled_visibility(result: CopyResult) -> int | None:
     return min(math.ceil(result.retry_after) + THROTTLE_MARGIN_SECONDS, MAX_VISIBILITY_SECONDS)
 
 
-def _floor_of(claim: Claim) -> UidFloor | None:
-    """Where the interrupted APPEND was to land, as its claim recorded it."""
-    if claim.dest_uidvalidity is None or claim.dest_uid_floor is None:
+def _floor_of(record: Claim | CopiedMessage) -> UidFloor | None:
+    """Where an interrupted APPEND was to land, as its claim (or unresolved FP# record) has it."""
+    if record.dest_uidvalidity is None or record.dest_uid_floor is None:
         return None  # recorded by an earlier version, or the server gave no UIDNEXT
-    return UidFloor(claim.dest_uidvalidity, claim.dest_uid_floor)
+    return UidFloor(record.dest_uidvalidity, record.dest_uid_floor)
 
 
 def _retry_after(exc: BaseException) -> float | None:

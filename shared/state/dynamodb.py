@@ -268,6 +268,7 @@ class DynamoStateStore(StateStore):
         dest_uid: int | None = None,
         fingerprint: str | None = None,
         reason: str | None = None,
+        append_unresolved: bool = False,
     ) -> None:
         status = require_final(status)
         now = self._clock()
@@ -278,6 +279,10 @@ class DynamoStateStore(StateStore):
         if status is ClaimStatus.DONE and fingerprint:
             copied = _copied_item(key, fingerprint, dest_uid, now)
             actions.append({"Put": {"TableName": self._table, "Item": copied}})
+        elif status is ClaimStatus.SKIPPED and fingerprint and append_unresolved:
+            unresolved = self._unresolved_item(key, owner, fingerprint, now)
+            if unresolved is not None:
+                actions.append({"Put": {"TableName": self._table, "Item": unresolved}})
         try:
             self._call("transact_write_items", TransactItems=actions)
         except _TransactionCancelled as cancelled:
@@ -286,6 +291,21 @@ class DynamoStateStore(StateStore):
                 raise claim_lost(key, owner, _claim_or_none(key, first.get("Item"))) from None
             codes = ", ".join(reason.get("Code", "?") for reason in cancelled.reasons)
             raise self._unavailable("TransactionCanceledException", f"{cancelled.message} ({codes})") from None
+
+    def _unresolved_item(self, key: UidKey, owner: str, fingerprint: str, now: float) -> dict | None:
+        """The unresolved FP# item, with the floor the claim recorded; None when a copy of the
+        fingerprint is recorded already (that record answers for the message). The claim is read
+        first: only its owner changes its floor, and the finalize's condition checks the owner."""
+        found = self._get(route_pk(key.route), fp_sk(fingerprint))
+        if found is not None and not _bool(found, "unresolved"):
+            return None
+        claim = self.get_claim(key)
+        item = _copied_item(key, fingerprint, None, now) | {"unresolved": {"BOOL": True}}
+        for name in ("dest_uidvalidity", "dest_uid_floor"):
+            value = getattr(claim, name) if claim is not None else None
+            if value is not None:
+                item[name] = _n(value)
+        return item
 
     def _finalize_claim(
         self,
@@ -413,6 +433,9 @@ class DynamoStateStore(StateStore):
                     uid=_int(item, "uid"),
                     dest_uid=_optional_int(item, "dest_uid"),
                     copied_at=_float(item, "copied_at"),
+                    unresolved=_bool(item, "unresolved"),
+                    dest_uidvalidity=_optional_int(item, "dest_uidvalidity"),
+                    dest_uid_floor=_optional_int(item, "dest_uid_floor"),
                 )
         return None
 
@@ -575,6 +598,10 @@ def _int(item: dict, name: str) -> int:
 
 def _optional_int(item: dict, name: str) -> int | None:
     return int(item[name]["N"]) if name in item else None
+
+
+def _bool(item: dict, name: str) -> bool:
+    return bool(item.get(name, {}).get("BOOL", False))
 
 
 def _float(item: dict, name: str) -> float:

@@ -101,7 +101,10 @@ class FailureRecord:
 
 @dataclass(frozen=True)
 class CopiedMessage:
-    """An `FP#` record: a message already copied, found by its fingerprint."""
+    """An `FP#` record: a message already copied, found by its fingerprint; or (`unresolved`) one
+    whose APPEND under an earlier UID was interrupted and can no longer be looked for there (the
+    source was renumbered): its copy under the new UID must look in the destination first, from
+    the floor that APPEND recorded."""
 
     route: str
     fingerprint: str
@@ -109,6 +112,9 @@ class CopiedMessage:
     uid: int
     dest_uid: int | None
     copied_at: float
+    unresolved: bool = False
+    dest_uidvalidity: int | None = None
+    dest_uid_floor: int | None = None
 
 
 @dataclass(frozen=True)
@@ -191,10 +197,14 @@ class StateStore(abc.ABC):
         dest_uid: int | None = None,
         fingerprint: str | None = None,
         reason: str | None = None,
+        append_unresolved: bool = False,
     ) -> None:
         """Make the claim DONE or SKIPPED, delete its failure record, and (DONE with a
-        fingerprint) put the `FP#` record: all in one transaction. Raises ClaimLost unless
-        `owner` holds a non-final claim; ValueError for a status that is not final."""
+        fingerprint) put the `FP#` record: all in one transaction. `append_unresolved` (SKIPPED
+        with a fingerprint): the claim's APPEND may have landed and cannot be looked for under
+        this UID; an unresolved `FP#` record with the claim's floor is put instead, unless the
+        fingerprint is recorded as copied already. Raises ClaimLost unless `owner` holds a
+        non-final claim; ValueError for a status that is not final."""
 
     @abc.abstractmethod
     def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:

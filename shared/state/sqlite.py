@@ -98,6 +98,9 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     uid INTEGER NOT NULL,
     dest_uid INTEGER,
     copied_at REAL NOT NULL,
+    unresolved INTEGER NOT NULL DEFAULT 0,
+    dest_uidvalidity INTEGER,
+    dest_uid_floor INTEGER,
     PRIMARY KEY (route, fingerprint)
 );
 CREATE TABLE IF NOT EXISTS health (
@@ -109,7 +112,10 @@ CREATE TABLE IF NOT EXISTS health (
 _KEY_MATCH = "route = :route AND uidvalidity = :uidvalidity AND uid = :uid"
 # Columns added since a table was first made: a state file made by an earlier version gains them
 # when it is opened (SQLite adds a column in place; its rows read NULL there).
-_ADDED_COLUMNS = {"claims": ("dest_uidvalidity INTEGER", "dest_uid_floor INTEGER")}
+_ADDED_COLUMNS = {
+    "claims": ("dest_uidvalidity INTEGER", "dest_uid_floor INTEGER"),
+    "fingerprints": ("unresolved INTEGER NOT NULL DEFAULT 0", "dest_uidvalidity INTEGER", "dest_uid_floor INTEGER"),
+}
 
 
 class SqliteStateStore(StateStore):
@@ -220,6 +226,7 @@ class SqliteStateStore(StateStore):
         dest_uid: int | None = None,
         fingerprint: str | None = None,
         reason: str | None = None,
+        append_unresolved: bool = False,
     ) -> None:
         status = require_final(status)
         now = self._clock()
@@ -239,9 +246,20 @@ class SqliteStateStore(StateStore):
             if status is ClaimStatus.DONE and fingerprint:
                 db.execute(
                     "INSERT OR REPLACE INTO fingerprints"
-                    " (route, fingerprint, uidvalidity, uid, dest_uid, copied_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    " (route, fingerprint, uidvalidity, uid, dest_uid, copied_at, unresolved)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 0)",
                     (key.route, fingerprint, key.uidvalidity, key.uid, dest_uid, now),
+                )
+            elif status is ClaimStatus.SKIPPED and fingerprint and append_unresolved:
+                # Never over a record of a copy made: that one already answers for the message.
+                db.execute(
+                    "INSERT INTO fingerprints (route, fingerprint, uidvalidity, uid, dest_uid, copied_at,"
+                    " unresolved, dest_uidvalidity, dest_uid_floor) VALUES (?, ?, ?, ?, NULL, ?, 1, ?, ?)"
+                    " ON CONFLICT (route, fingerprint) DO UPDATE SET uidvalidity = excluded.uidvalidity,"
+                    " uid = excluded.uid, copied_at = excluded.copied_at, dest_uidvalidity ="
+                    " excluded.dest_uidvalidity, dest_uid_floor = excluded.dest_uid_floor"
+                    " WHERE fingerprints.unresolved = 1",
+                    (key.route, fingerprint, key.uidvalidity, key.uid, now, claim.dest_uidvalidity, claim.dest_uid_floor),
                 )
 
     def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
@@ -303,6 +321,9 @@ class SqliteStateStore(StateStore):
                         uid=row["uid"],
                         dest_uid=row["dest_uid"],
                         copied_at=row["copied_at"],
+                        unresolved=bool(row["unresolved"]),
+                        dest_uidvalidity=row["dest_uidvalidity"],
+                        dest_uid_floor=row["dest_uid_floor"],
                     )
         return None
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
+import subprocess
+import sys
 from collections import Counter
+
+import pytest
 
 from tests.harness.mail import read_folder, seed
 
@@ -59,3 +64,45 @@ def test_after_a_uidvalidity_change_copied_messages_are_skipped_and_new_ones_cop
     assert status["claims"] == {"done": 7, "skipped": 4}
     assert sum(status["skipped_reasons"].values()) == 4
     assert all(reason.startswith("duplicate of route work UID ") for reason in status["skipped_reasons"])
+
+
+@pytest.fixture(params=["dovecot", "outlook"])
+def destination_env(request, dovecot_pair):
+    """Settings that reach the destination Dovecot itself, or the Outlook.com front before it."""
+    if request.param == "dovecot":
+        return {}
+    front = request.getfixturevalue("outlook_front")(dovecot_pair.outlook)
+    return {"OUTLOOK_IMAP_HOST": front.host, "OUTLOOK_IMAP_PORT": str(front.port)}
+
+
+@pytest.mark.parametrize("gmail_side", ["Message-ID", "no Message-ID"])
+def test_a_drain_killed_after_an_append_then_the_source_renumbered_copies_each_message_once(
+    sync_env, dovecot_pair, destination_env, gmail_side
+):
+    """The killed run's reference names a UID the renumbering gave to another message: it is
+    skipped, and the APPEND it left behind is looked for when the message is queued again under
+    its new UID, instead of being appended a second time."""
+    setup = sync_env()
+    setup.env |= destination_env | {"LEASE_SECONDS": "2"}
+    user = setup.routes[0].gmail_user
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    def message_id(n: int) -> str | None:
+        return None if gmail_side == "no Message-ID" and n == 2 else f"<m{n}@example.org>"
+
+    messages = [(mail(f"message {n}", message_id(n), f"text {n}"), (), now - dt.timedelta(minutes=10 - n)) for n in range(1, 6)]
+    seed(dovecot_pair.gmail, user, "INBOX", messages)
+    crash = [sys.executable, "-m", "tests.e2e.crash_driver", "drain", "--kill-at", "after-append", "--uid", "2"]
+    killed = subprocess.run(crash, env=setup.env, cwd=setup.workdir, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == 2  # UID 1, and UID 2 unrecorded
+
+    status = dovecot_pair.gmail.doveadm("mailbox", "status", "-u", user, "uidvalidity", "INBOX").stdout
+    renumbered = int(status.strip().split("=")[1]) + 1000
+    dovecot_pair.gmail.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(renumbered), "INBOX")
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    copied = read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")
+    assert Counter(m.body for m in copied) == Counter(body for body, _, _ in messages)  # each once
+    reasons = json.loads(setup.cli("status", "--json").stdout)["routes"][0]["skipped_reasons"]
+    assert any("its interrupted APPEND is looked for" in reason for reason in reasons), reasons

@@ -128,9 +128,18 @@ class FailingStateStore(StateStore):
         dest_uid: int | None = None,
         fingerprint: str | None = None,
         reason: str | None = None,
+        append_unresolved: bool = False,
     ) -> None:
         self._enter("finalize")
-        self.inner.finalize(key, owner, status, dest_uid=dest_uid, fingerprint=fingerprint, reason=reason)
+        self.inner.finalize(
+            key,
+            owner,
+            status,
+            dest_uid=dest_uid,
+            fingerprint=fingerprint,
+            reason=reason,
+            append_unresolved=append_unresolved,
+        )
 
     def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
         self._enter("release")

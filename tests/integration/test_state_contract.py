@@ -277,7 +277,13 @@ def test_a_state_file_of_an_earlier_version_gains_the_new_columns(tmp_path, cloc
             " PRIMARY KEY (route, uidvalidity, uid))"
         )
         db.execute("INSERT INTO claims VALUES ('work', 7, 42, 'appending', NULL, 0, 1, NULL, NULL, NULL, 1.0)")
+        db.execute(
+            "CREATE TABLE fingerprints (route TEXT NOT NULL, fingerprint TEXT NOT NULL, uidvalidity INTEGER NOT NULL,"
+            " uid INTEGER NOT NULL, dest_uid INTEGER, copied_at REAL NOT NULL, PRIMARY KEY (route, fingerprint))"
+        )
+        db.execute("INSERT INTO fingerprints VALUES ('work', 'gm:1', 7, 41, 9, 1.0)")
     store = SqliteStateStore(path, clock=clock)
+    assert store.find_copied("gm:1", ["work"]) == CopiedMessage("work", "gm:1", 7, 41, 9, 1.0)  # a copy made
 
     found = store.get_claim(uid_key())
     assert (found.status, found.dest_uidvalidity, found.dest_uid_floor) == (ClaimStatus.APPENDING, None, None)
@@ -396,6 +402,39 @@ def test_find_copied_searches_only_the_given_routes(store, clock):
     assert store.find_copied("gm:2", [ROUTE, "home"]) is None
     found = store.find_copied("gm:1", [ROUTE, "home"])
     assert (found.route, found.uid, found.dest_uid) == ("home", 42, 5)
+
+
+def test_an_append_left_unresolved_is_recorded_with_its_floor_until_a_copy_resolves_it(store, clock):
+    """The source was renumbered under an interrupted APPEND: the old UID is skipped, and its
+    fingerprint says where that APPEND may have landed, until its copy under the new UID is done."""
+    old, new = uid_key(42, uidvalidity=7), uid_key(5, uidvalidity=8)
+    claim(store, old, "a", clock)
+    store.mark_appending(old, "a", dest_uidvalidity=9, dest_uid_floor=120)
+    store.finalize(old, "a", ClaimStatus.SKIPPED, fingerprint="h:abc", reason="renumbered", append_unresolved=True)
+
+    left = store.find_copied("h:abc", [ROUTE])
+    assert (left.unresolved, left.dest_uid, left.dest_uidvalidity, left.dest_uid_floor) == (True, None, 9, 120)
+    assert (left.uidvalidity, left.uid) == (7, 42)
+    assert store.get_claim(old).status is ClaimStatus.SKIPPED
+
+    claim(store, new, "b", clock)
+    store.finalize(new, "b", ClaimStatus.DONE, dest_uid=121, fingerprint="h:abc")
+    resolved = store.find_copied("h:abc", [ROUTE])
+    assert (resolved.unresolved, resolved.dest_uid, resolved.uidvalidity, resolved.uid) == (False, 121, 8, 5)
+
+
+def test_an_unresolved_append_never_replaces_a_copy_made(store, clock):
+    copied, old = uid_key(1), uid_key(2)
+    claim(store, copied, "a", clock)
+    store.finalize(copied, "a", ClaimStatus.DONE, dest_uid=50, fingerprint="h:x")
+    claim(store, old, "a", clock)
+    store.mark_appending(old, "a", dest_uidvalidity=9, dest_uid_floor=60)
+
+    store.finalize(old, "a", ClaimStatus.SKIPPED, fingerprint="h:x", reason="renumbered", append_unresolved=True)
+
+    found = store.find_copied("h:x", [ROUTE])
+    assert (found.unresolved, found.dest_uid, found.uid) == (False, 50, 1)
+    assert store.get_claim(old).status is ClaimStatus.SKIPPED
 
 
 def test_finalize_skipped_keeps_the_reason(store, clock):

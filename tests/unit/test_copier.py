@@ -627,20 +627,21 @@ def test_a_claim_taken_over_during_a_slow_fetch_gives_a_result_instead_of_ending
     assert world.failure(ref) is None  # nothing failed: no failure is recorded against its claim
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, found by this test: when an APPEND was interrupted and the source's UIDVALIDITY "
-    "then changed, the old reference is skipped without looking in the destination and no FP# record is "
-    "written, so the message under its new UID is appended again: two copies. Its fix needs the "
-    "crash-window lookup that issue 12 rebuilds (Outlook.com rebuilds MIME, so today's byte compare "
-    "cannot find a copy there).",
-)
-def test_an_interrupted_append_followed_by_a_uidvalidity_change_is_not_copied_twice(world):
-    ref = world.arrive("work", gmail_msgid=77)
-    crashed_mid_append(world, ref, landed=True)
+@pytest.mark.parametrize("landed", [True, False], ids=["it landed", "it did not land"])
+@pytest.mark.parametrize("gmail_msgid", [77, None], ids=["X-GM-MSGID", "Message-ID hash"])
+def test_an_interrupted_append_followed_by_a_uidvalidity_change_is_copied_exactly_once(world, landed, gmail_msgid):
+    ref = world.arrive("work", gmail_msgid=gmail_msgid)
+    crashed_mid_append(world, ref, landed=landed)
     new_uids = world.source_of("work").renumber("INBOX")
 
-    world.copier().copy_message(ref)  # the stale reference
-    world.copier().copy_message(world.ref("work", new_uids[ref.uid]))  # the producer's rescan
+    stale = world.copier().copy_message(ref)  # its UID names another message now
+    again = world.copier().copy_message(world.ref("work", new_uids[ref.uid]))  # the producer's rescan
 
-    assert len(world.destination.bodies("Work")) == 1
+    assert stale.outcome is Outcome.SKIPPED and "interrupted APPEND is looked for" in stale.detail
+    assert again.outcome is Outcome.COPIED
+    assert again.detail == ("found in the destination after an interrupted APPEND" if landed else "")
+    assert world.destination.bodies("Work") == [world.source_of("work").message("INBOX", new_uids[ref.uid]).body]
+    assert world.destination.appends == 1
+    # Resolved: a third look at the fingerprint sees a plain copy.
+    third = world.arrive("home", world.source_of("work").message("INBOX", new_uids[ref.uid]).body, gmail_msgid=gmail_msgid)
+    assert world.copier().copy_message(third).outcome is Outcome.SKIPPED
