@@ -64,10 +64,21 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.harness.imap_wire import (
+    CRLF,
+    LITERAL_AT_END,
+    ImapSyntaxError,
+    Response,
+    SessionClosed,
+    Tok,
+    astring,
+    dump,
+    parse_tokens,
+)
+
 if TYPE_CHECKING:  # not imported at run time: the mail plugin module must be loaded by pytest first
     from tests.harness.mail import DovecotServer
 
-CRLF = b"\r\n"
 
 # ---- what Outlook.com says ----------------------------------------------------------------------
 # The CAPABILITY line of outlook.office365.com, as issue 12 gives it; protocol logs of the real
@@ -547,98 +558,9 @@ def _first_stored_size_reaching(estimate: int) -> int:
     return low
 
 
-# ==== IMAP syntax: just enough ======================================================================
-_LITERAL_AT_END = re.compile(rb"(~?)\{(\d+)(\+?)\}\r\n$")
-
-
-class ImapSyntaxError(ValueError):
-    pass
-
-
-@dataclass
-class Tok:
-    kind: str  # "atom", "quoted", "literal", "list"
-    value: object  # bytes (atom: raw; quoted: raw with quotes; literal: data) or list[Tok]
-
-    @property
-    def text(self) -> bytes:
-        """The string an atom, quoted string or literal stands for."""
-        if self.kind == "quoted":
-            return re.sub(rb"\\(.)", rb"\1", self.value[1:-1])
-        if self.kind == "list":
-            raise ImapSyntaxError("a list where a string was expected")
-        return self.value
-
-    def upper(self) -> bytes:
-        return self.text.upper() if self.kind != "list" else b""
-
-
-def parse_tokens(texts: list[bytes], literals: list[bytes]) -> list[Tok]:
-    """Tokens of an IMAP line whose literals were taken out: ``texts[i]`` is followed by
-    ``literals[i]``. Atoms keep ``[...]`` sections (with their blanks and parentheses) and
-    ``<...>`` partials whole."""
-    stack: list[list[Tok]] = [[]]
-    for index, text in enumerate(texts):
-        pos = 0
-        while pos < len(text):
-            char = text[pos : pos + 1]
-            if char in (b" ", b"\r", b"\n"):
-                pos += 1
-            elif char == b"(":
-                inner: list[Tok] = []
-                stack[-1].append(Tok("list", inner))
-                stack.append(inner)
-                pos += 1
-            elif char == b")":
-                if len(stack) == 1:
-                    raise ImapSyntaxError("unbalanced )")
-                stack.pop()
-                pos += 1
-            elif char == b'"':
-                end = pos + 1
-                while end < len(text) and text[end : end + 1] != b'"':
-                    end += 2 if text[end : end + 1] == b"\\" else 1
-                if end >= len(text):
-                    raise ImapSyntaxError("unterminated quoted string")
-                stack[-1].append(Tok("quoted", text[pos : end + 1]))
-                pos = end + 1
-            else:
-                end, depth = pos, 0
-                while end < len(text):
-                    c = text[end : end + 1]
-                    if c == b"[":
-                        depth += 1
-                    elif c == b"]":
-                        depth -= 1
-                    elif depth == 0 and c in (b" ", b"(", b")"):
-                        break
-                    end += 1
-                stack[-1].append(Tok("atom", text[pos:end]))
-                pos = end
-        if index < len(literals):
-            stack[-1].append(Tok("literal", literals[index]))
-    if len(stack) != 1:
-        raise ImapSyntaxError("unbalanced (")
-    return stack[0]
-
-
-def dump(tokens: list[Tok], *, plus: bool) -> bytes:
-    """Tokens back to the wire; literals as ``{n+}`` (to Dovecot) or ``{n}`` (to the client)."""
-    out = []
-    for tok in tokens:
-        if tok.kind == "list":
-            out.append(b"(" + dump(tok.value, plus=plus) + b")")
-        elif tok.kind == "literal":
-            out.append(b"{%d%s}\r\n" % (len(tok.value), b"+" if plus else b"") + tok.value)
-        else:
-            out.append(tok.value)
-    return b" ".join(out)
-
-
-def astring(value: bytes) -> Tok:
-    if value and re.fullmatch(rb"[\x20-\x7e]*", value):
-        return Tok("quoted", b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
-    return Tok("literal", value)
+# ==== IMAP syntax: just enough (tests/harness/imap_wire.py) ==========================================
+_LITERAL_AT_END = LITERAL_AT_END
+_Response = Response
 
 
 # ==== faults ========================================================================================
@@ -657,30 +579,6 @@ class _Drop:
     when: str
     bye: bytes | None
     seen: int = 0
-
-
-@dataclass
-class _Response:
-    """One server response: its lines with the literal markers taken out, and the literals."""
-
-    texts: list[bytes]
-    literals: list[bytes]
-
-    @property
-    def first(self) -> bytes:
-        return self.texts[0]
-
-    def wire(self) -> bytes:
-        out = []
-        for index, text in enumerate(self.texts):
-            out.append(text)
-            if index < len(self.literals):
-                out.append(b"{%d}\r\n" % len(self.literals[index]) + self.literals[index])
-        return b"".join(out) + CRLF
-
-
-class SessionClosed(Exception):
-    pass
 
 
 # ==== the front ====================================================================================
