@@ -5,6 +5,7 @@ from shared.state.port import (  # noqa: F401
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    Pause,
     RouteCounts,
     ScanRecord,
     StateStore,

@@ -29,6 +29,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    Pause,
     RouteCounts,
     ScanRecord,
     StateStore,
@@ -529,12 +530,54 @@ class DynamoStateStore(StateStore):
             return None
         return TokenProblem(name, _str(item, "error"), _float(item, "first_at"), _float(item, "last_at"))
 
+    # -- pauses ----------------------------------------------------------------------------
+    def pause(self, name: str, until: float, reason: str) -> Pause:
+        try:
+            self._call(
+                "update_item",
+                TableName=self._table,
+                Key=_item_key(PAUSES_PK, pause_sk(name)),
+                UpdateExpression="SET #until = :until, reason = :reason, #name = :name",
+                # Only ever lengthened: a shorter pause leaves the longer in force.
+                ConditionExpression="attribute_not_exists(#until) OR #until < :until",
+                ExpressionAttributeNames={"#until": "until", "#name": "name"},
+                ExpressionAttributeValues={":until": _n(until), ":reason": _s(cut_error_text(reason)), ":name": _s(name)},
+            )
+        except _ConditionFailed:
+            pass
+        found = self.read_pause(name)
+        assert found is not None
+        return found
+
+    def read_pause(self, name: str) -> Pause | None:
+        item = self._get(PAUSES_PK, pause_sk(name))
+        return None if item is None else _pause_from_item(item)
+
+    def pauses(self) -> list[Pause]:
+        response = self._call(
+            "query",
+            TableName=self._table,
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": _s(PAUSES_PK)},
+            ConsistentRead=True,
+        )
+        return sorted((_pause_from_item(item) for item in response.get("Items", [])), key=lambda pause: pause.name)
+
 
 TOKENS_PK = "TOKENS"
+PAUSES_PK = "PAUSES"
 
 
 def token_problem_sk(name: str) -> str:
     return f"TOKEN_PROBLEM#{name}"
+
+
+def pause_sk(name: str) -> str:
+    return f"PAUSE#{name}"
+
+
+def _pause_from_item(item: dict) -> Pause:
+    return Pause(_str(item, "name"), _float(item, "until"), _str(item, "reason"))
 
 
 # -- items -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "FailureRecord",
     "RouteCounts",
     "ScanRecord",
+    "Pause",
     "StateStore",
     "UidKey",
     "Watermark",
@@ -254,6 +255,21 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def read_token_problem(self, name: str) -> TokenProblem | None: ...
 
+    # -- pauses: a mailbox that asked to be left alone -------------------------------------
+    @abc.abstractmethod
+    def pause(self, name: str, until: float, reason: str) -> Pause:
+        """Record that mailbox `name` ("destination", "source <account>") takes no command until
+        `until` (epoch seconds). A pause is only ever lengthened: a shorter one leaves the
+        longer in force. Returns the pause in force."""
+
+    @abc.abstractmethod
+    def read_pause(self, name: str) -> Pause | None:
+        """The last pause of `name`, run out or not (the caller compares `until` with its clock)."""
+
+    @abc.abstractmethod
+    def pauses(self) -> list[Pause]:
+        """Every pause recorded, by name."""
+
 
 @dataclass(frozen=True)
 class TokenProblem:
@@ -263,3 +279,13 @@ class TokenProblem:
     error: str
     first_at: float
     last_at: float
+
+
+@dataclass(frozen=True)
+class Pause:
+    """A mailbox that asked to be left alone (a throttle, a bandwidth limit): every route to it
+    waits until `until` instead of sending what would be refused again."""
+
+    name: str
+    until: float
+    reason: str

@@ -29,6 +29,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    Pause,
     RouteCounts,
     ScanRecord,
     StateStore,
@@ -102,6 +103,11 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     dest_uidvalidity INTEGER,
     dest_uid_floor INTEGER,
     PRIMARY KEY (route, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS pauses (
+    name TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    reason TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -515,6 +521,27 @@ class SqliteStateStore(StateStore):
         with self._token_problem_table() as db:
             row = db.execute("SELECT * FROM token_problems WHERE name = ?", (name,)).fetchone()
         return None if row is None else TokenProblem(name, row["error"], row["first_at"], row["last_at"])
+
+    # -- pauses ----------------------------------------------------------------------------
+    def pause(self, name: str, until: float, reason: str) -> Pause:
+        with self._writing() as db:
+            db.execute(
+                "INSERT INTO pauses (name, until, reason) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET until = excluded.until, reason = excluded.reason WHERE excluded.until > pauses.until",
+                (name, until, cut_error_text(reason)),
+            )
+            row = db.execute("SELECT * FROM pauses WHERE name = ?", (name,)).fetchone()
+        return Pause(name, row["until"], row["reason"])
+
+    def read_pause(self, name: str) -> Pause | None:
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM pauses WHERE name = ?", (name,)).fetchone()
+        return None if row is None else Pause(name, row["until"], row["reason"])
+
+    def pauses(self) -> list[Pause]:
+        with self._reading() as db:
+            rows = db.execute("SELECT * FROM pauses ORDER BY name").fetchall()
+        return [Pause(row["name"], row["until"], row["reason"]) for row in rows]
 
     @contextmanager
     def _token_problem_table(self) -> Iterator[sqlite3.Connection]:

@@ -23,6 +23,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    Pause,
     RouteCounts,
     ScanRecord,
     StateStore,
@@ -178,3 +179,15 @@ class FailingStateStore(StateStore):
     def read_token_problem(self, name: str) -> TokenProblem | None:
         self._enter("read_token_problem")
         return self.inner.read_token_problem(name)
+
+    def pause(self, name: str, until: float, reason: str) -> Pause:
+        self._enter("pause")
+        return self.inner.pause(name, until, reason)
+
+    def read_pause(self, name: str) -> Pause | None:
+        self._enter("read_pause")
+        return self.inner.read_pause(name)
+
+    def pauses(self) -> list[Pause]:
+        self._enter("pauses")
+        return self.inner.pauses()

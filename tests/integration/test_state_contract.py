@@ -26,6 +26,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    Pause,
     RouteCounts,
     ScanRecord,
     UidKey,
@@ -375,6 +376,20 @@ def test_changing_a_claim_that_does_not_exist_is_lost(store, change):
         CHANGES[change](store, uid_key(), "a")
 
     assert store.get_claim(uid_key()) is None
+
+
+# -- pauses --------------------------------------------------------------------------------
+def test_a_pause_is_kept_and_only_ever_lengthened(store, clock):
+    assert store.read_pause("destination") is None and store.pauses() == []
+
+    first = store.pause("destination", clock.now + 300, "throttled by the destination (suggested backoff 299609 ms)")
+    assert first == Pause("destination", clock.now + 300, "throttled by the destination (suggested backoff 299609 ms)")
+    assert store.pause("destination", clock.now + 60, "a shorter one") == first  # the longer stays
+    longer = store.pause("destination", clock.now + 600, "a longer one")
+    assert longer == Pause("destination", clock.now + 600, "a longer one") == store.read_pause("destination")
+
+    store.pause("source alice@gmail.com", clock.now + 3600, "[OVERQUOTA] bandwidth")
+    assert [pause.name for pause in store.pauses()] == ["destination", "source alice@gmail.com"]
 
 
 # -- finalize ------------------------------------------------------------------------------
