@@ -130,6 +130,7 @@ class App:
             routes={route.name: route for route in self.settings.routes},
             owner=owner or process_owner(),
             lease_until=lease_until,
+            max_message_bytes=self.settings.max_message_bytes,
         )
 
     def scan_limits(self, today: dt.date | None = None) -> ScanLimits:

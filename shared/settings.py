@@ -43,6 +43,15 @@ FORBIDDEN_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f*%]")
 # How a folder name in the settings names its levels ("Gmail/Work"); the destination's too.
 FOLDER_SEPARATOR = "/"
 MICROSOFT_AUTHORITY_HOST = "https://login.microsoftonline.com"
+# Folder names Outlook.com keeps for itself, compared ignoring case as it compares them: CREATE
+# answers "NO Folder name is reserved" (imapsync FAQ.d/FAQ.Office365.txt: "Files", a hidden
+# folder of the mailbox's attachments). The only one documented.
+RESERVED_OUTLOOK_FOLDERS = frozenset({"files"})
+# Outlook.com's largest message: 25 MB (Outlook Live's "Message size limit ... 25 MB",
+# http://help.outlook.com/en-au/140/dd630704.aspx; Exchange Online's default for a mailbox,
+# https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/exchange-online-limits),
+# in Exchange's binary megabytes. Microsoft 365 mailboxes may be set up to 150 MB.
+OUTLOOK_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
 
 Auth = Literal["xoauth2", "password"]
 
@@ -205,6 +214,9 @@ class Settings(BaseSettings):
     # Local queue: deliveries of one message before it goes to the dead letters (SQS: the
     # queue's RedrivePolicy decides).
     max_receive_count: int = Field(default=5, ge=1, le=1000)
+    # The destination's largest message, in bytes: a larger one (by the source's RFC822.SIZE)
+    # is skipped as too large before it is downloaded.
+    max_message_bytes: int = Field(default=OUTLOOK_MAX_MESSAGE_BYTES, ge=1024, le=2**40)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -391,8 +403,28 @@ def _read_secret(client: Any, secret_id: str) -> dict[str, Any]:
 
 def _routes_of(settings: Settings) -> list[Route]:
     if settings.sync_routes_json is not None:
-        return _routes_from_json(settings.sync_routes_json)
-    return [_fallback_route(settings)]
+        routes = _routes_from_json(settings.sync_routes_json)
+        places = [f"SYNC_ROUTES_JSON[{index}].outlook_folder" for index in range(len(routes))]
+    else:
+        routes = [_fallback_route(settings)]
+        places = ["OUTLOOK_FOLDER"]
+    problems = [
+        f"{place}: route {route.name}: {problem}"
+        for place, route in zip(places, routes, strict=True)
+        if (problem := reserved_folder_problem(route.outlook_folder)) is not None
+    ]
+    if problems:
+        raise SettingsInvalid(problems)
+    return routes
+
+
+def reserved_folder_problem(folder: str) -> str | None:
+    """Why Outlook.com refuses to create `folder`, or None: a name it reserves, in any case, as
+    the folder or as its top level (created first)."""
+    if folder.split(FOLDER_SEPARATOR, 1)[0].casefold() in RESERVED_OUTLOOK_FOLDERS:
+        reserved = ", ".join(sorted(name.capitalize() for name in RESERVED_OUTLOOK_FOLDERS))
+        return f"a folder name Outlook.com reserves ({reserved}); choose another"
+    return None
 
 
 def _routes_from_json(raw: str) -> list[Route]:

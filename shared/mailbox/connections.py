@@ -97,7 +97,8 @@ class MailboxConnections:
 
     def _destination_adapter(self) -> ImapDestination:
         session = self._destination
-        if session is not None and not self._alive(session):
+        closing = session is not None and isinstance(session.mailbox, ImapDestination) and session.mailbox.closing
+        if session is not None and (closing or not self._alive(session)):
             self.drop_destination()
             session = None
         if session is None:
@@ -230,13 +231,10 @@ def _transient(error: BaseException) -> bool:
 
 def _append_certainly_not_landed(error: BaseException) -> bool:
     if isinstance(error, AppendRejected):
-        # A tagged NO: nothing was stored. [UNAVAILABLE] and [INUSE] pass in a moment; a throttle
-        # (retry_after) is waited out by the queue, not here.
-        return (
-            not error.permanent
-            and error.retry_after is None
-            and retry.names_transient_code(error.reason)
-        )
+        # A tagged NO: nothing was stored. [UNAVAILABLE], [INUSE] and Exchange's "Server
+        # Unavailable. 15" pass in a moment; a throttle (retry_after) is waited out by the
+        # queue, not here.
+        return not error.permanent and error.retry_after is None and retry.says_transient(error.reason)
     # Lost before the APPEND went out (capability, select). Once it was sent, whether it landed is
     # unknown: the copy fails and the next try looks in the destination first.
     return isinstance(error, TransientImapFailure) and error.step != "append"

@@ -25,6 +25,7 @@ from imapclient import IMAPClient
 from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imap_utf7 import encode as encode_mailbox_name
 
+from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.identity import FIELDS as IDENTITY_FIELDS
 from shared.mailbox.identity import Identity, header_block
@@ -54,13 +55,36 @@ _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
 _KEYWORD = re.compile(r'[^(){%*"\\\]\x00-\x20\x7f-\U0010ffff]+')
 _APPENDUID = re.compile(rb"\[APPENDUID (\d+) (\d+)\]", re.IGNORECASE)
 _RESPONSE_CODE = re.compile(r"^\[([A-Za-z0-9.-]+)")
-# How servers without the RFC 5530 codes say it (Outlook.com: "message size exceeds ...",
-# "Line is too long"). Only about size: "exceeds the limit" alone may be a rate limit.
+# How servers without the RFC 5530 codes say it ("message size exceeds ...", "Line is too
+# long"; Exchange Online: "NO Maximum size of appendable message has been exceeded", imapsync
+# FAQ.d/FAQ.Office365.txt and FAQ.Exchange.txt). Only about size: "exceeds the limit" alone may be
+# a rate limit.
 _TOO_LARGE_TEXT = re.compile(
-    r"too (?:large|big)|size exceeds|exceeds? the (?:maximum |max |allowed )*(?:message )?size", re.IGNORECASE
+    r"too (?:large|big)|size exceeds|exceeds? the (?:maximum |max |allowed )*(?:message )?size"
+    r"|maximum size of appendable message",
+    re.IGNORECASE,
 )
 _LINE_TOO_LONG_TEXT = re.compile(r"line (?:is )?too long|too long line", re.IGNORECASE)
 _TOO_LARGE = "too large for the destination"
+# Exchange Online's BAD refusals of a message, numbered, without a code: "Command Error. 10" for
+# a line longer than about 9,900 characters (imapsync FAQ.d/FAQ.Exchange.txt: "Exchange supports
+# 9900 characters line length"; https://github.com/nextcloud/mail/issues/6038) and "Command
+# Argument Error. 11" for a message it cannot take (FAQ.Office365.txt: "when it encounters any
+# problem", most often size or long lines). Most likely about the message, but the same texts
+# answer a command the server could not read, and 11 also a full mailbox: so a message is
+# skipped for them only after it failed REFUSED_FINAL_AFTER times, the first of which may have
+# been a glitch.
+_EXCHANGE_MESSAGE_REFUSALS = (
+    (re.compile(r"^Command Error\.? *10\b", re.IGNORECASE), "a line longer than it accepts"),
+    (re.compile(r"^Command Argument Error\.? *11\b", re.IGNORECASE), "a message it cannot parse"),
+)
+REFUSED_FINAL_AFTER = 2
+# CREATE of a name Exchange Online keeps for itself (imapsync FAQ.d/FAQ.Office365.txt: "Files").
+_RESERVED_TEXT = re.compile(r"folder name is reserved", re.IGNORECASE)
+# CREATE of a folder that is there: RFC 5530's code, or Exchange's text without one, which it also
+# gives for a name that exists in another case (imapsync FAQ.d/FAQ.Office365.txt, "Couldn't
+# create folder [trash] \"Mailbox already exists\"").
+_ALREADY_EXISTS_TEXT = re.compile(r"\[ALREADYEXISTS\]|\balready exists\b", re.IGNORECASE)
 
 # What a broken or closed connection raises: socket errors and timeouts are OSError; imaplib
 # raises IMAP4.abort (a subclass of IMAP4.error, which imapclient calls IMAPClientError) on EOF,
@@ -166,12 +190,23 @@ class _FolderFacts:
 class ImapDestination:
     """`DestinationMailbox` over IMAP.
 
+    Folder names are matched as the server matches them: INBOX in any case is INBOX everywhere
+    (RFC 3501 5.1); any other name exactly, until the server shows it ignores case (Exchange
+    Online: LIST answers "Inbox" for INBOX and "Gmail" for "gmail", and CREATE of a name that
+    exists in another case answers "NO Mailbox already exists"), and from then on in any case.
+    What this session caches per folder is keyed the same way.
+
     After an ImapFailure the session may be in the middle of a command: drop it and reconnect.
     """
 
     def __init__(self, client: IMAPClient, account: ImapAccount):
         self._client = client
         self._account = account
+        self._case_insensitive = False  # learnt from the server's answers (see _folder_exists)
+        # The server said it closes this session (Outlook.com's BAD throttle is followed by
+        # "* BYE Connection closed. 14" and the close): the next use opens a new one.
+        self.closing = False
+        # Keyed by _key(folder).
         self._ensured: set[str] = set()
         self._folder_facts: dict[str, _FolderFacts] = {}
         # Per folder, a lower bound of the UID its next APPEND gets: UIDNEXT when this session
@@ -181,13 +216,13 @@ class ImapDestination:
 
     # ---- folders -----------------------------------------------------------------------------
     def ensure_folder(self, folder: str) -> None:
-        if folder in self._ensured:
+        if self._key(folder) in self._ensured:
             return
         parts = folder.split(FOLDER_SEPARATOR)
         # Parents first: not every server creates them (and some make them \Noselect).
         for depth in range(1, len(parts) + 1):
             self._create_if_missing(FOLDER_SEPARATOR.join(parts[:depth]))
-        self._ensured.add(folder)
+        self._ensured.add(self._key(folder))
 
     def _create_if_missing(self, folder: str) -> None:
         with _failures_as_imap_failure(self._account, "create folder", folder):
@@ -198,15 +233,53 @@ class ImapDestination:
             except imaplib.IMAP4.abort:
                 raise
             except imaplib.IMAP4.error as refused:
-                # Another session created it since the LIST: [ALREADYEXISTS] (RFC 5530), or a
-                # server without the code that lists it now.
-                if "[ALREADYEXISTS]" in str(refused).upper() or self._folder_exists(folder):
+                text = _describe_refusal(refused)
+                if _ALREADY_EXISTS_TEXT.search(text):
+                    # Another session created it since the LIST ([ALREADYEXISTS], RFC 5530), or
+                    # (Exchange, no code) it exists in another case. The LIST tells which.
+                    self._folder_exists(folder)
                     return
+                if self._folder_exists(folder):  # a server without either that lists it now
+                    return
+                if _RESERVED_TEXT.search(text):
+                    raise ImapFailure(
+                        self._text(
+                            f"create folder {folder!r} failed: {text}: the destination keeps this name for "
+                            "itself (Outlook.com: Files); set the route's outlook_folder to another name"
+                        ),
+                        step="create folder",
+                    ) from None
                 raise
 
     def _folder_exists(self, folder: str) -> bool:
-        # Compare names: LIST treats "%" and "*" in a folder name as wildcards.
-        return any(name == folder for _, _, name in self._client.list_folders("", folder))
+        """Whether LIST names `folder`. Our names have no wildcards (settings refuse "%" and
+        "*"), so what it answers is the folder the server takes the name to mean: the name
+        itself, INBOX in another case, or (a server that ignores case) the name in another case,
+        which is remembered."""
+        for _, _, name in self._client.list_folders("", folder):
+            if not isinstance(name, str):
+                continue
+            if name == folder or _inbox_normalised(name) == _inbox_normalised(folder):
+                return True
+            if name.casefold() == folder.casefold():
+                self._learn_case_insensitive()
+                return True
+        return False
+
+    def _key(self, folder: str) -> str:
+        """The key of `folder` in this session's caches: one key per folder of the server."""
+        name = _inbox_normalised(folder)
+        return name.casefold() if self._case_insensitive else name
+
+    def _learn_case_insensitive(self) -> None:
+        if self._case_insensitive:
+            return
+        self._case_insensitive = True
+        # Keys made before now are re-made; of two that become one, either entry holds (a floor
+        # is a lower bound, and the facts are of the same folder).
+        self._ensured = {key.casefold() for key in self._ensured}
+        self._folder_facts = {key.casefold(): facts for key, facts in self._folder_facts.items()}
+        self._floors = {key.casefold(): floor for key, floor in self._floors.items()}
 
     # ---- append ------------------------------------------------------------------------------
     def append(self, folder: str, message: SourceMessage) -> int | None:
@@ -243,16 +316,19 @@ class ImapDestination:
             if appended is None:
                 return None
             uidvalidity, uid = int(appended.group(1)), int(appended.group(2))
-            self._floors[folder] = UidFloor(uidvalidity, uid + 1)
+            self._floors[self._key(folder)] = UidFloor(uidvalidity, uid + 1)
             return uid
-        raise _refusal(self._text(f"APPEND to {folder!r} ({len(body)} bytes)"), status, text)
+        refusal = _refusal(self._text(f"APPEND to {folder!r} ({len(body)} bytes)"), status, text)
+        if status == "BAD" and refusal.retry_after is not None:
+            self.closing = True
+        raise refusal
 
     def _capabilities(self) -> tuple[bytes, ...]:
         with _failures_as_imap_failure(self._account, "capability"):
             return self._client.capabilities()
 
     def _facts(self, folder: str) -> _FolderFacts:
-        facts = self._folder_facts.get(folder)
+        facts = self._folder_facts.get(self._key(folder))
         if facts is not None:
             return facts
         # "select", not "append": a failure here is before the APPEND was sent, so it is safe to
@@ -265,20 +341,20 @@ class ImapDestination:
             # SELECT, not EXAMINE: a read-only folder reports PERMANENTFLAGS () (Dovecot does).
             selected = self._client.select_folder(folder)
         if b"UIDVALIDITY" in selected and b"UIDNEXT" in selected:
-            self._floors[folder] = UidFloor(int(selected[b"UIDVALIDITY"]), int(selected[b"UIDNEXT"]))
+            self._floors[self._key(folder)] = UidFloor(int(selected[b"UIDVALIDITY"]), int(selected[b"UIDNEXT"]))
         permanent = [flag.decode("ascii", "replace") for flag in selected.get(b"PERMANENTFLAGS", ())]
         facts = _FolderFacts(
             any_keyword="\\*" in permanent,
             known_keywords=frozenset(flag.lower() for flag in permanent if not flag.startswith("\\")),
             append_limit=int(append_limit) if append_limit is not None else None,
         )
-        self._folder_facts[folder] = facts
+        self._folder_facts[self._key(folder)] = facts
         return facts
 
     # ---- crash recovery ----------------------------------------------------------------------
     def uid_floor(self, folder: str) -> UidFloor | None:
         self._facts(folder)  # SELECTs it once a session, which tells its UIDNEXT
-        return self._floors.get(folder)
+        return self._floors.get(self._key(folder))
 
     def find_copies(self, folder: str, message: SourceMessage, since: UidFloor | None) -> list[int]:
         """UIDs in `folder` holding a copy of `message` appended at or above `since`.
@@ -341,6 +417,21 @@ def _failures_as_imap_failure(account: ImapAccount, step: str, folder: str | Non
         ) from None
 
 
+def _inbox_normalised(folder: str) -> str:
+    """`folder` with a first level that is INBOX in any case spelt INBOX (RFC 3501 5.1: the
+    name INBOX is case-insensitive on every server)."""
+    first, separator, rest = folder.partition(FOLDER_SEPARATOR)
+    return "INBOX" + separator + rest if first.upper() == "INBOX" else folder
+
+
+def _describe_refusal(refused: BaseException) -> str:
+    """The server's words in an imaplib error ("create => NO [ALREADYEXISTS] ..." or b'...')."""
+    text = str(refused).strip()
+    if len(refused.args) == 1 and isinstance(refused.args[0], bytes):
+        text = refused.args[0].decode("utf-8", "replace").strip()
+    return text
+
+
 def _header_fields(data: dict[bytes, object]) -> bytes | None:
     # The key echoes the request as the server wrote it back ("BODY[HEADER.FIELDS (MESSAGE-ID)]"
     # from Dovecot; other servers quote or case the field name differently).
@@ -400,12 +491,22 @@ def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
     if code == "TOOBIG":
         return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
     if "throttled" in server_text.lower():
-        # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds".
+        # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds", as NO or as
+        # BAD (then "* BYE Connection closed. 14" and the close, which the next use of the
+        # session finds). Either is the tagged answer to this APPEND: nothing was stored.
         suggested = retry.suggested_backoff_ms(server_text)
         backoff = f" (suggested backoff {suggested} ms)" if suggested is not None else ""
         return AppendRejected(
             message, permanent=False, reason=f"throttled by the destination{backoff}", retry_after=wait
         )
+    for pattern, meaning in _EXCHANGE_MESSAGE_REFUSALS:
+        if pattern.match(server_text):
+            return AppendRejected(
+                message,
+                permanent=False,
+                reason=f"rejected by the destination: {server_text} ({meaning})",
+                final_after=REFUSED_FINAL_AFTER,
+            )
     if code not in retry.TRANSIENT_CODES:
         if _TOO_LARGE_TEXT.search(server_text):
             return AppendRejected(message, permanent=True, reason=_TOO_LARGE)

@@ -65,14 +65,29 @@ class UidFloor:
 
 
 class AppendRejected(MailSyncerError):
-    """The destination refused an APPEND. `permanent`: it can never succeed (too large, NUL
-    bytes without BINARY, lines too long), so the message is skipped with `reason`, not retried.
-    `retry_after`: seconds the destination asked us to stay away (a throttle), if it did."""
+    """The destination refused an APPEND, so it certainly did not land. `permanent`: it can
+    never succeed (too large, NUL bytes without BINARY, lines too long), so the message is
+    skipped with `reason`, not retried. `final_after`: a refusal that is most likely about the
+    message but might be a glitch once (Outlook's "Command Argument Error. 11"): it is retried,
+    and once the message has failed this many times (its failure record's attempts, this one
+    included), skipped with `reason`. `retry_after`: seconds the destination asked us to stay
+    away (a throttle), if it did."""
 
-    def __init__(self, message: str, *, permanent: bool, reason: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        reason: str,
+        retry_after: float | None = None,
+        final_after: int | None = None,
+    ):
+        if final_after is not None and final_after < 1:
+            raise ValueError("final_after: at least 1 attempt")
         self.permanent = permanent
         self.reason = reason
         self.retry_after = retry_after
+        self.final_after = final_after
         super().__init__(message)
 
 

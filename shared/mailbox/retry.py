@@ -47,6 +47,10 @@ COMMAND = RetryPolicy(attempts=3, first_wait=0.5, max_wait=2.0, deadline=15.0)
 # SERVERBUG: it says the server broke its own invariants, not that a retry soon will pass; such a
 # refusal is left to the queue's slower retries, like any refusal not known to be permanent.
 TRANSIENT_CODES = frozenset({"UNAVAILABLE", "INUSE"})
+# Exchange Online says the same without a code: "NO Server Unavailable. 15" (the server is
+# busy, or the mailbox is over its quota: imapsync FAQ.d/FAQ.Exchange.txt). Either may pass; one
+# that lasts goes the way of any failure (the queue's growing delays, then the dead letters).
+_TRANSIENT_TEXT = re.compile(r"\bServer Unavailable\. *15\b", re.IGNORECASE)
 # Outlook.com: "Request is throttled. Suggested Backoff Time: 1500 milliseconds".
 _SUGGESTED_BACKOFF = re.compile(r"throttled.*?Suggested Backoff Time: *(\d+) *milliseconds", re.IGNORECASE | re.DOTALL)
 # Gmail: "[OVERQUOTA] Account exceeded command or bandwidth limits", "[THROTTLED]", "Too many
@@ -63,6 +67,12 @@ def names_transient_code(text: str) -> bool:
     """Whether a server's reply (or an error text quoting it) carries a TRANSIENT_CODES code."""
     upper = text.upper()
     return any(f"[{code}]" in upper for code in TRANSIENT_CODES)
+
+
+def says_transient(text: str) -> bool:
+    """Whether a server's reply (or an error text quoting it) says the command may pass in a
+    moment: a TRANSIENT_CODES code, or Exchange's "Server Unavailable. 15"."""
+    return names_transient_code(text) or bool(_TRANSIENT_TEXT.search(text))
 
 
 def suggested_backoff_ms(server_text: str) -> int | None:
@@ -100,7 +110,7 @@ def is_transient(error: BaseException) -> bool:
         if throttle_wait(text) is not None:
             return False
         # imapclient turns an abort during login into a LoginError with imaplib's text.
-        return names_transient_code(text) or text.startswith("socket error")
+        return says_transient(text) or text.startswith("socket error")
     return False
 
 

@@ -75,6 +75,9 @@ class Copier:
     routes: Mapping[str, Route]
     owner: str  # unique per process (and per Lambda invocation)
     lease_until: Callable[[], float]  # when a claim taken now must expire
+    # The destination's largest message (MAX_MESSAGE_BYTES): a reference whose size (the
+    # source's RFC822.SIZE) is above it is skipped without downloading it. None: no check.
+    max_message_bytes: int | None = None
 
     def copy_message(self, ref: MessageRef) -> CopyResult:
         try:
@@ -112,6 +115,8 @@ class Copier:
                     # Its APPEND under the UID it had before the source was renumbered was
                     # interrupted, and is looked for now that the message is back.
                     look_first, look_from = True, _floor_of(twin)
+            if not resuming_append and (too_large := self._over_size_limit(ref)) is not None:
+                return self._skip(ref, too_large)
             source, folder = self.mailboxes.source(route)
             if folder.uidvalidity != ref.uidvalidity:
                 # The UID names another message now; the producer rescans the renumbered folder
@@ -148,6 +153,9 @@ class Copier:
         except AppendRejected as rejected:
             if rejected.permanent:
                 return self._skip(ref, rejected.reason)
+            if rejected.final_after is not None and self._failed_before(key) + 1 >= rejected.final_after:
+                # Refused as often as it takes to be sure it is about the message, not a glitch.
+                return self._skip(ref, rejected.reason)
             # A refusal (not a lost connection): the APPEND certainly did not land.
             return self._fail(ref, rejected, append_outcome_unknown=False)
         except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
@@ -180,6 +188,17 @@ class Copier:
         finally:
             done.set()
             renewer.join()
+
+    def _over_size_limit(self, ref: MessageRef) -> str | None:
+        """The skip reason of a message the destination cannot take by its size, else None."""
+        if self.max_message_bytes is None or ref.size is None or ref.size <= self.max_message_bytes:
+            return None
+        return f"too large for the destination ({ref.size} bytes, limit {self.max_message_bytes})"
+
+    def _failed_before(self, key: UidKey) -> int:
+        """Failed attempts recorded for the message before this one."""
+        failure = self.state.get_failure(key)
+        return failure.attempts if failure is not None else 0
 
     def _routes_into(self, folder: str) -> list[str]:
         """Routes that share a destination folder also share what counts as a duplicate."""

@@ -8,7 +8,7 @@ ports document, and scriptable for faults. Each module's docstring has the detai
   `expunge`, `renumber`; faults `fail_next(op, error, after=)`, `throttle_next(op, retry_after)`,
   `answer_next("fetch", None)`, `before_next(op, action)`; `calls`.
 - `FakeDestination` (DestinationMailbox): `messages(folder)`, `bodies(folder)`, `appends`;
-  `refuse_next_append(reason, permanent=, retry_after=)`, `throttle_next`, `block_next_append()`
+  `refuse_next_append(reason, permanent=, retry_after=, final_after=)`, `throttle_next`, `block_next_append()`
   -> AppendGate, `lose_connection_in_next_append(landed=)`, `fail_next`, `before_next`; `calls`.
 - `FakeMailboxes(sources, destination)` (Mailboxes): `sources_opened`, `source_drops`,
   `destinations_opened`, `destination_drops`; `open_source` is scan's OpenSource.

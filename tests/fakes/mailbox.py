@@ -382,11 +382,22 @@ class FakeDestination:
 
     # -- faults -------------------------------------------------------------------------------
     def refuse_next_append(
-        self, reason: str, *, permanent: bool, retry_after: float | None = None, times: int = 1
+        self,
+        reason: str,
+        *,
+        permanent: bool,
+        retry_after: float | None = None,
+        final_after: int | None = None,
+        times: int = 1,
     ) -> None:
-        """A tagged NO: nothing stored. As the IMAP adapter reports it (AppendRejected)."""
+        """A tagged NO: nothing stored. As the IMAP adapter reports it (AppendRejected;
+        `final_after` as for Outlook's Command Error 10 and Argument Error 11)."""
         error = AppendRejected(
-            f"APPEND answered NO ({reason})", permanent=permanent, reason=reason, retry_after=retry_after
+            f"APPEND answered NO ({reason})",
+            permanent=permanent,
+            reason=reason,
+            retry_after=retry_after,
+            final_after=final_after,
         )
         self._script.raise_("append", error, times)
 

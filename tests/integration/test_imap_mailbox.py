@@ -18,6 +18,7 @@ from imapclient import IMAPClient
 from pydantic import SecretStr
 
 from shared.errors import ImapFailure
+from shared.mailbox.connections import MailboxConnections
 from shared.mailbox.imap import SUMMARY_CHUNK, ImapDestination, ImapSource
 from shared.mailbox.port import AppendRejected, SourceMessage, UidFloor, fingerprint
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
@@ -318,6 +319,21 @@ def test_ensure_folder_creates_parents_and_is_idempotent(dovecot_pair, destinati
     assert [s.uid for s in read_folder(outlook, user, nested)] == [uid]
 
 
+def test_on_a_server_that_tells_case_apart_names_are_used_as_written(dovecot_pair, destination_of):
+    """Dovecot is case-sensitive (but for INBOX): "Work" and "work" are two folders, each gets
+    its own copies; "inbox" is INBOX, and a folder under it is created there."""
+    outlook = dovecot_pair.outlook
+    user = outlook.new_user("cases")
+    destination = destination_of(outlook, user)
+    for uid, folder in enumerate(["Work", "work", "inbox", "INBOX/Sub", "inbox/Sub", "Work"], start=1):
+        destination.ensure_folder(folder)
+        destination.append(folder, SourceMessage(uid, message(f"to {folder}"), (), dt.datetime(2024, 1, 1, tzinfo=UTC)))
+    assert [m.body for m in read_folder(outlook, user, "Work")] == [message("to Work")] * 2
+    assert [m.body for m in read_folder(outlook, user, "work")] == [message("to work")]
+    assert [m.body for m in read_folder(outlook, user, "INBOX")] == [message("to inbox")]
+    assert [m.body for m in read_folder(outlook, user, "INBOX/Sub")] == [message("to INBOX/Sub"), message("to inbox/Sub")]
+
+
 def test_a_folder_created_by_another_session_meanwhile_is_fine(scripted_imap):
     server = scripted_imap()
     server.replies["CREATE"] = ["OK created", "NO [ALREADYEXISTS] Mailbox already exists"]
@@ -335,6 +351,41 @@ def test_a_folder_that_cannot_be_created_is_an_imap_failure(scripted_imap):
         ImapDestination(*server.login()).ensure_folder("Forbidden")
     assert failure.value.step == "create folder"
     assert "'Forbidden'" in str(failure.value) and "[NOPERM] Permission denied" in str(failure.value)
+
+
+def test_a_folder_exchange_says_already_exists_without_a_code_is_fine(scripted_imap):
+    server = scripted_imap()
+    server.replies["CREATE"] = ["NO Mailbox already exists"]
+    ImapDestination(*server.login()).ensure_folder("Trash")
+    assert [line.split(b" ", 1)[1] for line, _ in server.received if b" CREATE " in line] == [b'CREATE "Trash"']
+
+
+def test_a_reserved_folder_name_is_a_clear_failure(scripted_imap):
+    server = scripted_imap()
+    server.replies["CREATE"] = ["NO Folder name is reserved"]
+    with pytest.raises(ImapFailure) as failure:
+        ImapDestination(*server.login()).ensure_folder("Files")
+    assert failure.value.step == "create folder"
+    assert "create folder 'Files' failed: " in str(failure.value)
+    assert "Folder name is reserved" in str(failure.value)
+    assert "set the route's outlook_folder to another name" in str(failure.value)
+
+
+def test_on_a_server_that_ignores_case_a_folder_is_known_in_any_case(scripted_imap):
+    """Exchange lists "Gmail/Work" for "gmail/work": it exists, nothing is created, and the
+    session's caches know it in every case (one SELECT for three spellings)."""
+    server = scripted_imap()
+    server.case_insensitive = True
+    server.folders |= {"Gmail", "Gmail/Work"}
+    server.replies["APPEND"] = [f"OK [APPENDUID 9 {uid}] APPEND completed" for uid in (1, 2, 3)]
+    destination = ImapDestination(*server.login())
+    for uid, spelling in enumerate(["gmail/work", "Gmail/Work", "GMAIL/work"], start=1):
+        destination.ensure_folder(spelling)
+        assert destination.append(spelling, SourceMessage(uid, message(str(uid)), (), WHEN)) == uid
+        assert destination.uid_floor(spelling) == UidFloor(9, uid + 1)
+    names = [line.split(b" ", 1)[1].split(b" ")[0] for line, _ in server.received]
+    assert b"CREATE" not in names
+    assert names.count(b"SELECT") == 1
 
 
 # ---- destination: append -----------------------------------------------------------------------
@@ -383,6 +434,20 @@ WHEN = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=zone(-4))
             "refused for now by the destination: Request exceeds the limit of 10 per second",
         ),
         ("NO Message exceeds the maximum allowed size", True, "too large for the destination"),
+        # Outlook.com's own texts (tests/harness/outlook_front.py has their sources).
+        ("NO Maximum size of appendable message has been exceeded", True, "too large for the destination"),
+        ("BAD Command Error. 10", False, "rejected by the destination: Command Error. 10 (a line longer than it accepts)"),
+        (
+            "BAD Command Argument Error. 11",
+            False,
+            "rejected by the destination: Command Argument Error. 11 (a message it cannot parse)",
+        ),
+        ("NO Server Unavailable. 15", False, "refused for now by the destination: Server Unavailable. 15"),
+        (
+            "BAD Request is throttled. Suggested Backoff Time: 299609 milliseconds",
+            False,
+            "throttled by the destination (suggested backoff 299609 ms)",
+        ),
     ],
 )
 def test_refusals_are_permanent_only_when_a_retry_cannot_help(scripted_imap, reply, permanent, reason):
@@ -395,6 +460,80 @@ def test_refusals_are_permanent_only_when_a_retry_cannot_help(scripted_imap, rep
     assert reply.split(" ", 1)[1] in str(rejected.value)
     # A refusal leaves the session usable.
     assert destination.append("INBOX", SourceMessage(4, message("next"), (), WHEN)) == 41
+
+
+@pytest.mark.parametrize(
+    "reply, final_after, retry_after",
+    [
+        # A line too long, a message Exchange cannot parse: final after the second failure.
+        ("BAD Command Error. 10", 2, None),
+        ("BAD Command Argument Error. 11", 2, None),
+        # Busy or over quota: tried again, never final by itself.
+        ("NO Server Unavailable. 15", None, None),
+        # Throttles, both forms: waited out as the server asks.
+        ("NO Request is throttled. Suggested Backoff Time: 1500 milliseconds", None, 1.5),
+        ("BAD Request is throttled. Suggested Backoff Time: 1500 milliseconds", None, 1.5),
+        ("BAD Command Error. 12", None, None),  # what Outlook lacks: not about the message
+    ],
+)
+def test_outlook_refusals_say_when_they_become_final(scripted_imap, reply, final_after, retry_after):
+    server = scripted_imap()
+    server.replies["APPEND"] = [reply]
+    with pytest.raises(AppendRejected) as rejected:
+        ImapDestination(*server.login()).append("INBOX", SourceMessage(3, message("m"), (), WHEN))
+    assert not rejected.value.permanent
+    assert (rejected.value.final_after, rejected.value.retry_after) == (final_after, retry_after)
+
+
+def password_account(server: ScriptedImapServer) -> ImapAccount:
+    endpoint = ImapEndpoint("127.0.0.1", server.port, ssl=False, timeout=10)
+    return ImapAccount("fake account", "fake", endpoint, password=SecretStr("fake-password"))
+
+
+@pytest.fixture
+def connections_to():
+    """connections_to(server) -> MailboxConnections whose destination is the scripted server."""
+    made: list[MailboxConnections] = []
+
+    def make(server: ScriptedImapServer) -> MailboxConnections:
+        made.append(MailboxConnections(lambda route: None, lambda: password_account(server)))
+        return made[-1]
+
+    yield make
+    for connections in made:
+        connections.close()
+
+
+def logins(server: ScriptedImapServer) -> int:
+    return sum(b" LOGIN " in line for line, _ in server.received)
+
+
+def test_server_unavailable_is_tried_again_at_once_and_appended(scripted_imap, connections_to):
+    server = scripted_imap()
+    server.replies["APPEND"] = ["NO Server Unavailable. 15", "OK [APPENDUID 9 7] APPEND completed"]
+    connections = connections_to(server)
+    assert connections.destination().append("INBOX", SourceMessage(1, message("busy"), (), WHEN)) == 7
+    assert sum(b" APPEND " in line for line, _ in server.received) == 2
+
+
+@pytest.mark.parametrize("then", ["\r\n* BYE Connection closed. 14\r\nCLOSE", ""])
+def test_a_bad_throttle_is_not_retried_and_the_next_use_opens_a_new_session(scripted_imap, connections_to, then):
+    """Outlook's BAD throttle is followed by "* BYE Connection closed. 14" and the close. It is
+    the APPEND's tagged answer, so nothing was stored: a throttle to wait out (not a connection
+    lost mid-APPEND), and the next use of the destination logs in again, whether or not the BYE
+    has been read by then."""
+    server = scripted_imap()
+    server.replies["APPEND"] = [
+        "BAD Request is throttled. Suggested Backoff Time: 1500 milliseconds" + then,
+        "OK [APPENDUID 9 8] APPEND completed",
+    ]
+    connections = connections_to(server)
+    with pytest.raises(AppendRejected) as rejected:
+        connections.destination().append("INBOX", SourceMessage(1, message("t"), (), WHEN))
+    assert (rejected.value.permanent, rejected.value.retry_after) == (False, 1.5)
+    assert (sum(b" APPEND " in line for line, _ in server.received), logins(server)) == (1, 1)
+    assert connections.destination().append("INBOX", SourceMessage(1, message("t"), (), WHEN)) == 8
+    assert logins(server) == 2
 
 
 def test_exact_bytes_flags_and_date_over_a_synchronising_literal(scripted_imap):
@@ -608,14 +747,19 @@ class ScriptedImapServer:
     Built in: the greeting, CAPABILITY, LOGIN, SELECT/EXAMINE, LIST (of the folders it has),
     CREATE, NOOP, LOGOUT. Any other command (by name, "UID FETCH" for UID commands), and CREATE
     when scripted, is answered by the next of ``replies[name]``: lines joined by CRLF, untagged
-    first, the last one the tagged status without its tag; "DISCONNECT" closes the connection.
-    ``received`` holds each command line (without its literal) and its literal (or None).
+    first, then the tagged status without its tag; "DISCONNECT" closes the connection. A last
+    line "CLOSE" closes it after the reply, and the untagged lines just before it are sent after
+    the tagged one (Outlook's "BAD ... throttled", "* BYE Connection closed. 14", the close).
+    ``case_insensitive``: LIST matches names in any case (as Exchange does) and answers the
+    stored name. ``received`` holds each command line (without its literal) and its literal (or
+    None).
     """
 
     def __init__(self, capabilities: str, permanent_flags: str):
         self.capabilities = capabilities
         self.permanent_flags = permanent_flags
         self.folders = {"INBOX"}
+        self.case_insensitive = False
         self.replies: dict[str, list[str]] = defaultdict(list)
         self.received: list[tuple[bytes, bytes | None]] = []
         self.refuse_literal_with: str | None = None  # instead of "+" for a synchronising literal
@@ -679,8 +823,8 @@ class ScriptedImapServer:
                 reply = self._answer(tag, command)
                 if reply is None:
                     return
-                send(reply)
-                if command.upper() == b"LOGOUT":
+                send(reply.removesuffix(b"CLOSE\r\n"))
+                if command.upper() == b"LOGOUT" or reply.endswith(b"CLOSE\r\n"):
                     return
 
     def _answer(self, tag: bytes, command: bytes) -> bytes | None:
@@ -692,8 +836,19 @@ class ScriptedImapServer:
             scripted = self.replies[name].pop(0)
             if scripted == "DISCONNECT":
                 return None
-            *untagged, status = scripted.split("\r\n")
-            return b"".join(line.encode() + b"\r\n" for line in untagged) + b"%s %s\r\n" % (tag, status.encode())
+            *before, status = scripted.split("\r\n")
+            after = []
+            if status == "CLOSE":  # "... tagged\r\n* BYE ...\r\nCLOSE"
+                after = ["CLOSE"]
+                *before, status = before
+                while status.startswith("* "):
+                    after.insert(0, status)
+                    *before, status = before
+            return (
+                b"".join(line.encode() + b"\r\n" for line in before)
+                + b"%s %s\r\n" % (tag, status.encode())
+                + b"".join(line.encode() + b"\r\n" for line in after)
+            )
         if name == "CAPABILITY":
             return b"* CAPABILITY %s\r\n%s OK done\r\n" % (self.capabilities.encode(), tag)
         if name in ("LOGIN", "NOOP"):
@@ -710,7 +865,8 @@ class ScriptedImapServer:
             ) % (permanent.encode(), tag, access)
         if name == "LIST":
             pattern = re.fullmatch(rb'LIST "" "(.*)"', command).group(1).decode()
-            found = b"".join(b'* LIST () "/" "%s"\r\n' % f.encode() for f in self.folders if f == pattern)
+            matches = (lambda f: f.lower() == pattern.lower()) if self.case_insensitive else (lambda f: f == pattern)
+            found = b"".join(b'* LIST () "/" "%s"\r\n' % f.encode() for f in sorted(self.folders) if matches(f))
             return found + b"%s OK done\r\n" % tag
         if name == "CREATE":
             self.folders.add(re.fullmatch(rb'CREATE "(.*)"', command).group(1).decode())

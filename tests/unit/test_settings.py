@@ -115,6 +115,38 @@ def test_password_routes_need_no_oauth_client(env):
     assert settings.routes[0].source_auth == "password"
 
 
+RESERVED = "a folder name Outlook.com reserves (Files); choose another"
+
+
+@pytest.mark.parametrize("folder", ["Files", "files", "FILES", "Files/Old"])
+def test_a_reserved_outlook_folder_names_the_route_and_field(env, folder):
+    home = {**ROUTE, "name": "home", "outlook_folder": folder}
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE, home]))
+    assert problems() == [f"SYNC_ROUTES_JSON[1].outlook_folder: route home: {RESERVED}"]
+
+
+def test_a_reserved_outlook_folder_in_the_single_route_fallback(env):
+    env(**DESTINATION, GMAIL_USER="bob@gmail.test", GMAIL_REFRESH_TOKEN="tok-123456", OUTLOOK_FOLDER="Files")
+    assert problems() == [f"OUTLOOK_FOLDER: route default: {RESERVED}"]
+
+
+def test_reserved_only_as_a_top_level_name(env):
+    routes = [{**ROUTE, "name": f"r{i}", "outlook_folder": folder} for i, folder in enumerate(["Archive/Files", "My Files"])]
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps(routes))
+    assert [route.outlook_folder for route in load_settings().routes] == ["Archive/Files", "My Files"]
+
+
+def test_max_message_bytes_defaults_to_outlooks_limit_and_is_validated(env):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    assert load_settings().max_message_bytes == 25 * 1024 * 1024
+    env(MAX_MESSAGE_BYTES="157286400")  # a Microsoft 365 mailbox set up for 150 MB
+    assert load_settings().max_message_bytes == 150 * 1024 * 1024
+    env(MAX_MESSAGE_BYTES="0")
+    assert problems() == ["MAX_MESSAGE_BYTES: Input should be greater than or equal to 1024"]
+    env(MAX_MESSAGE_BYTES="25MB")
+    assert problems() == ["MAX_MESSAGE_BYTES: Input should be a valid integer, unable to parse string as an integer"]
+
+
 def test_bad_scalar_names_the_variable(env):
     env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]), GMAIL_IMAP_PORT="imap", FALLBACK_SINCE_DAYS="-1")
     assert problems() == [
