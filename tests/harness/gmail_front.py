@@ -967,7 +967,12 @@ class _Session:
             self._special_only = len(options) != len(args[0].value)
             args = ([Tok("list", options)] if options else []) + args[1:]
         for index, tok in enumerate(args):
-            if tok.kind == "atom" and tok.upper() == b"RETURN" and index + 1 < len(args):
+            if (
+                tok.kind == "atom"
+                and tok.upper() == b"RETURN"
+                and index + 1 < len(args)
+                and args[index + 1].kind == "list"
+            ):
                 options = [t for t in args[index + 1].value if t.upper() != b"SPECIAL-USE"]
                 args = args[: index + 1] + [Tok("list", options)] + args[index + 2 :]
                 break

@@ -459,6 +459,22 @@ def test_folder_size_limit_shows_only_the_newest_messages(gmail_front, dovecot_p
     client.logout()
 
 
+def test_idle_relays_new_mail(gmail_front, dovecot_pair):
+    gmail = dovecot_pair.gmail
+    front = gmail_front(gmail)
+    user = gmail.new_user("idle")
+    front.deliver(user, message("before"))
+    client = login(front, gmail, user)
+    client.select_folder("INBOX", readonly=True)
+    client.idle()
+    front.deliver(user, message("during"))
+    seen = []
+    wait_for(lambda: seen.extend(client.idle_check(timeout=0.2)) or (2, b"EXISTS") in seen, timeout=10, what="EXISTS")
+    client.idle_done()
+    assert len(client.search("ALL")) == 2
+    client.logout()
+
+
 # ---- 7. Scripted refusals, switches ----------------------------------------------------------------
 def test_one_shot_refusal(gmail_front, dovecot_pair):
     gmail = dovecot_pair.gmail
