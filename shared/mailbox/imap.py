@@ -425,11 +425,11 @@ def _inbox_normalised(folder: str) -> str:
 
 
 def _describe_refusal(refused: BaseException) -> str:
-    """The server's words in an imaplib error ("create => NO [ALREADYEXISTS] ..." or b'...')."""
+    """The server's words in an imaplib or imapclient error ("create failed: <text>", b'...')."""
     text = str(refused).strip()
     if len(refused.args) == 1 and isinstance(refused.args[0], bytes):
         text = refused.args[0].decode("utf-8", "replace").strip()
-    return text
+    return re.sub(r"^[A-Za-z]+ failed: ", "", text)
 
 
 def _header_fields(data: dict[bytes, object]) -> bytes | None:
