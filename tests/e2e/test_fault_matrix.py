@@ -158,7 +158,7 @@ def _output(done: subprocess.CompletedProcess) -> str:
 
 def _matrix_text(rows: list[Row]) -> str:
     return "\n".join(
-        f"{r.path:<7} {r.server:<8} {r.point:<52} lost {r.lost}  duplicated {r.duplicated}  foreign {r.foreign}"
+        f"{r.path:<7} {r.server:<7} {r.point:<52} lost {r.lost}  duplicated {r.duplicated}  foreign {r.foreign}"
         for r in rows
     )
 
@@ -174,46 +174,31 @@ def run_matrix(scenarios: list[Scenario], dovecot_pair) -> None:
     assert not problems, _matrix_text(rows) + "\n\n" + "\n\n".join(problems)
 
 
-def route_env(sync_env, name: str, destination=None) -> tuple[dict, str, str, Path]:
-    """A route's settings; `destination`: a front (host, port) the destination is reached through."""
+def route_env(sync_env, name: str) -> tuple[dict, str, str, Path]:
     setup = sync_env(routes=((name, "INBOX", FOLDER),))
     env = setup.env | {"LEASE_SECONDS": LEASE_SECONDS}
     env["STATE_DB"] = str(setup.workdir / "state" / f"{name}.db")
-    if destination is not None:
-        env |= {"OUTLOOK_IMAP_HOST": destination.host, "OUTLOOK_IMAP_PORT": str(destination.port)}
     return env, setup.routes[0].gmail_user, setup.outlook_user, setup.workdir
 
 
-@pytest.fixture(params=["dovecot", "outlook"])
-def destination(request, dovecot_pair):
-    """The destination as the code under test reaches it: the Outlook Dovecot itself, or the
-    Outlook.com front before it (rebuilt MIME, estimated sizes: tests/harness/outlook_front.py).
-    Either way the matrix reads what Dovecot stores, byte for byte."""
-    if request.param == "dovecot":
-        return request.param, None
-    return request.param, request.getfixturevalue("outlook_front")(dovecot_pair.outlook)
-
-
-def test_drain_killed_at_each_point_then_rerun(sync_env, dovecot_pair, destination):
-    server, front = destination
+def test_drain_killed_at_each_point_then_rerun(sync_env, dovecot_pair, servers):
     scenarios = []
     for index, (point, hook, uid) in enumerate(POINTS):
-        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"drain{index}", front)
-        scenarios.append(Scenario("drain", server, point, hook, uid, env, gmail_user, outlook_user, workdir))
+        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"drain{index}")
+        scenarios.append(Scenario("drain", servers.name, point, hook, uid, env, gmail_user, outlook_user, workdir))
     run_matrix(scenarios, dovecot_pair)
 
 
-def test_lambda_handlers_killed_at_each_point_then_rerun(sync_env, dovecot_pair, aws_env, aws_client, destination):
-    server, front = destination
+def test_lambda_handlers_killed_at_each_point_then_rerun(sync_env, dovecot_pair, aws_env, aws_client, servers):
     scenarios = []
     for index, (point, hook, uid) in enumerate(POINTS):
-        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"lambda{index}", front)
+        env, gmail_user, outlook_user, workdir = route_env(sync_env, f"lambda{index}")
         table = unique_name("crash")
         create_state_table(aws_client("dynamodb"), table)
         # Above the deliveries a killed run and a still-held claim can cost (each is one receive).
         queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("crash"), max_receive_count=5)
         env |= aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url}
-        scenarios.append(Scenario("lambda", server, point, hook, uid, env, gmail_user, outlook_user, workdir))
+        scenarios.append(Scenario("lambda", servers.name, point, hook, uid, env, gmail_user, outlook_user, workdir))
     run_matrix(scenarios, dovecot_pair)
 
 

@@ -533,10 +533,14 @@ class GmailFront:
                     found[uid] = self._messages[(user, msgid)]
             return found
 
-    def _found(self, user: str, folder: str, uidvalidity: int, uid: int, stored: bytes) -> GmMessage:
-        """A message not stored by ``deliver``: its id from the account and its stored bytes, so
-        the same bytes in several folders are one message."""
-        digest = hashlib.sha256(user.encode() + b"\0" + stored).digest()
+    def _found(
+        self, user: str, folder: str, uidvalidity: int, uid: int, stored: bytes, internaldate: bytes
+    ) -> GmMessage:
+        """A message not stored by ``deliver``: its id from the account, its stored bytes and its
+        INTERNALDATE, so the same message in several folders (Gmail's labels share one
+        INTERNALDATE) is one message, while the same bytes delivered twice, at two times, are two
+        messages, as Gmail gives each delivery its own id."""
+        digest = hashlib.sha256(user.encode() + b"\0" + internaldate + b"\0" + stored).digest()
         msgid = (1 << 60) | (int.from_bytes(digest[:8], "big") & ((1 << 60) - 1))
         with self._lock:
             message = self._messages.setdefault((user, msgid), GmMessage(msgid, msgid))
@@ -1133,13 +1137,16 @@ class _Session:
         missing = sorted(set(uids) - set(known))
         for start in range(0, len(missing), 200):
             chunk = b",".join(b"%d" % uid for uid in missing[start : start + 200])
-            for response in self._internal_command(b"UID FETCH " + chunk + b" (UID BODY.PEEK[])", _is_fetch):
+            for response in self._internal_command(b"UID FETCH " + chunk + b" (UID INTERNALDATE BODY.PEEK[])", _is_fetch):
                 uid = _fetch_uid(response)
                 toks = parse_tokens([response.texts[0].split(b" FETCH ", 1)[1], *response.texts[1:]], response.literals)
                 items = toks[0].value if toks and toks[0].kind == "list" else []
-                body = next((v for k, v in zip(items[::2], items[1::2]) if k.upper() == b"BODY[]"), None)
-                if uid is not None and body is not None and body.kind != "atom":
-                    known[uid] = self.front._found(self.user, self._folder, self._uidvalidity, uid, body.text)
+                fields = {k.upper(): v for k, v in zip(items[::2], items[1::2]) if k.kind == "atom"}
+                body, internaldate = fields.get(b"BODY[]"), fields.get(b"INTERNALDATE")
+                if uid is not None and body is not None and body.kind != "atom" and internaldate is not None:
+                    known[uid] = self.front._found(
+                        self.user, self._folder, self._uidvalidity, uid, body.text, internaldate.text
+                    )
         return known
 
     def _cmd_search(self, tag, name, args, line):

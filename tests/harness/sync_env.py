@@ -2,7 +2,9 @@
 
 `sync_env(routes=...)` makes fresh Gmail users (one per route) and a fresh Outlook user, issues
 their refresh tokens at the OAuth stand-in, and returns a `SyncEnv` whose `env` points every
-endpoint at 127.0.0.1 and whose `cli(...)` runs `python -m shared.cli` with it.
+endpoint at 127.0.0.1 and whose `cli(...)` runs `python -m shared.cli` with it. The mail servers
+are reached as the `servers` fixture says: Dovecot itself, or a front speaking Outlook.com's
+dialect before it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import pytest
 from shared.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The Outlook.com front's default max_line_length (tests/harness/outlook_front.py).
+OUTLOOK_MAX_LINE = 9900
 
 
 @dataclass
@@ -70,8 +74,49 @@ def _clean_environment() -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Servers:
+    """The mail servers as the code under test reaches them: `name` says which dialect, `env` the
+    settings that point at them. Tests always read and seed the Dovecot servers behind."""
+
+    # "dovecot"; "gmail" or "outlook": that front (tests/harness/gmail_front.py, outlook_front.py)
+    # before its Dovecot; "fronts": both, as the product meets them.
+    name: str
+    env: dict[str, str]
+
+    def refusal(self, body: bytes) -> str | None:
+        """The skip reason the destination's refusal of `body` is recorded with, or None when it
+        takes it: the Outlook.com front refuses a line over 9,900 characters with Command Error. 10
+        (tests/harness/outlook_front.py cites imapsync's FAQ.Exchange.txt)."""
+        if self.name in ("outlook", "fronts") and any(len(line) > OUTLOOK_MAX_LINE for line in body.split(b"\n")):
+            return "rejected by the destination: Command Error. 10 (a line longer than it accepts)"
+        return None
+
+    def kept(self, flag: bytes) -> bool:
+        """Whether the destination stores `flag`: Outlook.com keeps system flags and $MDNSent
+        only (its PERMANENTFLAGS; tests/harness/outlook_front.py cites the sources)."""
+        return self.name not in ("outlook", "fronts") or flag.startswith(b"\\") or flag.lower() == b"$mdnsent"
+
+
 @pytest.fixture
-def sync_env(dovecot_pair, oauth_server, test_ca, tmp_path):
+def servers(request, dovecot_pair) -> Servers:
+    """Plain Dovecot, unless a test is parametrized (indirectly) with another dialect: see
+    tests/e2e/conftest.py, which runs the end-to-end suite against each."""
+    name = getattr(request, "param", "dovecot")
+    if name not in ("dovecot", "outlook", "gmail", "fronts"):
+        raise ValueError(f"no such servers: {name!r}")
+    env = {}
+    if name in ("gmail", "fronts"):
+        source = request.getfixturevalue("gmail_front")(dovecot_pair.gmail)
+        env |= {"GMAIL_IMAP_HOST": source.host, "GMAIL_IMAP_PORT": str(source.port)}
+    if name in ("outlook", "fronts"):
+        destination = request.getfixturevalue("outlook_front")(dovecot_pair.outlook)
+        env |= {"OUTLOOK_IMAP_HOST": destination.host, "OUTLOOK_IMAP_PORT": str(destination.port)}
+    return Servers(name, env)
+
+
+@pytest.fixture
+def sync_env(dovecot_pair, oauth_server, test_ca, tmp_path, servers):
     def make(routes: tuple[tuple[str, str, str], ...] = (("work", "INBOX", "Work"),)) -> SyncEnv:
         gmail, outlook = dovecot_pair.gmail, dovecot_pair.outlook
         accounts = []
@@ -98,7 +143,7 @@ def sync_env(dovecot_pair, oauth_server, test_ca, tmp_path):
             "GOOGLE_TOKEN_URI": oauth_server.google_token_uri,
             "MS_AUTHORITY": oauth_server.ms_authority,
             "STATE_DB": str(tmp_path / "state" / "state.db"),
-        }
+        } | servers.env
         secrets = [a.refresh_token for a in accounts] + [ms_token, oauth_server.google_client_secret]
         return SyncEnv(env, accounts, outlook_user, ms_token, tmp_path, secrets)
 
