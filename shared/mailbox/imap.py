@@ -492,8 +492,8 @@ def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
         return AppendRejected(message, permanent=True, reason=_TOO_LARGE)
     if "throttled" in server_text.lower():
         # Outlook's "Request is throttled. Suggested Backoff Time: N milliseconds", as NO or as
-        # BAD (then "* BYE Connection closed. 14" and the close, which the next use of the
-        # session finds). Either is the tagged answer to this APPEND: nothing was stored.
+        # BAD (then "* BYE Connection closed. 14" and the close: see ImapDestination.closing).
+        # Either is the tagged answer to this APPEND: nothing was stored.
         suggested = retry.suggested_backoff_ms(server_text)
         backoff = f" (suggested backoff {suggested} ms)" if suggested is not None else ""
         return AppendRejected(
