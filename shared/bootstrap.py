@@ -131,6 +131,7 @@ class App:
             owner=owner or process_owner(),
             lease_until=lease_until,
             max_message_bytes=self.settings.max_message_bytes,
+            max_attempts=self.settings.max_attempts,
         )
 
     def scan_limits(self, today: dt.date | None = None) -> ScanLimits:

@@ -213,7 +213,13 @@ class Settings(BaseSettings):
     aws_region: str | None = None
     # Local queue: deliveries of one message before it goes to the dead letters (SQS: the
     # queue's RedrivePolicy decides).
-    max_receive_count: int = Field(default=5, ge=1, le=1000)
+    # A message's own failed attempts before it is moved to the dead letters (throttles and waits
+    # behind another message do not count).
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    # The local queue's safety net: deliveries of one message before it is dead-lettered whatever
+    # happened (as SQS's maxReceiveCount). Well above MAX_ATTEMPTS: a throttle or a wait behind
+    # another message costs a delivery, never an attempt.
+    max_receive_count: int = Field(default=100, ge=1, le=1000)
     # The destination's largest message, in bytes: a larger one (by the source's RFC822.SIZE)
     # is skipped as too large before it is downloaded.
     max_message_bytes: int = Field(default=OUTLOOK_MAX_MESSAGE_BYTES, ge=1024, le=2**40)

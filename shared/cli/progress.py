@@ -75,7 +75,9 @@ class RunTally:
 
     @property
     def copy_failed(self) -> bool:
-        return self.quarantined > 0 or any(r.outcome is Outcome.FAILED for r in self.last.values())
+        return self.quarantined > 0 or any(
+            r.outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED) for r in self.last.values()
+        )
 
     def print_summary(self, routes: Sequence[Route], stream: TextIO | None = None) -> None:
         stream = stream or sys.stdout
@@ -92,13 +94,17 @@ class RunTally:
                 f"route {route.name}: {outcomes[Outcome.COPIED]} copied, {skipped} skipped{why}, "
                 f"{outcomes[Outcome.FAILED]} failed"
             )
+            if outcomes[Outcome.DEAD_LETTERED]:
+                line += f", {outcomes[Outcome.DEAD_LETTERED]} dead-lettered (`status` says why, `redrive` retries)"
+            if outcomes[Outcome.PAUSED]:
+                line += f", {outcomes[Outcome.PAUSED]} waiting for a paused mailbox"
             if outcomes[Outcome.ALREADY_DONE]:
                 line += f", {outcomes[Outcome.ALREADY_DONE]} already done"
             if route.name in self.scan_errors:
                 line += f"; scan failed: {self.scan_errors[route.name]}"
             print(line, file=stream)
             for result in results:
-                if result.outcome is Outcome.FAILED:
+                if result.outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED, Outcome.PAUSED):
                     print(f"  UID {result.key.uid}: {result.detail}", file=stream)
         if self.quarantined:
             print(f"{self.quarantined} queue message(s) quarantined (not valid references; see the log)", file=stream)

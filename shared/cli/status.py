@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import time
 
 from shared import bootstrap
 from shared.cli.report import ExitCode, Report
@@ -50,8 +51,15 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
     except QueueUnavailable as exc:
         queue = {"where": app.queue.describe(), "error": str(exc)}
     destination = _destination_status(app)
+    now = time.time()
+    # Mailboxes that asked to be left alone and have not had their time yet.
+    pauses = [
+        {"mailbox": pause.name, "until": _iso(pause.until), "reason": pause.reason}
+        for pause in app.state.pauses()
+        if pause.until > now
+    ]
     if args.json:
-        print(json.dumps({"routes": routes, "queue": queue, "destination": destination}, indent=2))
+        print(json.dumps({"routes": routes, "queue": queue, "destination": destination, "pauses": pauses}, indent=2))
         return ExitCode.OK
     for item in routes:
         mark = item["watermark"]
@@ -73,6 +81,8 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
         else:
             print(f"  last scan {scanned['at']} ok")
     _print_destination(destination)
+    for pause in pauses:
+        print(f"{pause['mailbox']}: paused until {pause['until']}: {pause['reason']}")
     if "error" in queue:
         print(f"queue: {queue['error']}")
     else:

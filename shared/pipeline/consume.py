@@ -2,9 +2,9 @@
 
 The Lambda consumer gets its batches from SQS and hands failures back to it; this loop plays
 SQS's part for a local process: it deletes what was acknowledged, puts a failed message back
-after a growing delay, or after the wait a throttling server asked for (the queue dead-letters
-it after its max receive count), and lets messages left unprocessed to keep their route's order
-be received again at once.
+after a growing delay (copy_batch moves it to the dead letters after MAX_ATTEMPTS failures of
+its own), keeps a paused one away until its mailbox takes commands again, and lets messages left
+unprocessed to keep their route's order be due when the one ahead of them is.
 """
 
 from __future__ import annotations
@@ -53,17 +53,18 @@ def consume_queue(
             # Messages are waiting out a retry delay: long-poll until one is back.
             messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout, wait_seconds=2)
         for message, result in copy_batch(messages, copier=copier, queue=queue):
-            if result.outcome is Outcome.QUARANTINED:
-                pass  # already moved to the dead letters
+            if result.outcome.moved:
+                pass  # in the dead letters already
             elif result.outcome.acknowledged:
                 queue.delete(message)
             elif result.outcome is Outcome.FAILED:
-                # A throttle is waited out as the server asked, instead of the growing delay.
-                throttled = throttled_visibility(result)
-                queue.extend_visibility(message, retry_delay(message.receive_count) if throttled is None else throttled)
+                queue.extend_visibility(message, retry_delay(message.receive_count))
             elif result.outcome is Outcome.BUSY:
                 queue.extend_visibility(message, busy_delay(result.busy_until, time.time()))
-            else:  # unprocessed: due again as soon as its route's failed message allows
-                queue.extend_visibility(message, 0)
+            else:
+                # Paused, or held back behind a message of its route: due again when its mailbox
+                # takes commands again (the server's wait), or as soon as its route allows.
+                waited = throttled_visibility(result)
+                queue.extend_visibility(message, 0 if waited is None else waited)
             if result.outcome is not Outcome.UNPROCESSED:
                 on_result(result)

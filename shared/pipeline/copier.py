@@ -13,13 +13,14 @@ route is not acknowledged, the rest of that route's messages in the batch are le
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from shared.errors import ClaimLost, MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
@@ -29,7 +30,7 @@ from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
-from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, StateStore
+from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, Pause, StateStore
 
 log = logging.getLogger("mail_syncer.copy")
 
@@ -45,13 +46,22 @@ class Outcome(StrEnum):
     ALREADY_DONE = "already done"  # a redelivery of a message finished before
     BUSY = "busy"  # another consumer holds the claim: try again later
     FAILED = "failed"  # recorded; the queue retries it
+    # Its mailbox asked to be left alone (a throttle, a bandwidth limit): due again when the
+    # pause ends (retry_after); no attempt of its own is spent.
+    PAUSED = "paused"
+    DEAD_LETTERED = "dead-lettered"  # failed MAX_ATTEMPTS times: moved to the dead letters
     QUARANTINED = "quarantined"  # not a valid reference: dead-lettered at once
     UNPROCESSED = "unprocessed"  # left for later to keep its route's order
 
     @property
     def acknowledged(self) -> bool:
-        """Delete it from the queue: nothing more will ever be done with it."""
-        return self in (Outcome.COPIED, Outcome.SKIPPED, Outcome.ALREADY_DONE, Outcome.QUARANTINED)
+        """Off the queue: done with, or moved to the dead letters already."""
+        return self in (Outcome.COPIED, Outcome.SKIPPED, Outcome.ALREADY_DONE, Outcome.DEAD_LETTERED, Outcome.QUARANTINED)
+
+    @property
+    def moved(self) -> bool:
+        """Moved to the dead letters by the consumer: not to be deleted from the queue again."""
+        return self in (Outcome.DEAD_LETTERED, Outcome.QUARANTINED)
 
 
 @dataclass(frozen=True)
@@ -61,9 +71,10 @@ class CopyResult:
     detail: str = ""  # the skip reason or the error
     dest_uid: int | None = None
     busy_until: float | None = None  # BUSY: when the holder's lease runs out (epoch seconds)
-    # FAILED by a throttle: the seconds the server asked us to stay away (Outlook's suggested
-    # backoff, Gmail's bandwidth limits); see throttled_visibility.
+    # PAUSED (and UNPROCESSED behind it): the seconds until its mailbox takes commands again
+    # (Outlook's suggested backoff, Gmail's bandwidth limits); see throttled_visibility.
     retry_after: float | None = None
+    attempts: int = 0  # FAILED: the failed attempts recorded for it so far, this one included
 
 
 @dataclass
@@ -78,6 +89,17 @@ class Copier:
     # The destination's largest message (MAX_MESSAGE_BYTES): a reference whose size (the
     # source's RFC822.SIZE) is above it is skipped without downloading it. None: no check.
     max_message_bytes: int | None = None
+    # Failed attempts of a message's own (throttles and waits behind others are not counted)
+    # before copy_batch moves it to the dead letters (MAX_ATTEMPTS). None: left to the queue.
+    max_attempts: int | None = None
+    clock: Callable[[], float] = time.time
+    # Pauses of the mailboxes ("destination", "source <account>") as last read from state (once
+    # a batch: None until then) and met here since.
+    _pauses: dict[str, Pause] | None = field(default=None, init=False, repr=False)
+
+    def refresh_pauses(self) -> None:
+        """Read the pauses other processes recorded again, at the next message: once a batch."""
+        self._pauses = None
 
     def copy_message(self, ref: MessageRef) -> CopyResult:
         try:
@@ -94,6 +116,10 @@ class Copier:
     def _copy_message(self, ref: MessageRef) -> CopyResult:
         route = self.routes[ref.route]
         key = ref.key
+        paused = self._pause_over(route)
+        if paused is not None:
+            # Its mailbox asked to be left alone: a command now would only be refused again.
+            return CopyResult(Outcome.PAUSED, key, _describe(paused), retry_after=paused.until - self.clock())
         claimed = self.state.claim_uid(key, self.owner, self.lease_until())
         if claimed.outcome is ClaimOutcome.FINAL:
             return CopyResult(Outcome.ALREADY_DONE, key, claimed.claim.reason or "")
@@ -106,6 +132,7 @@ class Copier:
         # look in the destination first, from where that APPEND was to land.
         look_first, look_from = resuming_append, _floor_of(claimed.claim)
         appending = False
+        mailbox = _source_pause_name(route)  # whose throttle a failure is: the source's until the fetch is done
         try:
             if ref.fingerprint and not resuming_append:
                 twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
@@ -127,6 +154,7 @@ class Copier:
                     reason += "; its interrupted APPEND is looked for when it is queued again"
                 return self._skip(ref, reason, append_unresolved=resuming_append)
             message = source.fetch(ref.uid)
+            mailbox = DESTINATION
             if message is None:
                 if folder.uidnext is not None and ref.uid >= folder.uidnext:
                     # Skipping it as gone would make the message that later gets this UID look
@@ -153,6 +181,9 @@ class Copier:
         except AppendRejected as rejected:
             if rejected.permanent:
                 return self._skip(ref, rejected.reason)
+            if rejected.retry_after is not None:
+                # Refused by a throttle: nothing landed; the whole destination waits.
+                return self._pause(ref, DESTINATION, rejected, append_outcome_unknown=False)
             if rejected.final_after is not None and self._failed_before(key) + 1 >= rejected.final_after:
                 # Refused as often as it takes to be sure it is about the message, not a glitch.
                 return self._skip(ref, rejected.reason)
@@ -160,6 +191,11 @@ class Copier:
             return self._fail(ref, rejected, append_outcome_unknown=False)
         except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
             raise
+        except MailboxThrottled as throttled:
+            # A throttled session is closed or closing on the server's side.
+            self.mailboxes.drop_source(route)
+            self.mailboxes.drop_destination()
+            return self._pause(ref, mailbox, throttled, append_outcome_unknown=appending or resuming_append)
         except Exception as exc:  # noqa: BLE001 - recorded and retried by the queue
             self.mailboxes.drop_source(route)
             self.mailboxes.drop_destination()
@@ -222,6 +258,31 @@ class Copier:
         log.info("route %s UID %d skipped: %s", ref.route, ref.uid, reason)
         return CopyResult(Outcome.SKIPPED, ref.key, reason)
 
+    def _pause_over(self, route: Route) -> Pause | None:
+        """The pause in force over the route's source account or the destination, if any."""
+        if self._pauses is None:
+            self._pauses = {pause.name: pause for pause in self.state.pauses()}
+        now = self.clock()
+        for name in (_source_pause_name(route), DESTINATION):
+            pause = self._pauses.get(name)
+            if pause is not None and pause.until > now:
+                return pause
+        return None
+
+    def _pause(
+        self, ref: MessageRef, mailbox: str, exc: AppendRejected | MailboxThrottled, *, append_outcome_unknown: bool
+    ) -> CopyResult:
+        """A throttle: the mailbox is paused for every route and process, and the message waits
+        with it. Not a failure of the message: no attempt is recorded against it."""
+        assert exc.retry_after is not None
+        text = scrub(str(exc)) or type(exc).__name__
+        self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
+        pause = self.state.pause(mailbox, self.clock() + exc.retry_after, text)
+        if self._pauses is not None:
+            self._pauses[mailbox] = pause
+        log.warning("route %s UID %d: %s", ref.route, ref.uid, _describe(pause))
+        return CopyResult(Outcome.PAUSED, ref.key, _describe(pause), retry_after=pause.until - self.clock())
+
     def _fail(self, ref: MessageRef, exc: BaseException, *, append_outcome_unknown: bool) -> CopyResult:
         text = scrub(str(exc)) or type(exc).__name__
         # Released first: a claim taken over meanwhile raises ClaimLost here, before a failure is
@@ -229,24 +290,40 @@ class Copier:
         self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
         attempts = self.state.record_failure(ref.key, type(exc).__name__, text)
         log.warning("route %s UID %d failed (attempt %d): %s", ref.route, ref.uid, attempts, text)
-        return CopyResult(Outcome.FAILED, ref.key, text, retry_after=_retry_after(exc))
+        return CopyResult(Outcome.FAILED, ref.key, text, attempts=attempts)
 
 
 def copy_batch(
     messages: Sequence[ReceivedMessage], *, copier: Copier, queue: MessageQueue
 ) -> list[tuple[ReceivedMessage, CopyResult]]:
-    """Each message with what became of it, in the order given."""
-    held_back: set[str] = set()  # routes (FIFO groups) with a message not acknowledged
+    """Each message with what became of it, in the order given. A message that failed
+    `copier.max_attempts` times of its own is moved to the dead letters here; a message held back
+    behind one that waits (a throttle) waits as long, so its route's group is due again together."""
+    copier.refresh_pauses()
+    held_back: dict[str, CopyResult] = {}  # FIFO group (route) -> the result that holds it back
     results = []
     for message in messages:
-        if message.group_id in held_back:
-            results.append((message, CopyResult(Outcome.UNPROCESSED)))
+        blocking = held_back.get(message.group_id)
+        if blocking is not None:
+            results.append((message, CopyResult(Outcome.UNPROCESSED, retry_after=blocking.retry_after)))
             continue
         result = _copy_received(message, copier=copier, queue=queue)
+        if result.outcome is Outcome.FAILED and copier.max_attempts and result.attempts >= copier.max_attempts:
+            result = _give_up(message, result, queue)
         if not result.outcome.acknowledged:
-            held_back.add(message.group_id)
+            held_back[message.group_id] = result
         results.append((message, result))
     return results
+
+
+def _give_up(message: ReceivedMessage, failed: CopyResult, queue: MessageQueue) -> CopyResult:
+    """Move a message that failed MAX_ATTEMPTS times of its own to the dead letters, where
+    `status` shows why and `redrive` puts it back. Counted in state, not by the queue's receive
+    count: throttles and waits behind another message never count against it."""
+    reason = f"failed {failed.attempts} times; last: {failed.detail}"
+    queue.quarantine(message, reason)
+    log.error("route %s UID %d moved to the dead letters: %s", failed.key.route, failed.key.uid, reason)
+    return replace(failed, outcome=Outcome.DEAD_LETTERED, detail=reason)
 
 
 def _copy_received(message: ReceivedMessage, *, copier: Copier, queue: MessageQueue) -> CopyResult:
@@ -278,15 +355,26 @@ def throttled_visibility(result: CopyResult) -> int | None:
     return min(math.ceil(result.retry_after) + THROTTLE_MARGIN_SECONDS, MAX_VISIBILITY_SECONDS)
 
 
+# The name the destination's pause is kept under; a source account's is "source <account>".
+DESTINATION = "destination"
+
+
+def _source_pause_name(route: Route) -> str:
+    """Gmail's limits are the account's: every route of one account pauses together."""
+    return f"source {route.gmail_user}"
+
+
+def _describe(pause: Pause) -> str:
+    until = dt.datetime.fromtimestamp(pause.until, dt.timezone.utc).isoformat(timespec="seconds")
+    return f"{pause.name} paused until {until}: {pause.reason}"
+
+
 def _floor_of(record: Claim | CopiedMessage) -> UidFloor | None:
     """Where an interrupted APPEND was to land, as its claim (or unresolved FP# record) has it."""
     if record.dest_uidvalidity is None or record.dest_uid_floor is None:
         return None  # recorded by an earlier version, or the server gave no UIDNEXT
     return UidFloor(record.dest_uidvalidity, record.dest_uid_floor)
 
-
-def _retry_after(exc: BaseException) -> float | None:
-    return exc.retry_after if isinstance(exc, (AppendRejected, MailboxThrottled)) else None
 
 
 def lease_for(seconds: float, clock: Callable[[], float] = time.time) -> Callable[[], float]:

@@ -71,7 +71,9 @@ class FakeWorld:
             routes={route.name: route for route in routes},
         )
 
-    def copier(self, owner: str = "consumer-1", lease_seconds: float = LEASE_SECONDS) -> Copier:
+    def copier(
+        self, owner: str = "consumer-1", lease_seconds: float = LEASE_SECONDS, *, max_attempts: int | None = None
+    ) -> Copier:
         """A consumer process (another owner: another process sharing state and mailboxes)."""
         return Copier(
             state=self.state,
@@ -79,6 +81,8 @@ class FakeWorld:
             routes=self.routes,
             owner=owner,
             lease_until=lease_for(lease_seconds, self.clock),
+            max_attempts=max_attempts,
+            clock=self.clock,
         )
 
     def source_of(self, route: str) -> FakeSource:

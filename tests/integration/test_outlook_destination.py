@@ -285,7 +285,9 @@ def test_drain_waits_out_a_bad_throttle_and_its_closed_connection(drain_through,
     assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
     assert len(front.refused_at) == 2
     assert front.refused_at[1] - front.refused_at[0] >= 1.5  # the suggested backoff, waited out
-    assert "UID 1 failed (attempt 2)" in done.stderr and "UID 1 failed (attempt 3)" not in done.stderr
+    # Each throttle paused the destination; neither counts as a failed attempt of the message.
+    assert done.stderr.count("route work UID 1: destination paused until ") == 2
+    assert "failed (attempt" not in done.stderr
     assert "answered BAD Request is throttled. Suggested Backoff Time: 1500 milliseconds" in done.stderr
     # Known not to have landed (the BAD was the APPEND's answer): never looked for as a copy.
     assert front.sent(b" EXAMINE ") == 0 and front.sent(b"UID SEARCH") == 0
@@ -295,3 +297,28 @@ def test_drain_waits_out_a_bad_throttle_and_its_closed_connection(drain_through,
         message("two"),
         message("three"),
     ]
+
+
+def test_a_throttle_pauses_every_route_into_the_mailbox_and_dead_letters_nothing(drain_through, dovecot_pair):
+    """Outlook's throttle is the mailbox's budget: while one route waits out the suggested
+    backoff, the other does not send APPENDs that would be refused again. Throttles are not
+    failures of a message: with MAX_ATTEMPTS 2, three in a row dead-letter nothing."""
+    setup, front = drain_through(routes=(("alpha", "INBOX", "Alpha"), ("beta", "INBOX", "Beta")))
+    setup.env["MAX_ATTEMPTS"] = "2"
+    for route in setup.routes:
+        seed(dovecot_pair.gmail, route.gmail_user, "INBOX", [message(f"{route.name} {n}") for n in range(3)])
+    front.throttle(times=3, backoff_ms=2000)
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("alpha", "beta"):
+        assert f"route {name}: 3 copied, 0 skipped, 0 failed" in done.stdout
+    gaps = [later - earlier for earlier, later in zip(front.refused_at, front.refused_at[1:])]
+    assert len(front.refused_at) == 3 and all(gap >= 2.0 for gap in gaps), gaps  # nothing sent in a pause
+    assert front.sent(b" APPEND ") == 6 + 3  # one per message, and the three refused
+    status = json.loads(setup.cli("status", "--json").stdout)
+    assert status["queue"]["dead"] == 0 and status["pauses"] == []  # run out by now
+    assert sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Alpha")) == sorted(
+        message(f"alpha {n}") for n in range(3)
+    )

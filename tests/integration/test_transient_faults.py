@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 from imapclient import IMAPClient
@@ -88,7 +89,7 @@ def test_throttled_append_waits_the_suggested_time_then_is_copied_once(
 
     def on_result(result: CopyResult) -> None:
         results.append(result)
-        if result.outcome is Outcome.FAILED:  # the loop has set the visibility by now
+        if result.outcome is Outcome.PAUSED:  # the loop has set the visibility by now
             deadlines.append(visible_at(setup.env["STATE_DB"], result.key.uid))
 
     # 2.5 s: longer than the loop's first retry delay (2 s), so only honouring it passes.
@@ -100,11 +101,12 @@ def test_throttled_append_waits_the_suggested_time_then_is_copied_once(
 
     (refused_at,) = proxy.refused_at
     first_uid = source[0].uid
-    assert [(r.outcome, r.key.uid, r.retry_after) for r in results] == [
-        (Outcome.FAILED, first_uid, 2.5),
-        (Outcome.COPIED, first_uid, None),
-        (Outcome.COPIED, source[1].uid, None),
+    assert [(r.outcome, r.key.uid) for r in results] == [
+        (Outcome.PAUSED, first_uid),
+        (Outcome.COPIED, first_uid),
+        (Outcome.COPIED, source[1].uid),
     ]
+    assert results[0].retry_after == pytest.approx(2.5, abs=0.1)  # the destination's pause, from now
     assert "throttled" in results[0].detail
     # Invisible for at least the suggested 2.5 s, and the route waited: nothing was received
     # in that time, neither the throttled message nor the one behind it.
@@ -139,16 +141,17 @@ def test_gmail_bandwidth_error_on_fetch_backs_off(sync_env, dovecot_pair, imap_p
             consume_queue(app.queue, app.copier(lease_for(60)), visibility_timeout=60, on_result=stop_after_throttle)
         (result,) = results
         (refused_at,) = proxy.refused_at
-        assert result.outcome is Outcome.FAILED and result.retry_after == 60
+        assert result.outcome is Outcome.PAUSED and result.retry_after == pytest.approx(60, abs=1)
         assert "bandwidth limits" in result.detail
         assert proxy.sent(BODY_FETCH) == 1  # not tried again at once
         assert visible_at(setup.env["STATE_DB"], source[0].uid) >= refused_at + 60
         assert app.queue.receive(10, visibility_timeout=60) == []
 
-        # A minute later (the queue's clock moved on), the copy goes through.
+        # A minute later (the queue's and the copier's clocks moved on), the copy goes through.
         later = SqliteQueue(setup.env["STATE_DB"], clock=lambda: time.time() + 61)
+        copier = replace(app.copier(lease_for(60)), clock=lambda: time.time() + 61)
         copied: list[CopyResult] = []
-        consume_queue(later, app.copier(lease_for(60)), visibility_timeout=60, on_result=copied.append)
+        consume_queue(later, copier, visibility_timeout=60, on_result=copied.append)
     finally:
         app.close()
     assert [r.outcome for r in copied] == [Outcome.COPIED]

@@ -145,7 +145,7 @@ def test_a_throttled_message_stays_away_the_servers_wait_plus_a_second_instead_o
 
     seen = consume(world)
 
-    assert [result.outcome for _, result in seen] == [Outcome.FAILED, Outcome.COPIED]
+    assert [result.outcome for _, result in seen] == [Outcome.PAUSED, Outcome.COPIED]
     assert visibility_changes(world, message_id) == [4]  # ceil(2.5) + 1, not retry_delay(1) = 2
     (throttled_at, _), (copied_at, _) = seen
     assert copied_at - throttled_at >= 2.5

@@ -421,7 +421,7 @@ def test_a_transient_refusal_fails_and_releases_the_claim_for_a_plain_retry(worl
     assert world.failure(ref) is None  # finalize clears it
 
 
-def test_a_throttled_append_fails_with_the_servers_wait(world):
+def test_a_throttled_append_pauses_the_destination_and_spends_no_attempt(world):
     ref = world.arrive("work")
     world.destination.refuse_next_append(
         "throttled by the destination (suggested backoff 2500 ms)", permanent=False, retry_after=2.5
@@ -429,31 +429,61 @@ def test_a_throttled_append_fails_with_the_servers_wait(world):
 
     result = world.copier().copy_message(ref)
 
-    assert (result.outcome, result.retry_after) == (Outcome.FAILED, 2.5)
+    assert (result.outcome, result.retry_after) == (Outcome.PAUSED, 2.5)
+    assert result.detail.startswith("destination paused until ") and "suggested backoff 2500 ms" in result.detail
     assert throttled_visibility(result) == 4  # ceil(2.5) + 1: never received a moment early
-    assert world.claim(ref).status is ClaimStatus.FAILED
+    assert world.claim(ref).status is ClaimStatus.FAILED  # released: a refusal, nothing landed
+    assert world.failure(ref) is None  # not a failure of its own
+    pause = world.state.inner.read_pause("destination")
+    assert pause.until == world.clock() + 2.5
     assert world.destination.bodies("Work") == []
 
 
-def test_a_throttled_fetch_fails_with_the_servers_wait_and_drops_the_sessions(world):
+def test_a_throttled_fetch_pauses_the_source_account_and_drops_the_sessions(world):
     # Gmail's bandwidth limit comes as MailboxThrottled from the source, not as a refusal.
     ref = world.arrive("work")
     world.source_of("work").throttle_next("fetch", retry_after=60)
 
     result = world.copier().copy_message(ref)
 
-    assert (result.outcome, result.retry_after, throttled_visibility(result)) == (Outcome.FAILED, 60, 61)
+    assert (result.outcome, result.retry_after, throttled_visibility(result)) == (Outcome.PAUSED, 60, 61)
     assert world.claim(ref).status is ClaimStatus.FAILED  # nothing was appended
-    assert (world.failure(ref).error_class, world.mailboxes.source_drops["work"]) == ("FakeThrottled", 1)
+    assert world.failure(ref) is None
+    account = world.routes["work"].gmail_user
+    assert [pause.name for pause in world.state.inner.pauses()] == [f"source {account}"]
+    assert world.mailboxes.source_drops["work"] == 1
 
 
-def test_a_throttle_raised_by_the_destination_session_fails_with_its_wait(world):
+def test_a_throttle_raised_by_the_destination_session_pauses_it_with_its_wait(world):
     ref = world.arrive("work")
     world.destination.throttle_next("append", retry_after=0.2)
 
     result = world.copier().copy_message(ref)
 
-    assert (result.outcome, result.retry_after, throttled_visibility(result)) == (Outcome.FAILED, 0.2, 2)
+    assert (result.outcome, throttled_visibility(result)) == (Outcome.PAUSED, 2)
+    assert result.retry_after == pytest.approx(0.2)
+    assert world.state.inner.read_pause("destination") is not None
+
+
+def test_while_the_destination_is_paused_no_route_sends_it_anything(world):
+    """Outlook's throttle is the mailbox's budget: the other routes into it wait too, without
+    a claim or a download, and go on once the pause has run out."""
+    first, other = world.arrive("work"), world.arrive("news")
+    world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=300)
+    copier = world.copier()
+    assert copier.copy_message(first).outcome is Outcome.PAUSED
+    fetches = len(world.source_of("news").calls_to("fetch"))
+
+    waiting = copier.copy_message(other)
+    elsewhere = world.copier("consumer-2").copy_message(other)  # another process reads the pause
+
+    for result in (waiting, elsewhere):
+        assert (result.outcome, result.retry_after) == (Outcome.PAUSED, 300)
+    assert world.claim(other) is None and len(world.source_of("news").calls_to("fetch")) == fetches
+    assert world.destination.appends == 1
+    world.clock.advance(301)
+    assert copier.copy_message(other).outcome is Outcome.COPIED
+    assert copier.copy_message(first).outcome is Outcome.COPIED
 
 
 @pytest.mark.parametrize(

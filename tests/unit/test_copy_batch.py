@@ -133,3 +133,55 @@ def test_a_routes_messages_land_in_the_destination_in_queue_order(world):
     assert world.destination.bodies("Work") == [
         world.source_of("work").message("INBOX", uid).body for uid in (first.uid, second.uid)
     ]
+
+
+def test_a_message_that_failed_max_attempts_times_of_its_own_goes_to_the_dead_letters_with_why(world):
+    ref = world.arrive("work")
+    world.queue.send_refs([ref])
+    world.destination.refuse_next_append("refused for now by the destination: [UNAVAILABLE]", permanent=False, times=2)
+    copier = world.copier(max_attempts=2)
+
+    first = copy_batch(receive_all(world), copier=copier, queue=world.queue)
+    world.queue.extend_visibility(first[0][0], 0)
+    second = copy_batch(receive_all(world), copier=copier, queue=world.queue)
+
+    assert [result.outcome for _, result in first + second] == [Outcome.FAILED, Outcome.DEAD_LETTERED]
+    [letter] = world.queue.dead_letters()
+    assert "[UNAVAILABLE]" in letter.reason and letter.reason.startswith("failed 2 times; last: ")
+    assert world.queue.depths().visible == world.queue.depths().in_flight == 0
+    assert world.failure(ref).attempts == 2  # `status` and redrive see why
+
+
+def test_throttles_never_count_as_attempts(tmp_path):
+    """Five throttles in a row with MAX_ATTEMPTS 2: still copied, never dead-lettered (the queue's
+    own safety net, MAX_RECEIVE_COUNT, is far above them, as by default)."""
+    world = FakeWorld.build(tmp_path, max_receive_count=100)
+    ref = world.arrive("work")
+    world.queue.send_refs([ref])
+    for _ in range(5):
+        world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=10)
+    copier = world.copier(max_attempts=2)
+
+    seen = []
+    while not seen or seen[-1] is not Outcome.COPIED:
+        batch = receive_all(world)
+        [(message, result)] = copy_batch(batch, copier=copier, queue=world.queue)
+        seen.append(result.outcome)
+        if not result.outcome.acknowledged:
+            world.clock.advance(result.retry_after)
+            world.queue.extend_visibility(message, 0)
+
+    assert seen == [Outcome.PAUSED] * 5 + [Outcome.COPIED]
+    assert world.queue.dead_letters() == [] and world.failure(ref) is None
+    world.close()
+
+
+def test_messages_held_back_behind_a_paused_one_wait_as_long_as_it(world):
+    first, second = world.arrive("work"), world.arrive("work")
+    world.queue.send_refs([first, second])
+    world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=300)
+
+    results = copy_batch(receive_all(world), copier=world.copier(), queue=world.queue)
+
+    assert outcomes(results) == [("work", Outcome.PAUSED), ("work", Outcome.UNPROCESSED)]
+    assert results[0][1].retry_after == results[1][1].retry_after == 300

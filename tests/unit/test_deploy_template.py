@@ -42,6 +42,7 @@ FUNCTION_ENVIRONMENT = {
     "QUEUE_URL",
     "DLQ_URL",
     "AWS_SECRETS_MANAGER_SECRET_IDS",
+    "MAX_ATTEMPTS",
     "MAX_RECEIVE_COUNT",
     "LOG_LEVEL",
 }
@@ -160,10 +161,14 @@ def test_queue_and_dead_letter_queue_are_fifo_encrypted_and_redrive_after_max_re
         assert props["MessageRetentionPeriod"] == 1209600
     assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"Fn::GetAtt": ["DeadLetterQueue", "Arn"]}
     max_receive_count = int(queue["RedrivePolicy"]["maxReceiveCount"])
-    assert max_receive_count == 5
+    # A safety net far above the consumer's own count of a message's failures (MAX_ATTEMPTS):
+    # throttles and waits behind a throttled message cost deliveries, never attempts.
+    assert max_receive_count == 100
     for function in ("producer", "consumer"):
+        variables = _function(resources, function)["Environment"]["Variables"]
         # The app's MAX_RECEIVE_COUNT says the same as the queue, for `status` and the local queue.
-        assert _function(resources, function)["Environment"]["Variables"]["MAX_RECEIVE_COUNT"] == str(max_receive_count)
+        assert variables["MAX_RECEIVE_COUNT"] == str(max_receive_count)
+        assert int(variables["MAX_ATTEMPTS"]) * 10 <= max_receive_count
 
 
 def test_visibility_timeout_is_at_least_six_times_the_consumer_timeout(resources) -> None:
