@@ -104,12 +104,23 @@ class ImapSource:
     def examine(self, folder: str) -> FolderState:
         self._folder = folder
         with _failures_as_imap_failure(self._account, "examine", folder):
+            if folder.startswith("\\"):
+                # A SPECIAL-USE attribute (RFC 6154) names the folder whatever the account's
+                # language calls it: \All is Gmail's "[Gmail]/All Mail", "[Google Mail]/Alle
+                # Nachrichten", ... (imapsync's FAQ.Gmail.txt).
+                folder = self._folder = self._special_use_folder(folder)
             response = self._client.select_folder(folder, readonly=True)
         return FolderState(
             uidvalidity=int(response[b"UIDVALIDITY"]),
             uidnext=int(response[b"UIDNEXT"]) if b"UIDNEXT" in response else None,
             exists=int(response[b"EXISTS"]),
         )
+
+    def _special_use_folder(self, attribute: str) -> str:
+        for flags, _, name in self._client.list_folders():
+            if any(flag.decode("ascii", "replace").lower() == attribute.lower() for flag in flags):
+                return name
+        raise imaplib.IMAP4.error(f"no folder has the SPECIAL-USE attribute {attribute}")
 
     def uids_above(self, last_uid: int) -> list[int]:
         # "n:*" always includes the highest UID, even one below n (RFC 3501 6.4.8): filter it.

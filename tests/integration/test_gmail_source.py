@@ -1,0 +1,87 @@
+"""Gmail's labels as the pipeline meets them through the Gmail front (tests/harness/gmail_front.py):
+one message in several folders under one X-GM-MSGID, and system folders named by SPECIAL-USE in
+any language. `drain` runs as a user runs it; the destination Dovecot is read directly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from tests.harness.mail import read_folder
+
+UTC = dt.timezone.utc
+
+
+def message(subject: str) -> bytes:
+    return (
+        f"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.org>\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\nDate: Mon, 6 May 2024 07:08:09 +0200\r\n\r\nHi.\r\n"
+    ).encode()
+
+
+def one_account_routes(setup, routes: list[tuple[str, str, str]]) -> None:
+    """Routes of one Gmail account (the first route's user and refresh token)."""
+    account = setup.routes[0]
+    setup.set_routes(
+        [
+            {
+                "name": name,
+                "gmail_user": account.gmail_user,
+                "gmail_refresh_token": account.refresh_token,
+                "gmail_folder": source,
+                "outlook_folder": destination,
+            }
+            for name, source, destination in routes
+        ]
+    )
+
+
+def through_gmail_front(setup, front) -> None:
+    setup.env.update({"GMAIL_IMAP_HOST": front.host, "GMAIL_IMAP_PORT": str(front.port)})
+
+
+def test_a_message_under_two_labels_is_copied_once_per_destination_folder(sync_env, dovecot_pair, gmail_front):
+    """INBOX and the label "Clients" hold one message (one X-GM-MSGID): routes of both into one
+    destination folder copy it once; a route into another folder copies it there too."""
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail)
+    through_gmail_front(setup, front)
+    user = setup.routes[0].gmail_user
+    when = dt.datetime.now(UTC).replace(microsecond=0)
+    both = front.deliver(user, message("in both"), labels=("Clients",), internaldate=when)
+    front.deliver(user, message("inbox only"), internaldate=when + dt.timedelta(minutes=1))
+    one_account_routes(
+        setup, [("inbox", "INBOX", "Mail"), ("clients", "Clients", "Mail"), ("archive", "Clients", "Clients")]
+    )
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "route inbox: 2 copied, 0 skipped, 0 failed" in done.stdout
+    assert "route clients: 0 copied, 1 skipped (duplicate of route inbox UID 1: 1), 0 failed" in done.stdout
+    assert "route archive: 1 copied, 0 skipped, 0 failed" in done.stdout
+    mail = read_folder(dovecot_pair.outlook, setup.outlook_user, "Mail")
+    assert sorted(m.body for m in mail) == sorted([message("in both"), message("inbox only")])
+    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Clients")] == [message("in both")]
+    assert both > 0
+
+
+def test_a_route_names_a_system_folder_by_its_special_use_in_any_language(sync_env, dovecot_pair, gmail_front):
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail, locale="de")
+    through_gmail_front(setup, front)
+    user = setup.routes[0].gmail_user
+    when = dt.datetime.now(UTC).replace(microsecond=0)
+    front.deliver(user, message("archived"), archived=True, internaldate=when)  # in All Mail only
+    front.deliver(user, message("sent"), sent=True, internaldate=when + dt.timedelta(minutes=1))
+    one_account_routes(setup, [("all", "\\All", "All"), ("sent", "\\Sent", "Sent")])
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert front.folder("\\All").startswith("[Google Mail]/")  # the German account's name
+    all_mail = sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "All"))
+    assert all_mail == sorted([message("archived"), message("sent")])
+    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Sent")] == [message("sent")]
+    status = json.loads(setup.cli("status", "--json").stdout)
+    assert {route["route"]: route["claims"] for route in status["routes"]} == {"all": {"done": 2}, "sent": {"done": 1}}
