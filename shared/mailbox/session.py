@@ -146,7 +146,11 @@ def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
         return
     try:
         _xoauth2(client, account)
-    except imapclient.exceptions.LoginError:
+    except imapclient.exceptions.LoginError as refused:
+        if retry.throttle_wait(str(refused)) is not None:
+            # Gmail's "[ALERT] Too many simultaneous connections": the token is fine; the account
+            # has no session to spare. Waited out as a throttle, never answered with a refresh.
+            raise _failure(account, "XOAUTH2 login", _describe(refused), cause=refused) from None
         # A cached token may have been revoked early: one more try with a freshly refreshed one.
         account.token_source.invalidate()
         try:

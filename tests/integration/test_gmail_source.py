@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
+import pytest
+
+from shared.mailbox.session import ImapAccount, ImapEndpoint, ImapThrottled, open_session
+from shared.tokens.sources import GoogleTokenSource
 from tests.harness.mail import read_folder
 
 UTC = dt.timezone.utc
@@ -85,3 +90,33 @@ def test_a_route_names_a_system_folder_by_its_special_use_in_any_language(sync_e
     assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Sent")] == [message("sent")]
     status = json.loads(setup.cli("status", "--json").stdout)
     assert {route["route"]: route["claims"] for route in status["routes"]} == {"all": {"done": 2}, "sent": {"done": 1}}
+
+
+def test_too_many_connections_is_waited_out_not_answered_with_a_token_refresh(
+    sync_env, dovecot_pair, gmail_front, oauth_server, trust_test_ca
+):
+    """Gmail refuses a login past 15 sessions of one account with "[ALERT] Too many simultaneous
+    connections": a throttle (the account is paused), not a revoked token to refresh."""
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail, max_connections=1)
+    account = setup.routes[0]
+    tokens = GoogleTokenSource(
+        account=account.gmail_user,
+        refresh_token=account.refresh_token,
+        client_id=oauth_server.google_client_id,
+        client_secret=oauth_server.google_client_secret,
+        token_uri=oauth_server.google_token_uri,
+    )
+    endpoint = ImapEndpoint(front.host, front.port, ca_bundle=Path(dovecot_pair.gmail.ca_bundle_path), timeout=30)
+    imap_account = ImapAccount(f"route work source {account.gmail_user}", account.gmail_user, endpoint, token_source=tokens)
+    held = open_session(imap_account)  # the account's one session
+    refreshes = oauth_server.refresh_count("google")
+    try:
+        with pytest.raises(ImapThrottled) as refused:
+            open_session(imap_account)
+    finally:
+        held.logout()
+
+    assert "Too many simultaneous connections" in str(refused.value)
+    assert refused.value.retry_after > 0
+    assert oauth_server.refresh_count("google") == refreshes  # the cached token was not thrown away
