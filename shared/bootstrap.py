@@ -121,7 +121,11 @@ class App:
 
     @cached_property
     def connections(self) -> MailboxConnections:
-        return MailboxConnections(self.source_account, lambda: self.destination_account)
+        return MailboxConnections(
+            self.source_account,
+            lambda: self.destination_account,
+            sessions_per_source_account=self.settings.gmail_max_connections,
+        )
 
     def copier(self, lease_until: Callable[[], float], owner: str | None = None) -> Copier:
         return Copier(

@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     aws_region: str | None = None
     # Local queue: deliveries of one message before it goes to the dead letters (SQS: the
     # queue's RedrivePolicy decides).
+    # IMAP sessions one process keeps open to one Gmail account, shared by all its routes. Gmail
+    # allows 15 per account (support.google.com/mail/answer/97150), the user's own mail apps
+    # included: the default leaves them five.
+    gmail_max_connections: int = Field(default=10, ge=1, le=15)
     # A message's own failed attempts before it is moved to the dead letters (throttles and waits
     # behind another message do not count).
     max_attempts: int = Field(default=5, ge=1, le=100)

@@ -56,12 +56,17 @@ class MailboxConnections:
         source_account: Callable[[Route], ImapAccount],
         destination_account: Callable[[], ImapAccount],
         *,
+        sessions_per_source_account: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source_account = source_account
         self._destination_account = destination_account
+        # Gmail refuses a login past 15 sessions of one account ("Too many simultaneous
+        # connections"): the routes of one account share this many, least recently used first out.
+        self._per_account = sessions_per_source_account
         self._clock = clock
-        self._sources: dict[str, _Session] = {}
+        self._sources: dict[str, _Session] = {}  # by route
+        self._source_users: dict[str, str] = {}  # route -> the account its session is logged in as
         self._destination: _Session | None = None
 
     def source(self, route: Route) -> tuple[ReopeningSource, FolderState]:
@@ -82,8 +87,10 @@ class MailboxConnections:
             session = None
         if session is None:
             account = self._source_account(route)
+            self._make_room_for(account.user)
             client = open_session(account)
             session = self._sources[route.name] = _Session(client, ImapSource(client, account), self._clock())
+            self._source_users[route.name] = account.user
         source = session.mailbox
         assert isinstance(source, ImapSource)
         if session.folder is None:
@@ -124,7 +131,20 @@ class MailboxConnections:
             if session is not None:
                 session.folder = None
 
+    def _make_room_for(self, user: str) -> None:
+        """Log out the account's least recently used session while it has its budget's worth."""
+        if self._per_account is None:
+            return
+        while True:
+            open_ = [name for name, owner in self._source_users.items() if owner == user and name in self._sources]
+            if len(open_) < self._per_account:
+                return
+            oldest = min(open_, key=lambda name: self._sources[name].last_used)
+            _logout_quietly(self._sources.pop(oldest).client)
+            del self._source_users[oldest]
+
     def drop_source(self, route: Route) -> None:
+        self._source_users.pop(route.name, None)
         session = self._sources.pop(route.name, None)
         if session is not None:
             close_quietly(session.client)
@@ -138,6 +158,7 @@ class MailboxConnections:
         for session in self._sources.values():
             _logout_quietly(session.client)
         self._sources.clear()
+        self._source_users.clear()
         if self._destination is not None:
             _logout_quietly(self._destination.client)
             self._destination = None

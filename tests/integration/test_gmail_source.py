@@ -120,3 +120,27 @@ def test_too_many_connections_is_waited_out_not_answered_with_a_token_refresh(
     assert "Too many simultaneous connections" in str(refused.value)
     assert refused.value.retry_after > 0
     assert oauth_server.refresh_count("google") == refreshes  # the cached token was not thrown away
+
+
+def test_more_routes_of_one_account_than_it_has_sessions_are_all_copied(sync_env, dovecot_pair, gmail_front):
+    """Seen with 20 routes and Gmail's 15: the routes past the limit were never copied. The
+    routes of one account share GMAIL_MAX_CONNECTIONS sessions, least recently used out first."""
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail, max_connections=3)
+    through_gmail_front(setup, front)
+    setup.env["GMAIL_MAX_CONNECTIONS"] = "3"
+    user = setup.routes[0].gmail_user
+    when = dt.datetime.now(UTC).replace(microsecond=0)
+    labels = [f"Label{n}" for n in range(6)]
+    for n, label in enumerate(labels):
+        front.deliver(user, message(f"under {label}"), labels=(label,), archived=True, internaldate=when + dt.timedelta(minutes=n))
+    one_account_routes(setup, [(label.lower(), label, label) for label in labels])
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    for label in labels:
+        assert f"route {label.lower()}: 1 copied, 0 skipped, 0 failed" in done.stdout
+        assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, label)] == [message(f"under {label}")]
+    assert front.peak_sessions[user] <= 3
+    assert not any(b"Too many simultaneous" in reply for _, reply in front.refused)
