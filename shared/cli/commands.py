@@ -13,6 +13,7 @@ from shared import bootstrap
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
+from shared.mailbox.imap import ImapSource
 from shared.mailbox.session import open_session
 from shared.pipeline.consume import consume_queue
 from shared.pipeline.copier import CopyResult, lease_for
@@ -21,6 +22,10 @@ from shared.pipeline.scan import RouteScan, scan_routes
 from shared.redaction import scrub
 
 # -- check -------------------------------------------------------------------------------
+
+# Gmail's "Folder size limits" (Settings, Forwarding and POP/IMAP): IMAP shows a folder's newest
+# N messages only (the Gmail API's ImapSettings.maxFolderSize: 0, 1000, 2000, 5000 or 10000).
+GMAIL_FOLDER_SIZE_LIMITS = (1000, 2000, 5000, 10000)
 
 
 def check(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
@@ -51,12 +56,17 @@ def _check_source(app: bootstrap.App, route, report: Report) -> None:
     what = f"route {route.name}"
     try:
         with open_session(account) as client:
-            info = client.select_folder(route.gmail_folder, readonly=True)
-            report.ok(
-                what,
-                f"{account.user} at {account.endpoint}, folder {route.gmail_folder!r}: "
-                f"{info.get(b'EXISTS', 0)} messages, UIDVALIDITY {info.get(b'UIDVALIDITY')}",
-            )
+            info = client.select_folder(ImapSource(client, account).folder_named(route.gmail_folder), readonly=True)
+            where = f"{account.user} at {account.endpoint}, folder {route.gmail_folder!r}"
+            exists = info.get(b"EXISTS", 0)
+            report.ok(what, f"{where}: {exists} messages, UIDVALIDITY {info.get(b'UIDVALIDITY')}")
+            if exists in GMAIL_FOLDER_SIZE_LIMITS:
+                report.warn(
+                    what,
+                    f"{where} shows exactly {exists} messages, a value of Gmail's \"Folder size "
+                    "limits\": IMAP may show only the newest ones. Gmail settings, Forwarding and "
+                    "POP/IMAP, Folder size limits: \"Do not limit\"",
+                )
     except ImapFailure as exc:
         # Its text starts with the account's label, "route NAME source USER": not "route NAME" twice.
         report.fail(what, str(exc).removeprefix(f"{what} "))

@@ -39,6 +39,10 @@ class Report:
             self.fail("settings", problem)
         return ExitCode.SETTINGS
 
+    def warn(self, what: str, detail: str) -> None:
+        """Works, but likely not as the user expects: said, and the exit code stays 0."""
+        self._line("warn", what, detail)
+
     def skip(self, what: str, detail: str) -> None:
         self._line("skip", what, detail)
 

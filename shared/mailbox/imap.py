@@ -104,11 +104,7 @@ class ImapSource:
     def examine(self, folder: str) -> FolderState:
         self._folder = folder
         with _failures_as_imap_failure(self._account, "examine", folder):
-            if folder.startswith("\\"):
-                # A SPECIAL-USE attribute (RFC 6154) names the folder whatever the account's
-                # language calls it: \All is Gmail's "[Gmail]/All Mail", "[Google Mail]/Alle
-                # Nachrichten", ... (imapsync's FAQ.Gmail.txt).
-                folder = self._folder = self._special_use_folder(folder)
+            folder = self._folder = self.folder_named(folder)
             response = self._client.select_folder(folder, readonly=True)
         return FolderState(
             uidvalidity=int(response[b"UIDVALIDITY"]),
@@ -116,11 +112,16 @@ class ImapSource:
             exists=int(response[b"EXISTS"]),
         )
 
-    def _special_use_folder(self, attribute: str) -> str:
+    def folder_named(self, folder: str) -> str:
+        """The folder a route names: itself, or for a SPECIAL-USE attribute (RFC 6154) the folder
+        that has it, whatever the account's language calls it: \\All is Gmail's "[Gmail]/All
+        Mail", "[Google Mail]/Alle Nachrichten", ... (imapsync's FAQ.Gmail.txt)."""
+        if not folder.startswith("\\"):
+            return folder
         for flags, _, name in self._client.list_folders():
-            if any(flag.decode("ascii", "replace").lower() == attribute.lower() for flag in flags):
+            if any(flag.decode("ascii", "replace").lower() == folder.lower() for flag in flags):
                 return name
-        raise imaplib.IMAP4.error(f"no folder has the SPECIAL-USE attribute {attribute}")
+        raise imaplib.IMAP4.error(f"no folder has the SPECIAL-USE attribute {folder}")
 
     def uids_above(self, last_uid: int) -> list[int]:
         # "n:*" always includes the highest UID, even one below n (RFC 3501 6.4.8): filter it.

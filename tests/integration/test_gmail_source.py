@@ -12,7 +12,7 @@ import pytest
 
 from shared.mailbox.session import ImapAccount, ImapEndpoint, ImapThrottled, open_session
 from shared.tokens.sources import GoogleTokenSource
-from tests.harness.mail import read_folder
+from tests.harness.mail import read_folder, seed
 
 UTC = dt.timezone.utc
 
@@ -144,3 +144,25 @@ def test_more_routes_of_one_account_than_it_has_sessions_are_all_copied(sync_env
         assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, label)] == [message(f"under {label}")]
     assert front.peak_sessions[user] <= 3
     assert not any(b"Too many simultaneous" in reply for _, reply in front.refused)
+
+
+def test_check_warns_when_a_folder_shows_exactly_a_folder_size_limit(sync_env, dovecot_pair, gmail_front):
+    """Gmail's "Folder size limits" make IMAP show a folder's newest 1,000 (2,000, ...) messages
+    only: the rest would never be copied, without a word. check says so."""
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail, folder_size_limit=1000)
+    through_gmail_front(setup, front)
+    user = setup.routes[0].gmail_user
+    when = dt.datetime(2024, 1, 1, tzinfo=UTC)
+    seed(dovecot_pair.gmail, user, "INBOX", [(message(f"n{n}"), (), when + dt.timedelta(minutes=n)) for n in range(1003)])
+    one_account_routes(setup, [("inbox", "INBOX", "Mail"), ("all", "\\All", "All")])
+
+    done = setup.cli("check")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("ok    route inbox") and "1000 messages" in line for line in lines), lines
+    [warning] = [line for line in lines if line.startswith("warn")]
+    assert warning.startswith("warn  route inbox") and 'shows exactly 1000 messages' in warning
+    assert "Folder size limits" in warning and "Do not limit" in warning
+    assert any(line.startswith("ok    route all") and "folder '\\\\All'" in line for line in lines), lines
