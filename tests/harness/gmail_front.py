@@ -74,6 +74,7 @@ from tests.harness.imap_wire import (
     Response,
     SessionClosed,
     Tok,
+    WireSession,
     astring,
     dump,
     parse_tokens,
@@ -564,7 +565,7 @@ class GmailFront:
 
 
 # ==== one session ===================================================================================
-class _Session:
+class _Session(WireSession):
     def __init__(self, front: GmailFront, client: ssl.SSLSocket):
         self.front = front
         self.b = front.behaviours
@@ -632,34 +633,6 @@ class _Session:
         self.close()
 
     # ---- wire ------------------------------------------------------------------------------------
-    def _to_client(self, data: bytes) -> None:
-        with self._write_lock:
-            self._client.sendall(data)
-
-    def _read_exactly(self, size: int) -> bytes:
-        data = self._from_client.read(size)
-        if len(data) != size:
-            raise SessionClosed("the client closed the connection inside a literal")
-        return data
-
-    def _read_response(self) -> Response:
-        line = self._from_server.readline()
-        if not line:
-            raise SessionClosed("Dovecot closed the connection")
-        texts, literals = [], []
-        while True:
-            literal = LITERAL_AT_END.search(line)
-            if not literal:
-                texts.append(line[:-2] if line.endswith(CRLF) else line.rstrip(b"\n"))
-                return Response(texts, literals)
-            texts.append(line[: literal.start()])
-            size = int(literal.group(2))
-            data = self._from_server.read(size)
-            if len(data) != size:
-                raise SessionClosed("Dovecot closed the connection inside a literal")
-            literals.append(data)
-            line = self._from_server.readline()
-
     def _read_rest(self, line: bytes, texts: list[bytes], literals: list[bytes]) -> bytes | None:
         """Read the literals of a command whose first line is ``line`` into texts/literals.
         Returns a refusal when a non-synchronising literal is over LITERAL-'s limit (the command

@@ -2,7 +2,8 @@
 a command's or response's tokens once its literals are taken out, and back; one server response
 with its literals.
 
-Moved here from ``outlook_front`` unchanged so the Gmail front can share it.
+Moved here from ``outlook_front`` so the Gmail front shares it, with the session's wire
+(``WireSession``) both fronts had a copy of.
 """
 
 from __future__ import annotations
@@ -127,3 +128,37 @@ class Response:
 
 class SessionClosed(Exception):
     pass
+
+
+class WireSession:
+    """The wire of one client's session through a front: bytes to the client, a literal from it,
+    one whole response (with its literals) from Dovecot. The front's session sets `_client` (the
+    client's socket), `_from_client` and `_from_server` (buffered readers) and `_write_lock`."""
+
+    def _to_client(self, data: bytes) -> None:
+        with self._write_lock:
+            self._client.sendall(data)
+
+    def _read_exactly(self, size: int) -> bytes:
+        data = self._from_client.read(size)
+        if len(data) != size:
+            raise SessionClosed("the client closed the connection inside a literal")
+        return data
+
+    def _read_response(self) -> Response:
+        line = self._from_server.readline()
+        if not line:
+            raise SessionClosed("Dovecot closed the connection")
+        texts, literals = [], []
+        while True:
+            literal = LITERAL_AT_END.search(line)
+            if not literal:
+                texts.append(line[:-2] if line.endswith(CRLF) else line.rstrip(b"\n"))
+                return Response(texts, literals)
+            texts.append(line[: literal.start()])
+            size = int(literal.group(2))
+            data = self._from_server.read(size)
+            if len(data) != size:
+                raise SessionClosed("Dovecot closed the connection inside a literal")
+            literals.append(data)
+            line = self._from_server.readline()
