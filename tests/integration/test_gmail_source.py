@@ -166,3 +166,24 @@ def test_check_warns_when_a_folder_shows_exactly_a_folder_size_limit(sync_env, d
     assert warning.startswith("warn  route inbox") and 'shows exactly 1000 messages' in warning
     assert "Folder size limits" in warning and "Do not limit" in warning
     assert any(line.startswith("ok    route all") and "folder '\\\\All'" in line for line in lines), lines
+
+
+def test_a_session_gmail_expires_mid_run_is_reopened_and_nothing_fails(sync_env, dovecot_pair, gmail_front):
+    """"* BYE Session expired, please login again." at a FETCH: a new session, the same FETCH."""
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail)
+    through_gmail_front(setup, front)
+    user = setup.routes[0].gmail_user
+    when = dt.datetime.now(UTC).replace(microsecond=0)
+    seed(dovecot_pair.gmail, user, "INBOX", [(message(f"m{n}"), (), when + dt.timedelta(minutes=n)) for n in range(3)])
+    front.expire_session(b"BODY.PEEK[]", nth=2)  # the second message's download
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
+    assert front.logins[user] >= 2  # logged in again
+    assert "failed (attempt" not in done.stderr  # within the same try, not a failure of the message
+    assert sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == sorted(
+        message(f"m{n}") for n in range(3)
+    )
