@@ -68,6 +68,7 @@ import pytest
 from imapclient import imap_utf7
 
 from tests.harness.imap_wire import (
+    Listening,
     CRLF,
     LITERAL_AT_END,
     ImapSyntaxError,
@@ -253,7 +254,8 @@ class _Expiry:
 
 
 # ==== the front =====================================================================================
-class GmailFront:
+class GmailFront(Listening):
+    _thread_name = "gmail-front-session"
     host = "127.0.0.1"
 
     def __init__(self, upstream: DovecotServer, server_context: ssl.SSLContext, **switches):
@@ -433,27 +435,9 @@ class GmailFront:
             return sum(match.upper() in line.upper() for line in self.commands)
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        with self._lock:
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.close()
-        self._acceptor.join(timeout=10)
+        self._stop_listening(self._sessions)
 
     # ---- inside ----------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), name="gmail-front-session", daemon=True).start()
-
     def _serve(self, raw: socket.socket) -> None:
         try:
             raw.settimeout(30)

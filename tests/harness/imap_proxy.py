@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.harness.imap_wire import Listening
+
 if TYPE_CHECKING:  # not imported at run time: the mail plugin module must be loaded by pytest first
     from tests.harness.mail import DovecotServer
 
@@ -64,7 +66,8 @@ class _Drop:
     seen: int = 0
 
 
-class ImapProxy:
+class ImapProxy(Listening):
+    _thread_name = "imap-proxy-link"
     host = "127.0.0.1"
 
     def __init__(self, upstream: DovecotServer, server_context: ssl.SSLContext):
@@ -129,27 +132,9 @@ class ImapProxy:
             return sum(match.upper() in line.upper() for line in self.commands)
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
-        except OSError:
-            pass
-        self._listener.close()
-        with self._lock:
-            links = list(self._links)
-        for link in links:
-            link.close()
-        self._acceptor.join(timeout=10)
+        self._stop_listening(self._links)
 
     # ---- the proxy -----------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            threading.Thread(target=self._serve, args=(raw,), name="imap-proxy-link", daemon=True).start()
-
     def _serve(self, raw: socket.socket) -> None:
         try:
             client = self._context.wrap_socket(raw, server_side=True)

@@ -9,6 +9,8 @@ Moved here from ``outlook_front`` so the Gmail front shares it, with the session
 from __future__ import annotations
 
 import re
+import socket
+import threading
 from dataclasses import dataclass
 
 CRLF = b"\r\n"
@@ -162,3 +164,33 @@ class WireSession:
                 raise SessionClosed("Dovecot closed the connection inside a literal")
             literals.append(data)
             line = self._from_server.readline()
+
+
+class Listening:
+    """The listening side shared by the proxy and the fronts: an accept loop that hands each
+    connection to `_serve` on a thread of its own, and a close that stops it. The class sets
+    `_listener`, `_acceptor`, `_closed` and `_lock`, and names its threads with `_thread_name`."""
+
+    _thread_name = "imap-session"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(raw,), name=self._thread_name, daemon=True).start()
+
+    def _stop_listening(self, sessions: list) -> None:
+        """Stop accepting, close `sessions` (taken under the lock), wait for the accept loop."""
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            open_ = list(sessions)
+        for session in open_:
+            session.close()
+        self._acceptor.join(timeout=10)

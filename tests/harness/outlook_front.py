@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.harness.imap_wire import (
+    Listening,
     CRLF,
     LITERAL_AT_END,
     ImapSyntaxError,
@@ -583,7 +584,8 @@ class _Drop:
 
 
 # ==== the front ====================================================================================
-class OutlookFront:
+class OutlookFront(Listening):
+    _thread_name = "outlook-front-session"
     host = "127.0.0.1"
 
     def __init__(self, upstream: DovecotServer, server_context: ssl.SSLContext, **switches):
@@ -665,27 +667,9 @@ class OutlookFront:
             return self._logged_in.get(user.lower(), 0)
 
     def close(self) -> None:
-        self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        with self._lock:
-            sessions = list(self._sessions)
-        for session in sessions:
-            session.close()
-        self._acceptor.join(timeout=10)
+        self._stop_listening(self._sessions)
 
     # ---- inside ------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), name="outlook-front-session", daemon=True).start()
-
     def _serve(self, raw: socket.socket) -> None:
         try:
             raw.settimeout(30)
