@@ -19,6 +19,7 @@ from functools import cached_property
 from shared.aws import make_client
 from shared.mailbox.connections import MailboxConnections
 from shared.mailbox.session import ImapAccount, ImapEndpoint
+from shared.pipeline.budget import DownloadBudget
 from shared.pipeline.copier import Copier
 from shared.pipeline.scan import ScanLimits
 from shared.queue import MessageQueue
@@ -136,7 +137,11 @@ class App:
             lease_until=lease_until,
             max_message_bytes=self.settings.max_message_bytes,
             max_attempts=self.settings.max_attempts,
+            download_budget=self.download_budget(),
         )
+
+    def download_budget(self) -> DownloadBudget:
+        return DownloadBudget(self.state, self.settings.gmail_daily_download_mb * 1_000_000)
 
     def scan_limits(self, today: dt.date | None = None) -> ScanLimits:
         return ScanLimits(

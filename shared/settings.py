@@ -211,12 +211,14 @@ class Settings(BaseSettings):
     dlq_url: str | None = None
     aws_endpoint_url: str | None = None
     aws_region: str | None = None
-    # Local queue: deliveries of one message before it goes to the dead letters (SQS: the
-    # queue's RedrivePolicy decides).
     # IMAP sessions one process keeps open to one Gmail account, shared by all its routes. Gmail
     # allows 15 per account (support.google.com/mail/answer/97150), the user's own mail apps
     # included: the default leaves them five.
     gmail_max_connections: int = Field(default=10, ge=1, le=15)
+    # Megabytes (10^6 bytes) downloaded from one Gmail account in any 24 hours, by every process
+    # and route. Gmail allows 2,500 MB a day over IMAP (support.google.com/a/answer/1071518), the
+    # user's own mail apps included: the default leaves them 500.
+    gmail_daily_download_mb: int = Field(default=2000, ge=1, le=2500)
     # A message's own failed attempts before it is moved to the dead letters (throttles and waits
     # behind another message do not count).
     max_attempts: int = Field(default=5, ge=1, le=100)
@@ -320,6 +322,7 @@ def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any =
     settings._dotenv_path = None if env_file is None else Path(env_file).absolute()
     settings._secret_sources = secret_sources
     _check_credentials(settings)
+    _check_limits(settings)
     _register_secrets(settings)
     return settings
 
@@ -488,6 +491,17 @@ def _fallback_route(settings: Settings) -> Route:
             return "GMAIL_REFRESH_TOKEN / GMAIL_PASSWORD"
 
         raise SettingsInvalid(_problems(exc, place_of=place)) from None
+
+
+def _check_limits(settings: Settings) -> None:
+    # A message larger than a day's budget could never be downloaded: it would wait forever.
+    if settings.gmail_daily_download_mb * 1_000_000 < settings.max_message_bytes:
+        raise SettingsInvalid(
+            [
+                f"GMAIL_DAILY_DOWNLOAD_MB: {settings.gmail_daily_download_mb} MB a day is less than one message of"
+                f" MAX_MESSAGE_BYTES ({settings.max_message_bytes} bytes)"
+            ]
+        )
 
 
 def _check_credentials(settings: Settings) -> None:

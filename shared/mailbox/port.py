@@ -100,6 +100,12 @@ class MailboxThrottled(MailSyncerError):
         super().__init__(message, **kwargs)  # cooperative: an adapter's error may add its own fields
 
 
+class DownloadQuotaSpent(MailboxThrottled):
+    """The source account's download allowance for the day is used up (Gmail's "[OVERQUOTA]
+    Account exceeded command or bandwidth limits"): it waits until its daily window has room
+    again (shared.pipeline.budget), not just `retry_after`."""
+
+
 class SourceReader(Protocol):
     """A source folder as the consumer reads it: one message at a time."""
 

@@ -63,6 +63,12 @@ _THROTTLED = re.compile(
 DEFAULT_THROTTLE_WAIT_SECONDS = 60.0
 
 
+def says_quota_spent(server_text: str) -> bool:
+    """Whether a throttle is Gmail's daily allowance spent ("[OVERQUOTA] Account exceeded
+    command or bandwidth limits"), not a wait of minutes."""
+    return "[OVERQUOTA]" in server_text.upper()
+
+
 def names_transient_code(text: str) -> bool:
     """Whether a server's reply (or an error text quoting it) carries a TRANSIENT_CODES code."""
     upper = text.upper()

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 
 from shared.errors import ImapFailure, TokenRefreshFailed, shorten
 from shared.mailbox import retry
-from shared.mailbox.port import MailboxThrottled
+from shared.mailbox.port import DownloadQuotaSpent, MailboxThrottled
 from shared.redaction import scrub
 from shared.tokens.sources import TokenSource
 
@@ -40,12 +40,17 @@ class ImapThrottled(MailboxThrottled, ImapFailure):
         super().__init__(message, retry_after=retry_after, step=step)
 
 
+class ImapQuotaSpent(DownloadQuotaSpent, ImapThrottled):
+    """Gmail's [OVERQUOTA], met at an IMAP step."""
+
+
 def classified_failure(message: str, *, step: str, cause: BaseException | None) -> ImapFailure:
     """An ImapFailure, or the subclass that says how soon trying again makes sense."""
     if isinstance(cause, imaplib.IMAP4.error):
         wait = retry.throttle_wait(str(cause))
         if wait is not None:
-            return ImapThrottled(message, step=step, retry_after=wait)
+            spent = retry.says_quota_spent(str(cause))
+            return (ImapQuotaSpent if spent else ImapThrottled)(message, step=step, retry_after=wait)
     if cause is not None and retry.is_transient(cause):
         return TransientImapFailure(message, step=step)
     return ImapFailure(message, step=step)

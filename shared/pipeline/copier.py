@@ -13,7 +13,6 @@ route is not acknowledged, the rest of that route's messages in the batch are le
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import math
 import threading
@@ -24,8 +23,16 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from shared.errors import ClaimLost, MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
-from shared.mailbox.port import AppendRejected, Mailboxes, MailboxThrottled, UidFloor
+from shared.mailbox.port import (
+    AppendRejected,
+    Mailboxes,
+    MailboxThrottled,
+    SourceMessage,
+    UidFloor,
+)
 from shared.message_ref import MessageRef, UidKey
+from shared.pipeline.budget import DownloadBudget
+from shared.pipeline.pauses import DESTINATION, describe, source_pause_name, throttle_pause
 from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
@@ -92,6 +99,8 @@ class Copier:
     # Failed attempts of a message's own (throttles and waits behind others are not counted)
     # before copy_batch moves it to the dead letters (MAX_ATTEMPTS). None: left to the queue.
     max_attempts: int | None = None
+    # Each source account's daily download budget (GMAIL_DAILY_DOWNLOAD_MB). None: not kept.
+    download_budget: DownloadBudget | None = None
     clock: Callable[[], float] = time.time
     # Pauses of the mailboxes ("destination", "source <account>") as last read from state (once
     # a batch: None until then) and met here since.
@@ -119,7 +128,7 @@ class Copier:
         paused = self._pause_over(route)
         if paused is not None:
             # Its mailbox asked to be left alone: a command now would only be refused again.
-            return CopyResult(Outcome.PAUSED, key, _describe(paused), retry_after=paused.until - self.clock())
+            return CopyResult(Outcome.PAUSED, key, describe(paused), retry_after=paused.until - self.clock())
         claimed = self.state.claim_uid(key, self.owner, self.lease_until())
         if claimed.outcome is ClaimOutcome.FINAL:
             return CopyResult(Outcome.ALREADY_DONE, key, claimed.claim.reason or "")
@@ -153,7 +162,11 @@ class Copier:
                 if resuming_append:
                     reason += "; its interrupted APPEND is looked for when it is queued again"
                 return self._skip(ref, reason, append_unresolved=resuming_append)
+            budget_left = self._reserve_download(route, ref)
+            if budget_left is not None:
+                return self._pause(ref, mailbox, budget_left, append_outcome_unknown=resuming_append)
             message = source.fetch(ref.uid)
+            self._settle_download(route, ref, message)
             mailbox = DESTINATION
             if message is None:
                 if folder.uidnext is not None and ref.uid >= folder.uidnext:
@@ -183,7 +196,8 @@ class Copier:
                 return self._skip(ref, rejected.reason)
             if rejected.retry_after is not None:
                 # Refused by a throttle: nothing landed; the whole destination waits.
-                return self._pause(ref, DESTINATION, rejected, append_outcome_unknown=False)
+                until = self.clock() + rejected.retry_after
+                return self._pause(ref, DESTINATION, (until, scrub(str(rejected))), append_outcome_unknown=False)
             if rejected.final_after is not None and self._failed_before(key) + 1 >= rejected.final_after:
                 # Refused as often as it takes to be sure it is about the message, not a glitch.
                 return self._skip(ref, rejected.reason)
@@ -195,7 +209,14 @@ class Copier:
             # A throttled session is closed or closing on the server's side.
             self.mailboxes.drop_source(route)
             self.mailboxes.drop_destination()
-            return self._pause(ref, mailbox, throttled, append_outcome_unknown=appending or resuming_append)
+            until_why = throttle_pause(
+                throttled,
+                account=route.gmail_user,
+                size=ref.size or 0,
+                budget=self.download_budget if mailbox != DESTINATION else None,
+                now=self.clock(),
+            )
+            return self._pause(ref, mailbox, until_why, append_outcome_unknown=appending or resuming_append)
         except Exception as exc:  # noqa: BLE001 - recorded and retried by the queue
             self.mailboxes.drop_source(route)
             self.mailboxes.drop_destination()
@@ -230,6 +251,22 @@ class Copier:
         if self.max_message_bytes is None or ref.size is None or ref.size <= self.max_message_bytes:
             return None
         return f"too large for the destination ({ref.size} bytes, limit {self.max_message_bytes})"
+
+    def _reserve_download(self, route: Route, ref: MessageRef) -> tuple[float, str] | None:
+        """Count the message's download against its account's daily budget; when there is no
+        room, when the account may download again and why, counting nothing."""
+        if self.download_budget is None:
+            return None
+        room = self.download_budget.reserve(route.gmail_user, ref.size or 0)
+        if room.fits:
+            return None
+        assert room.resumes_at is not None
+        budget = self.download_budget.daily_bytes
+        return room.resumes_at, f"daily download budget spent ({_mb(room.downloaded)} of {_mb(budget)} in 24 hours)"
+
+    def _settle_download(self, route: Route, ref: MessageRef, message: SourceMessage | None) -> None:
+        if self.download_budget is not None:
+            self.download_budget.settle(route.gmail_user, ref.size or 0, len(message.body) if message else 0)
 
     def _failed_before(self, key: UidKey) -> int:
         """Failed attempts recorded for the message before this one."""
@@ -270,18 +307,18 @@ class Copier:
         return None
 
     def _pause(
-        self, ref: MessageRef, mailbox: str, exc: AppendRejected | MailboxThrottled, *, append_outcome_unknown: bool
+        self, ref: MessageRef, mailbox: str, until_why: tuple[float, str], *, append_outcome_unknown: bool
     ) -> CopyResult:
-        """A throttle: the mailbox is paused for every route and process, and the message waits
-        with it. Not a failure of the message: no attempt is recorded against it."""
-        assert exc.retry_after is not None
-        text = scrub(str(exc)) or type(exc).__name__
+        """A throttle or a spent budget: the mailbox is paused until `until` for every route and
+        process, and the message waits with it. Not a failure of the message: no attempt is
+        recorded against it."""
+        until, why = until_why
         self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
-        pause = self.state.pause(mailbox, self.clock() + exc.retry_after, text)
+        pause = self.state.pause(mailbox, until, why)
         if self._pauses is not None:
             self._pauses[mailbox] = pause
-        log.warning("route %s UID %d: %s", ref.route, ref.uid, _describe(pause))
-        return CopyResult(Outcome.PAUSED, ref.key, _describe(pause), retry_after=pause.until - self.clock())
+        log.warning("route %s UID %d: %s", ref.route, ref.uid, describe(pause))
+        return CopyResult(Outcome.PAUSED, ref.key, describe(pause), retry_after=pause.until - self.clock())
 
     def _fail(self, ref: MessageRef, exc: BaseException, *, append_outcome_unknown: bool) -> CopyResult:
         text = scrub(str(exc)) or type(exc).__name__
@@ -355,18 +392,13 @@ def throttled_visibility(result: CopyResult) -> int | None:
     return min(math.ceil(result.retry_after) + THROTTLE_MARGIN_SECONDS, MAX_VISIBILITY_SECONDS)
 
 
-# The name the destination's pause is kept under; a source account's is "source <account>".
-DESTINATION = "destination"
-
-
 def _source_pause_name(route: Route) -> str:
     """Gmail's limits are the account's: every route of one account pauses together."""
-    return f"source {route.gmail_user}"
+    return source_pause_name(route.gmail_user)
 
 
-def _describe(pause: Pause) -> str:
-    until = dt.datetime.fromtimestamp(pause.until, dt.timezone.utc).isoformat(timespec="seconds")
-    return f"{pause.name} paused until {until}: {pause.reason}"
+def _mb(size: int) -> str:
+    return f"{size / 1_000_000:,.1f} MB" if size >= 1_000_000 else f"{size:,} bytes"
 
 
 def _floor_of(record: Claim | CopiedMessage) -> UidFloor | None:

@@ -5,7 +5,8 @@ outcome), `UID#<uidvalidity>#<uid>` (the claim), `FAIL#<uidvalidity>#<uid>` and 
 the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is one conditional write, or for finalize
 one transaction; every read is strongly consistent, so a write just made is never missed.
 
-Expiry (TTL on `expires_at`): only the HEALTH probe carries it. Watermarks, claims and
+Expiry (TTL on `expires_at`): the HEALTH probe and the download counts (pk `DOWNLOADS#<account>`,
+sk `HOUR#<hour>`, kept DOWNLOADS_KEPT_HOURS) carry it, nothing else. Watermarks, claims and
 fingerprints are the exactly-once guards, and one that expired would let a message be copied
 twice. Failure records go when their claim is finalized; those left are what `status` shows
 and `redrive` acts on, so they must stay until then too. The SCAN item is one per route,
@@ -38,6 +39,7 @@ from shared.state.port import (
     Watermark,
 )
 from shared.state.rules import (
+    DOWNLOADS_KEPT_HOURS,
     NO_REASON,
     OWNED_STATUSES,
     answer_without_taking,
@@ -564,12 +566,49 @@ class DynamoStateStore(StateStore):
         return sorted((_pause_from_item(item) for item in response.get("Items", [])), key=lambda pause: pause.name)
 
 
+    # -- downloads -------------------------------------------------------------------------
+    def count_download(self, account: str, hour: int, size: int) -> None:
+        self._call(
+            "update_item",
+            TableName=self._table,
+            Key=_item_key(downloads_pk(account), download_sk(hour)),
+            # ADD is atomic: two consumers counting at once both count.
+            UpdateExpression="ADD #bytes :size SET #hour = :hour, #expires = :expires",
+            ExpressionAttributeNames={"#bytes": "bytes", "#hour": "hour", "#expires": EXPIRES_AT},
+            ExpressionAttributeValues={
+                ":size": _n(size),
+                ":hour": _n(hour),
+                ":expires": _n((hour + DOWNLOADS_KEPT_HOURS) * 3600),
+            },
+        )
+
+    def downloads(self, account: str, since_hour: int) -> dict[int, int]:
+        response = self._call(
+            "query",
+            TableName=self._table,
+            KeyConditionExpression="pk = :pk AND sk >= :since",
+            ExpressionAttributeValues={":pk": _s(downloads_pk(account)), ":since": _s(download_sk(since_hour))},
+            ConsistentRead=True,
+        )
+        # TTL deletes late (up to days): an hour past the window is read, and left out here.
+        counts = {_int(item, "hour"): _int(item, "bytes") for item in response.get("Items", [])}
+        return {hour: size for hour, size in sorted(counts.items()) if hour >= since_hour and size != 0}
+
+
 TOKENS_PK = "TOKENS"
 PAUSES_PK = "PAUSES"
 
 
 def token_problem_sk(name: str) -> str:
     return f"TOKEN_PROBLEM#{name}"
+
+
+def downloads_pk(account: str) -> str:
+    return f"DOWNLOADS#{account}"
+
+
+def download_sk(hour: int) -> str:
+    return f"HOUR#{hour:012d}"  # zero-padded: sorted as text, as sk is, is sorted by hour
 
 
 def pause_sk(name: str) -> str:

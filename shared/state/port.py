@@ -270,6 +270,17 @@ class StateStore(abc.ABC):
     def pauses(self) -> list[Pause]:
         """Every pause recorded, by name."""
 
+    # -- downloads: bytes fetched from a source account, by hour (its daily budget) ----------
+    @abc.abstractmethod
+    def count_download(self, account: str, hour: int, size: int) -> None:
+        """Add `size` bytes (negative: take back) to what `account` downloaded in `hour` (epoch
+        seconds // 3600), atomically: processes counting at once each add theirs. Kept two days."""
+
+    @abc.abstractmethod
+    def downloads(self, account: str, since_hour: int) -> dict[int, int]:
+        """The bytes `account` downloaded in each hour from `since_hour` on, by hour; hours with
+        none are left out."""
+
 
 @dataclass(frozen=True)
 class TokenProblem:

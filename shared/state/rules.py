@@ -24,6 +24,9 @@ OWNED_STATUSES = (ClaimStatus.IN_PROGRESS, ClaimStatus.APPENDING)
 # How route_counts reports a claim skipped without a reason.
 NO_REASON = "no reason given"
 
+# Hours of downloads kept (count_download): a day's budget window and a day to spare.
+DOWNLOADS_KEPT_HOURS = 48
+
 
 def watermark_moves(found: Watermark | None, uidvalidity: int, last_uid: int) -> bool:
     """A watermark only goes up, unless the mailbox was renumbered (a new UIDVALIDITY)."""

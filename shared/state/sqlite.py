@@ -38,6 +38,7 @@ from shared.state.port import (
     Watermark,
 )
 from shared.state.rules import (
+    DOWNLOADS_KEPT_HOURS,
     NO_REASON,
     answer_without_taking,
     claim_lost,
@@ -108,6 +109,12 @@ CREATE TABLE IF NOT EXISTS pauses (
     name TEXT PRIMARY KEY,
     until REAL NOT NULL,
     reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS downloads (
+    account TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (account, hour)
 );
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -542,6 +549,24 @@ class SqliteStateStore(StateStore):
         with self._reading() as db:
             rows = db.execute("SELECT * FROM pauses ORDER BY name").fetchall()
         return [Pause(row["name"], row["until"], row["reason"]) for row in rows]
+
+    def count_download(self, account: str, hour: int, size: int) -> None:
+        with self._writing() as db:
+            db.execute(
+                "INSERT INTO downloads (account, hour, bytes) VALUES (?, ?, ?)"
+                " ON CONFLICT (account, hour) DO UPDATE SET bytes = bytes + excluded.bytes",
+                (account, hour, size),
+            )
+            # Older hours than the budget's window are of no use to anyone.
+            db.execute("DELETE FROM downloads WHERE hour < ?", (hour - DOWNLOADS_KEPT_HOURS,))
+
+    def downloads(self, account: str, since_hour: int) -> dict[int, int]:
+        with self._reading() as db:
+            rows = db.execute(
+                "SELECT hour, bytes FROM downloads WHERE account = ? AND hour >= ? AND bytes != 0 ORDER BY hour",
+                (account, since_hour),
+            ).fetchall()
+        return {row["hour"]: row["bytes"] for row in rows}
 
     @contextmanager
     def _token_problem_table(self) -> Iterator[sqlite3.Connection]:

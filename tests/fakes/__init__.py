@@ -5,7 +5,7 @@ ports document, and scriptable for faults. Each module's docstring has the detai
   (two accounts into folder Work) and news; `arrive(route)` -> the MessageRef the producer would
   queue, `copier(owner)`, `claim(ref)`, `failure(ref)`.
 - `FakeSource` (SourceMailbox; one account, `session()` for another session): `folder`, `add`,
-  `expunge`, `renumber`; faults `fail_next(op, error, after=)`, `throttle_next(op, retry_after)`,
+  `expunge`, `renumber`; faults `fail_next(op, error, after=)`, `throttle_next(op, retry_after)`, `quota_spent_next(op)`,
   `answer_next("fetch", None)`, `before_next(op, action)`; `calls`.
 - `FakeDestination` (DestinationMailbox): `messages(folder)`, `bodies(folder)`, `appends`;
   `refuse_next_append(reason, permanent=, retry_after=, final_after=)`, `throttle_next`, `block_next_append()`
@@ -26,6 +26,7 @@ from tests.fakes.mailbox import (
     FakeFolder,
     FakeMailboxError,
     FakeMailboxes,
+    FakeQuotaSpent,
     FakeSource,
     FakeThrottled,
     StoredMessage,
@@ -47,6 +48,7 @@ __all__ = [
     "FakeMailboxError",
     "FakeMailboxes",
     "FakeQueue",
+    "FakeQuotaSpent",
     "FakeSource",
     "FakeThrottled",
     "FakeWorld",

@@ -34,6 +34,7 @@ from shared.mailbox.identity import Identity, header_block
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendRejected,
+    DownloadQuotaSpent,
     FolderState,
     MailboxThrottled,
     MessageSummary,
@@ -65,6 +66,10 @@ class ConnectionLost(FakeMailboxError):
 
 class FakeThrottled(MailboxThrottled):
     """The server asked to be left alone for `retry_after` seconds (as ImapThrottled does)."""
+
+
+class FakeQuotaSpent(DownloadQuotaSpent):
+    """The account's daily download allowance is spent (as Gmail's [OVERQUOTA], ImapQuotaSpent)."""
 
 
 def email(
@@ -240,6 +245,11 @@ class FakeSource:
     def throttle_next(self, operation: str, retry_after: float, times: int = 1) -> None:
         """As Gmail's "[OVERQUOTA] bandwidth limits": MailboxThrottled with `retry_after`."""
         self.fail_next(operation, FakeThrottled(f"{self.user}: {operation} throttled", retry_after=retry_after), times)
+
+    def quota_spent_next(self, operation: str, times: int = 1) -> None:
+        """As Gmail's "NO [OVERQUOTA] Account exceeded command or bandwidth limits"."""
+        error = FakeQuotaSpent(f"{self.user}: {operation}: [OVERQUOTA] Account exceeded command or bandwidth limits", retry_after=60)
+        self.fail_next(operation, error, times)
 
     def answer_next(self, operation: str, value: object, times: int = 1) -> None:
         """E.g. `answer_next("fetch", None)`: a listed message whose body comes back NIL."""

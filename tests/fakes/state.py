@@ -162,6 +162,14 @@ class FailingStateStore(StateStore):
         self._enter("route_counts")
         return self.inner.route_counts(route)
 
+    def count_download(self, account: str, hour: int, size: int) -> None:
+        self._enter("count_download")
+        self.inner.count_download(account, hour, size)
+
+    def downloads(self, account: str, since_hour: int) -> dict[int, int]:
+        self._enter("downloads")
+        return self.inner.downloads(account, since_hour)
+
     def check_health(self) -> None:
         self._enter("check_health")
         self.inner.check_health()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from shared.mailbox.port import fingerprint
 from shared.message_ref import MessageRef
+from shared.pipeline.budget import DownloadBudget
 from shared.pipeline.copier import Copier, lease_for
 from shared.settings import Route
 from shared.state.port import Claim, FailureRecord
@@ -72,9 +73,18 @@ class FakeWorld:
         )
 
     def copier(
-        self, owner: str = "consumer-1", lease_seconds: float = LEASE_SECONDS, *, max_attempts: int | None = None
+        self,
+        owner: str = "consumer-1",
+        lease_seconds: float = LEASE_SECONDS,
+        *,
+        max_attempts: int | None = None,
+        daily_download_bytes: int | None = None,
     ) -> Copier:
-        """A consumer process (another owner: another process sharing state and mailboxes)."""
+        """A consumer process (another owner: another process sharing state and mailboxes);
+        `daily_download_bytes`: each source account's download budget (None: none kept)."""
+        budget = None
+        if daily_download_bytes is not None:
+            budget = DownloadBudget(self.state, daily_download_bytes, clock=self.clock)
         return Copier(
             state=self.state,
             mailboxes=self.mailboxes,
@@ -82,6 +92,7 @@ class FakeWorld:
             owner=owner,
             lease_until=lease_for(lease_seconds, self.clock),
             max_attempts=max_attempts,
+            download_budget=budget,
             clock=self.clock,
         )
 

@@ -392,6 +392,31 @@ def test_a_pause_is_kept_and_only_ever_lengthened(store, clock):
     assert [pause.name for pause in store.pauses()] == ["destination", "source alice@gmail.com"]
 
 
+# -- downloads -----------------------------------------------------------------------------
+def test_downloads_add_up_by_hour_and_are_read_from_an_hour_on(store):
+    assert store.downloads("alice@gmail.com", 0) == {}
+    store.count_download("alice@gmail.com", 490_000, 3_000_000)
+    store.count_download("alice@gmail.com", 490_000, 2_000_000)
+    store.count_download("alice@gmail.com", 490_005, 700)
+    store.count_download("alice@gmail.com", 490_005, -700)  # taken back: the hour reads as none
+    store.count_download("alice@gmail.com", 490_010, 40)
+    store.count_download("bob@gmail.com", 490_010, 9)
+
+    assert store.downloads("alice@gmail.com", 490_000) == {490_000: 5_000_000, 490_010: 40}
+    assert store.downloads("alice@gmail.com", 490_001) == {490_010: 40}
+    assert store.downloads("bob@gmail.com", 0) == {490_010: 9}
+
+
+def test_downloads_counted_at_once_by_many_threads_all_count(store):
+    def count(_: int) -> None:
+        for _ in range(10):
+            store.count_download("alice@gmail.com", 7, 3)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(count, range(8)))
+    assert store.downloads("alice@gmail.com", 0) == {7: 8 * 10 * 3}
+
+
 # -- finalize ------------------------------------------------------------------------------
 def test_finalize_done_records_the_copy(store, clock):
     claim(store, uid_key(), "a", clock)
