@@ -34,9 +34,10 @@ One-shot faults (thread-safe, used up as they fire): ``throttle``, ``unavailable
 reply)`` for every APPEND whose message matches until ``clear_message_refusals()``.
 
 Recorded for tests: ``connections``, ``commands`` (each command's first line, no literals),
-``appends`` (APPENDs Dovecot stored), ``appended`` (their message bytes), ``refused`` ((command
-line, reply) the front answered itself with a refusal), ``refused_at``, ``idle_drops``,
-``sent(match)``.
+``appends`` (APPENDs Dovecot stored), ``appended`` (their message bytes), ``append_attempts``
+(every APPEND received, refused or not: the message it carried, None if the client sent none),
+``refused`` ((command line, reply) the front answered itself with a refusal), ``refused_at``,
+``idle_drops``, ``sent(match)``.
 """
 
 from __future__ import annotations
@@ -601,6 +602,7 @@ class OutlookFront(Listening):
         self.commands: list[bytes] = []
         self.appends = 0
         self.appended: list[bytes] = []
+        self.append_attempts: list[bytes | None] = []
         self.refused: list[tuple[bytes, bytes]] = []
         self.refused_at: list[float] = []
         self.idle_drops = 0
@@ -758,6 +760,7 @@ class _Session(WireSession):
         self._authenticated = False
         self._pending: list[_Response] = []
         self._internal = 0
+        self._append_at: int | None = None  # the APPEND being read: its index in front.append_attempts
 
     # ---- life ---------------------------------------------------------------------------------
     def run(self) -> None:
@@ -828,6 +831,13 @@ class _Session(WireSession):
         for response in pending:
             self._send_untagged(response, None)
 
+    def _read_exactly(self, size: int) -> bytes:
+        data = super()._read_exactly(size)
+        if self._append_at is not None:  # an APPEND's last literal is its message
+            with self.front._lock:
+                self.front.append_attempts[self._append_at] = data
+        return data
+
     # ---- dispatch -----------------------------------------------------------------------------
     def _command(self, line: bytes) -> None:
         stripped = line.rstrip(b"\r\n")
@@ -841,6 +851,9 @@ class _Session(WireSession):
             name = "UID " + head[2].upper().decode("ascii", "replace")
         with self.front._lock:
             self.front.commands.append(_LITERAL_AT_END.sub(b"", line).rstrip(b"\r\n") or stripped)
+            self._append_at = len(self.front.append_attempts) if name == "APPEND" else None
+            if self._append_at is not None:
+                self.front.append_attempts.append(None)
 
         if self.b.max_command_length is not None and len(stripped) > self.b.max_command_length:
             texts, literals = [], []

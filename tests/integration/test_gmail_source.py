@@ -12,6 +12,7 @@ import pytest
 
 from shared.mailbox.session import ImapAccount, ImapEndpoint, ImapThrottled, open_session
 from shared.tokens.sources import GoogleTokenSource
+from tests.harness.figures import Row, record, stored_appends
 from tests.harness.mail import read_folder, seed
 
 UTC = dt.timezone.utc
@@ -45,6 +46,16 @@ def through_gmail_front(setup, front) -> None:
     setup.env.update({"GMAIL_IMAP_HOST": front.host, "GMAIL_IMAP_PORT": str(front.port)})
 
 
+def figures(behaviour: str, setup, done, outlook, wanted: dict[str, list[bytes]]) -> tuple[Row, dict]:
+    """Record the run's row (tests/harness/figures.py): `wanted`, per destination folder, the
+    messages of the routes into it. Returns the row and the bytes each folder holds in `outlook`
+    (Dovecot, reached directly: the APPENDs counted are those it stored)."""
+    landed = {folder: [m.body for m in read_folder(outlook, setup.outlook_user, folder)] for folder in wanted}
+    appends = stored_appends(outlook, setup.outlook_user, list(wanted))
+    row = record(behaviour, "Gmail", wanted=wanted, landed=landed, drained=done.stdout, appends=appends)
+    return row, landed
+
+
 def test_a_message_under_two_labels_is_copied_once_per_destination_folder(sync_env, dovecot_pair, gmail_front):
     """INBOX and the label "Clients" hold one message (one X-GM-MSGID): routes of both into one
     destination folder copy it once; a route into another folder copies it there too."""
@@ -60,15 +71,18 @@ def test_a_message_under_two_labels_is_copied_once_per_destination_folder(sync_e
     )
 
     done = setup.cli("drain")
+    # Routes inbox and clients into Mail, archive into Clients.
+    wanted = {"Mail": [message("in both"), message("inbox only"), message("in both")], "Clients": [message("in both")]}
+    row, landed = figures("a message under two labels, three routes", setup, done, dovecot_pair.outlook, wanted)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "route inbox: 2 copied, 0 skipped, 0 failed" in done.stdout
     assert "route clients: 0 copied, 1 skipped (duplicate of route inbox UID 1: 1), 0 failed" in done.stdout
     assert "route archive: 1 copied, 0 skipped, 0 failed" in done.stdout
-    mail = read_folder(dovecot_pair.outlook, setup.outlook_user, "Mail")
-    assert sorted(m.body for m in mail) == sorted([message("in both"), message("inbox only")])
-    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Clients")] == [message("in both")]
+    assert sorted(landed["Mail"]) == sorted([message("in both"), message("inbox only")])
+    assert landed["Clients"] == [message("in both")]
     assert both > 0
+    assert row.clean, row
 
 
 def test_a_route_names_a_system_folder_by_its_special_use_in_any_language(sync_env, dovecot_pair, gmail_front):
@@ -82,14 +96,17 @@ def test_a_route_names_a_system_folder_by_its_special_use_in_any_language(sync_e
     one_account_routes(setup, [("all", "\\All", "All"), ("sent", "\\Sent", "Sent")])
 
     done = setup.cli("drain")
+    wanted = {"All": [message("archived"), message("sent")], "Sent": [message("sent")]}
+    row, landed = figures("SPECIAL-USE \\All and \\Sent, German names", setup, done, dovecot_pair.outlook, wanted)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert front.folder("\\All").startswith("[Google Mail]/")  # the German account's name
-    all_mail = sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "All"))
+    all_mail = sorted(landed["All"])
     assert all_mail == sorted([message("archived"), message("sent")])
-    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Sent")] == [message("sent")]
+    assert landed["Sent"] == [message("sent")]
     status = json.loads(setup.cli("status", "--json").stdout)
     assert {route["route"]: route["claims"] for route in status["routes"]} == {"all": {"done": 2}, "sent": {"done": 1}}
+    assert row.clean, row
 
 
 def test_too_many_connections_is_waited_out_not_answered_with_a_token_refresh(
@@ -108,7 +125,9 @@ def test_too_many_connections_is_waited_out_not_answered_with_a_token_refresh(
         token_uri=oauth_server.google_token_uri,
     )
     endpoint = ImapEndpoint(front.host, front.port, ca_bundle=Path(dovecot_pair.gmail.ca_bundle_path), timeout=30)
-    imap_account = ImapAccount(f"route work source {account.gmail_user}", account.gmail_user, endpoint, token_source=tokens)
+    imap_account = ImapAccount(
+        f"route work source {account.gmail_user}", account.gmail_user, endpoint, token_source=tokens
+    )
     held = open_session(imap_account)  # the account's one session
     refreshes = oauth_server.refresh_count("google")
     try:
@@ -133,17 +152,22 @@ def test_more_routes_of_one_account_than_it_has_sessions_are_all_copied(sync_env
     when = dt.datetime.now(UTC).replace(microsecond=0)
     labels = [f"Label{n}" for n in range(6)]
     for n, label in enumerate(labels):
-        front.deliver(user, message(f"under {label}"), labels=(label,), archived=True, internaldate=when + dt.timedelta(minutes=n))
+        front.deliver(
+            user, message(f"under {label}"), labels=(label,), archived=True, internaldate=when + dt.timedelta(minutes=n)
+        )
     one_account_routes(setup, [(label.lower(), label, label) for label in labels])
 
     done = setup.cli("drain")
+    wanted = {label: [message(f"under {label}")] for label in labels}
+    row, landed = figures("6 routes of one account, 3 sessions", setup, done, dovecot_pair.outlook, wanted)
 
     assert done.returncode == 0, done.stdout + done.stderr
     for label in labels:
         assert f"route {label.lower()}: 1 copied, 0 skipped, 0 failed" in done.stdout
-        assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, label)] == [message(f"under {label}")]
+        assert landed[label] == [message(f"under {label}")]
     assert front.peak_sessions[user] <= 3
     assert not any(b"Too many simultaneous" in reply for _, reply in front.refused)
+    assert row.clean, row
 
 
 def test_check_warns_when_a_folder_shows_exactly_a_folder_size_limit(sync_env, dovecot_pair, gmail_front):
@@ -154,7 +178,9 @@ def test_check_warns_when_a_folder_shows_exactly_a_folder_size_limit(sync_env, d
     through_gmail_front(setup, front)
     user = setup.routes[0].gmail_user
     when = dt.datetime(2024, 1, 1, tzinfo=UTC)
-    seed(dovecot_pair.gmail, user, "INBOX", [(message(f"n{n}"), (), when + dt.timedelta(minutes=n)) for n in range(1003)])
+    seed(
+        dovecot_pair.gmail, user, "INBOX", [(message(f"n{n}"), (), when + dt.timedelta(minutes=n)) for n in range(1003)]
+    )
     one_account_routes(setup, [("inbox", "INBOX", "Mail"), ("all", "\\All", "All")])
 
     done = setup.cli("check")
@@ -163,13 +189,13 @@ def test_check_warns_when_a_folder_shows_exactly_a_folder_size_limit(sync_env, d
     lines = done.stdout.splitlines()
     assert any(line.startswith("ok    route inbox") and "1000 messages" in line for line in lines), lines
     [warning] = [line for line in lines if line.startswith("warn")]
-    assert warning.startswith("warn  route inbox") and 'shows exactly 1000 messages' in warning
+    assert warning.startswith("warn  route inbox") and "shows exactly 1000 messages" in warning
     assert "Folder size limits" in warning and "Do not limit" in warning
     assert any(line.startswith("ok    route all") and "folder '\\\\All'" in line for line in lines), lines
 
 
 def test_a_session_gmail_expires_mid_run_is_reopened_and_nothing_fails(sync_env, dovecot_pair, gmail_front):
-    """"* BYE Session expired, please login again." at a FETCH: a new session, the same FETCH."""
+    """ "* BYE Session expired, please login again." at a FETCH: a new session, the same FETCH."""
     setup = sync_env()
     front = gmail_front(dovecot_pair.gmail)
     through_gmail_front(setup, front)
@@ -179,11 +205,12 @@ def test_a_session_gmail_expires_mid_run_is_reopened_and_nothing_fails(sync_env,
     front.expire_session(b"BODY.PEEK[]", nth=2)  # the second message's download
 
     done = setup.cli("drain")
+    wanted = {"Work": [message(f"m{n}") for n in range(3)]}
+    row, landed = figures("BYE Session expired at a FETCH", setup, done, dovecot_pair.outlook, wanted)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
     assert front.logins[user] >= 2  # logged in again
     assert "failed (attempt" not in done.stderr  # within the same try, not a failure of the message
-    assert sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == sorted(
-        message(f"m{n}") for n in range(3)
-    )
+    assert sorted(landed["Work"]) == sorted(message(f"m{n}") for n in range(3))
+    assert row.clean, row

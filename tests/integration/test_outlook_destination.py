@@ -21,6 +21,7 @@ from shared.mailbox.connections import MailboxConnections
 from shared.mailbox.imap import ImapDestination
 from shared.mailbox.port import AppendRejected, SourceMessage
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
+from tests.harness.figures import Row, record
 from tests.harness.mail import connect, read_folder, seed
 from tests.harness.outlook_front import LINE_TOO_LONG, SERVER_UNAVAILABLE, TOO_LARGE, OutlookFront
 
@@ -125,7 +126,10 @@ def test_folders_are_found_as_outlook_names_them(through_front, dovecot_pair):
         assert destination.uid_floor(folder) is not None
         destination.append(folder, SourceMessage(uid, message(f"to {folder}"), (), WHEN))
 
-    assert [m.body for m in read_folder(outlook, user, "INBOX/Sub")] == [message("to INBOX/Sub"), message("to Inbox/sub")]
+    assert [m.body for m in read_folder(outlook, user, "INBOX/Sub")] == [
+        message("to INBOX/Sub"),
+        message("to Inbox/sub"),
+    ]
     assert [m.body for m in read_folder(outlook, user, "INBOX")] == [message("to inbox")]
     assert [m.body for m in read_folder(outlook, user, "Gmail/Work")] == [
         message("already there"),
@@ -168,6 +172,19 @@ def drain_through(sync_env, dovecot_pair, outlook_front):
     return make
 
 
+def figures(
+    behaviour: str, setup, front: OutlookFront, done, outlook, wanted: dict[str, list[bytes]]
+) -> tuple[Row, dict]:
+    """Record the run's row (tests/harness/figures.py): `wanted`, per destination folder, the
+    messages of the routes into it. Returns the row and the bytes each folder holds in `outlook`
+    (the Dovecot behind the front)."""
+    landed = {folder: [m.body for m in read_folder(outlook, setup.outlook_user, folder)] for folder in wanted}
+    row = record(
+        behaviour, "Outlook.com", wanted=wanted, landed=landed, drained=done.stdout, appends=front.append_attempts
+    )
+    return row, landed
+
+
 def status_of(setup) -> dict:
     done = setup.cli("status", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -178,62 +195,77 @@ def status_of(setup) -> dict:
 def test_drain_skips_a_message_outlook_finds_too_large_at_once_and_goes_on(drain_through, dovecot_pair):
     setup, front = drain_through(max_message_size=20_000)
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", [message("one"), big_message("big", 30_000), message("three")])
+    sent = [message("one"), big_message("big", 30_000), message("three")]
+    seed(dovecot_pair.gmail, user, "INBOX", sent)
 
     done = setup.cli("drain")
+    row, landed = figures(
+        "too large at once (NO Maximum size)", setup, front, done, dovecot_pair.outlook, {"Work": sent}
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "route work: 2 copied, 1 skipped (too large for the destination: 1), 0 failed" in done.stdout
-    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")] == [message("one"), message("three")]
+    assert landed["Work"] == [message("one"), message("three")]
     # Refused once: skipped on the first try, not retried into the dead letters.
     assert [reply for _, reply in front.refused] == [TOO_LARGE]
     assert "failed (attempt" not in done.stderr
     route = status_of(setup)
     assert route["claims"] == {"done": 2, "skipped": 1}
     assert route["skipped_reasons"] == {"too large for the destination": 1}
+    assert row.clean, row
 
 
 def test_drain_skips_a_message_over_max_message_bytes_without_sending_it(drain_through, dovecot_pair):
     setup, front = drain_through()
     setup.env["MAX_MESSAGE_BYTES"] = "20000"
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", [message("one"), big_message("big", 30_000), message("three")])
+    sent = [message("one"), big_message("big", 30_000), message("three")]
+    seed(dovecot_pair.gmail, user, "INBOX", sent)
     size = len(read_folder(dovecot_pair.gmail, user, "INBOX")[1].body)  # its RFC822.SIZE
 
     done = setup.cli("drain")
+    row, _ = figures("over MAX_MESSAGE_BYTES (never sent)", setup, front, done, dovecot_pair.outlook, {"Work": sent})
 
     reason = f"too large for the destination ({size} bytes, limit 20000)"
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"route work: 2 copied, 1 skipped ({reason}: 1), 0 failed" in done.stdout
     assert front.sent(b" APPEND ") == 2 and front.refused == []
     assert status_of(setup)["skipped_reasons"] == {reason: 1}
+    assert row.clean, row
 
 
 def test_drain_skips_a_10000_character_line_after_two_tries(drain_through, dovecot_pair):
     setup, front = drain_through()
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", [message("one"), long_line_message("long"), message("three")])
+    sent = [message("one"), long_line_message("long"), message("three")]
+    seed(dovecot_pair.gmail, user, "INBOX", sent)
 
     done = setup.cli("drain")
+    row, landed = figures(
+        "a 10,000-character line (Command Error. 10)", setup, front, done, dovecot_pair.outlook, {"Work": sent}
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"route work: 2 copied, 1 skipped ({TOO_LONG_REASON}: 1), 0 failed" in done.stdout
     assert [reply for _, reply in front.refused] == [LINE_TOO_LONG] * 2  # the first may have been a glitch
     assert "UID 2 failed (attempt 1)" in done.stderr
-    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")] == [message("one"), message("three")]
+    assert landed["Work"] == [message("one"), message("three")]
     route = status_of(setup)
     assert route["claims"] == {"done": 2, "skipped": 1}
     assert route["skipped_reasons"] == {TOO_LONG_REASON: 1}
     assert not route["failures"]  # the failure record went with the skip
+    assert row.clean, row
 
 
 def test_drain_copies_after_server_unavailable(drain_through, dovecot_pair):
     setup, front = drain_through()
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", [message("one"), message("two"), message("three")])
+    sent = [message("one"), message("two"), message("three")]
+    seed(dovecot_pair.gmail, user, "INBOX", sent)
     front.unavailable(times=2)
 
     done = setup.cli("drain")
+    row, landed = figures("NO Server Unavailable. 15, twice", setup, front, done, dovecot_pair.outlook, {"Work": sent})
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
@@ -243,25 +275,29 @@ def test_drain_copies_after_server_unavailable(drain_through, dovecot_pair):
     # left to the queue's growing delays.
     assert "failed (attempt" not in done.stderr
     assert not status_of(setup)["failures"]
-    assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == 3
+    assert len(landed["Work"]) == 3
+    assert row.clean, row
 
 
 def test_drain_into_inbox_sub_and_a_folder_differing_only_in_case(drain_through, dovecot_pair):
     routes = (("sub", "INBOX", "INBOX/Sub"), ("lower", "INBOX", "inbox"), ("case", "INBOX", "gmail/work"))
-    setup, _ = drain_through(routes)
+    setup, front = drain_through(routes)
     outlook = dovecot_pair.outlook
     seed(outlook, setup.outlook_user, "Gmail/Work", [message("already there")])
+    sent = {route.name: [message(f"{route.name} 1"), message(f"{route.name} 2")] for route in setup.routes}
     for route in setup.routes:
-        seed(dovecot_pair.gmail, route.gmail_user, "INBOX", [message(f"{route.name} 1"), message(f"{route.name} 2")])
+        seed(dovecot_pair.gmail, route.gmail_user, "INBOX", sent[route.name])
 
     done = setup.cli("drain")
+    wanted = {"INBOX/Sub": sent["sub"], "INBOX": sent["lower"], "Gmail/Work": sent["case"]}  # as Dovecot names them
+    row, landed = figures("INBOX/Sub, inbox, gmail/work (case differs)", setup, front, done, outlook, wanted)
 
     assert done.returncode == 0, done.stdout + done.stderr
     for route in setup.routes:
         assert f"route {route.name}: 2 copied, 0 skipped, 0 failed" in done.stdout
-    assert [m.body for m in read_folder(outlook, setup.outlook_user, "INBOX/Sub")] == [message("sub 1"), message("sub 2")]
-    assert [m.body for m in read_folder(outlook, setup.outlook_user, "INBOX")] == [message("lower 1"), message("lower 2")]
-    assert [m.body for m in read_folder(outlook, setup.outlook_user, "Gmail/Work")] == [
+    assert landed["INBOX/Sub"] == [message("sub 1"), message("sub 2")]
+    assert landed["INBOX"] == [message("lower 1"), message("lower 2")]
+    assert landed["Gmail/Work"] == [
         message("already there"),
         message("case 1"),
         message("case 2"),
@@ -271,15 +307,20 @@ def test_drain_into_inbox_sub_and_a_folder_differing_only_in_case(drain_through,
         assert sorted(name for _, _, name in client.list_folders()) == ["Gmail", "Gmail/Work", "INBOX", "INBOX/Sub"]
     finally:
         client.logout()
+    assert row.clean, row
 
 
 def test_drain_waits_out_a_bad_throttle_and_its_closed_connection(drain_through, dovecot_pair):
     setup, front = drain_through()
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", [message("one"), message("two"), message("three")])
+    sent = [message("one"), message("two"), message("three")]
+    seed(dovecot_pair.gmail, user, "INBOX", sent)
     front.throttle(times=2, backoff_ms=1500, form="BAD")  # each: BAD, "* BYE Connection closed. 14", the close
 
     done = setup.cli("drain")
+    row, landed = figures(
+        "BAD throttle + BYE Connection closed. 14, twice", setup, front, done, dovecot_pair.outlook, {"Work": sent}
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
@@ -292,11 +333,12 @@ def test_drain_waits_out_a_bad_throttle_and_its_closed_connection(drain_through,
     # Known not to have landed (the BAD was the APPEND's answer): never looked for as a copy.
     assert front.sent(b" EXAMINE ") == 0 and front.sent(b"UID SEARCH") == 0
     assert front.appends == 3
-    assert [m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")] == [
+    assert landed["Work"] == [
         message("one"),
         message("two"),
         message("three"),
     ]
+    assert row.clean, row
 
 
 def test_a_throttle_pauses_every_route_into_the_mailbox_and_dead_letters_nothing(drain_through, dovecot_pair):
@@ -305,11 +347,16 @@ def test_a_throttle_pauses_every_route_into_the_mailbox_and_dead_letters_nothing
     failures of a message: with MAX_ATTEMPTS 2, three in a row dead-letter nothing."""
     setup, front = drain_through(routes=(("alpha", "INBOX", "Alpha"), ("beta", "INBOX", "Beta")))
     setup.env["MAX_ATTEMPTS"] = "2"
+    sent = {route.name: [message(f"{route.name} {n}") for n in range(3)] for route in setup.routes}
     for route in setup.routes:
-        seed(dovecot_pair.gmail, route.gmail_user, "INBOX", [message(f"{route.name} {n}") for n in range(3)])
+        seed(dovecot_pair.gmail, route.gmail_user, "INBOX", sent[route.name])
     front.throttle(times=3, backoff_ms=2000)
 
     done = setup.cli("drain")
+    wanted = {"Alpha": sent["alpha"], "Beta": sent["beta"]}
+    row, landed = figures(
+        "NO throttle x3, two routes, MAX_ATTEMPTS 2", setup, front, done, dovecot_pair.outlook, wanted
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("alpha", "beta"):
@@ -319,6 +366,5 @@ def test_a_throttle_pauses_every_route_into_the_mailbox_and_dead_letters_nothing
     assert front.sent(b" APPEND ") == 6 + 3  # one per message, and the three refused
     status = json.loads(setup.cli("status", "--json").stdout)
     assert status["queue"]["dead"] == 0 and status["pauses"] == []  # run out by now
-    assert sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Alpha")) == sorted(
-        message(f"alpha {n}") for n in range(3)
-    )
+    assert sorted(landed["Alpha"]) == sorted(message(f"alpha {n}") for n in range(3))
+    assert row.clean, row
