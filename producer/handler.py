@@ -24,13 +24,20 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         queue=app.queue,
         open_source=app.connections.borrowed_source,
         limits=app.scan_limits(),
+        download_budget=app.download_budget(),
     )
     failed = [f"{scan.route}: {scan.error}" for scan in scans if scan.error]
     if failed:
         raise RoutesFailed("scan failed for route " + "; ".join(failed))
     return {
         "routes": [
-            {"route": s.route, "found": s.found, "enqueued": s.enqueued, "left_for_next_run": s.left_for_next_run}
+            {
+                "route": s.route,
+                "found": s.found,
+                "enqueued": s.enqueued,
+                "left_for_next_run": s.left_for_next_run,
+                "paused": s.paused,
+            }
             for s in scans
         ]
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from shared import bootstrap
 from shared.cli.progress import Progress, RunTally
@@ -91,6 +92,10 @@ def _check_destination(app: bootstrap.App, report: Report) -> None:
 
 # -- scanning and copying ----------------------------------------------------------------
 
+# A run waits out a mailbox's pause up to this long (Outlook.com's throttle: about 5 minutes);
+# a longer one (Gmail's daily download limit: hours) leaves its messages queued for a later run.
+DRAIN_MAX_PAUSE_WAIT_SECONDS = 15 * 60
+
 
 def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     scans = _scan(args, app)
@@ -101,7 +106,7 @@ def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCo
 def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     tally = RunTally()
     _consume(app, tally)
-    tally.print_summary(app.settings.routes)
+    _print_summary(app, tally)
     return _exit_code(tally)
 
 
@@ -113,7 +118,7 @@ def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Ex
     tally = RunTally()
     tally.add_scans(scans)
     _consume(app, tally)
-    tally.print_summary(app.settings.routes)
+    _print_summary(app, tally)
     return _exit_code(tally)
 
 
@@ -126,14 +131,21 @@ def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
         _consume(app, tally)
         if not any(s.left_for_next_run for s in scans if not s.error):
             break
-    tally.print_summary(app.settings.routes)
+    _print_summary(app, tally)
     return _exit_code(tally)
 
 
 def _exit_code(tally: RunTally) -> ExitCode:
     if tally.scan_errors:
         return ExitCode.UNREACHABLE
-    return ExitCode.COPY_FAILURES if tally.copy_failed else ExitCode.OK
+    if tally.copy_failed:
+        return ExitCode.COPY_FAILURES
+    return ExitCode.PAUSED if tally.waits else ExitCode.OK
+
+
+def _print_summary(app: bootstrap.App, tally: RunTally) -> None:
+    now = time.time()
+    tally.print_summary(app.settings.routes, [pause for pause in app.state.pauses() if pause.until > now])
 
 
 def _scan(args: argparse.Namespace, app: bootstrap.App) -> list[RouteScan]:
@@ -144,6 +156,7 @@ def _scan(args: argparse.Namespace, app: bootstrap.App) -> list[RouteScan]:
         open_source=app.connections.borrowed_source,
         limits=app.scan_limits(),
         dry_run=getattr(args, "dry_run", False),
+        download_budget=app.download_budget(),
     )
 
 
@@ -157,7 +170,13 @@ def _consume(app: bootstrap.App, tally: RunTally) -> None:
         progress.advance(result)
 
     try:
-        consume_queue(app.queue, app.copier(lease_for(lease)), visibility_timeout=lease, on_result=on_result)
+        tally.left_waiting = consume_queue(
+            app.queue,
+            app.copier(lease_for(lease)),
+            visibility_timeout=lease,
+            on_result=on_result,
+            max_pause_wait=DRAIN_MAX_PAUSE_WAIT_SECONDS,
+        )
     finally:
         progress.finish()
 
@@ -166,6 +185,9 @@ def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:
     for scan in scans:
         if scan.error:
             print(f"route {scan.route}: scan failed: {scan.error}")
+            continue
+        if scan.paused:
+            print(f"route {scan.route}: not scanned: {scan.paused}")
             continue
         verb = "would enqueue" if dry_run else "enqueued"
         mark = f"UIDVALIDITY {scan.watermark.uidvalidity}, UID {scan.watermark.last_uid}" if scan.watermark else "none"

@@ -18,7 +18,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         description="mail_syncer: copy new mail from Gmail folders into an Outlook.com mailbox, exactly once.",
         epilog="Settings come from the environment, then the --env-file, then AWS Secrets Manager "
         "(see .env.example). Exit codes: 0 ok, 1 messages failed, 2 usage, 3 settings, "
-        "4 state store unavailable, 5 a mailbox or the queue failed, 70 internal error (a bug; see the log), "
+        "4 state store unavailable, 5 a mailbox or the queue failed, 6 messages wait for a paused mailbox, "
+        "70 internal error (a bug; see the log), "
         "130 interrupted.",
     )
     parser.add_argument("--env-file", default=".env", help="settings file read after the environment (default: .env)")

@@ -10,8 +10,10 @@ from typing import TextIO
 
 from shared.message_ref import UidKey
 from shared.pipeline.copier import CopyResult, Outcome
+from shared.pipeline.pauses import describe
 from shared.pipeline.scan import RouteScan
 from shared.settings import Route
+from shared.state import Pause
 
 # Not on a terminal (cron, CI, a log file): one line this often instead of a redrawn one.
 LOG_EVERY_SECONDS = 10.0
@@ -58,7 +60,9 @@ class RunTally:
     def __init__(self) -> None:
         self.last: dict[UidKey, CopyResult] = {}
         self.scan_errors: dict[str, str] = {}
+        self.scans_paused: dict[str, str] = {}  # route -> the pause its source account is under
         self.quarantined = 0
+        self.left_waiting = 0  # messages left queued for a long pause (see consume_queue)
 
     def add_scans(self, scans: Sequence[RouteScan]) -> None:
         for scan in scans:
@@ -66,6 +70,10 @@ class RunTally:
                 self.scan_errors[scan.route] = scan.error
             else:
                 self.scan_errors.pop(scan.route, None)
+            if scan.paused:
+                self.scans_paused[scan.route] = scan.paused
+            else:
+                self.scans_paused.pop(scan.route, None)
 
     def add(self, result: CopyResult) -> None:
         if result.key is None:
@@ -79,7 +87,16 @@ class RunTally:
             r.outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED) for r in self.last.values()
         )
 
-    def print_summary(self, routes: Sequence[Route], stream: TextIO | None = None) -> None:
+    @property
+    def waits(self) -> bool:
+        """Messages (or a scan) wait for a mailbox's pause beyond this run."""
+        return self.left_waiting > 0 or bool(self.scans_paused)
+
+    def print_summary(
+        self, routes: Sequence[Route], pauses: Sequence[Pause] = (), stream: TextIO | None = None
+    ) -> None:
+        """A line per route (and its failures), then, when messages wait beyond this run, the
+        pauses in force (`pauses`) and when each ends."""
         stream = stream or sys.stdout
         by_route: dict[str, list[CopyResult]] = defaultdict(list)
         for key, result in self.last.items():
@@ -102,9 +119,19 @@ class RunTally:
                 line += f", {outcomes[Outcome.ALREADY_DONE]} already done"
             if route.name in self.scan_errors:
                 line += f"; scan failed: {self.scan_errors[route.name]}"
+            if route.name in self.scans_paused:
+                line += "; not scanned: its source account is paused"
             print(line, file=stream)
             for result in results:
-                if result.outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED, Outcome.PAUSED):
+                if result.outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED):
                     print(f"  UID {result.key.uid}: {result.detail}", file=stream)
         if self.quarantined:
             print(f"{self.quarantined} queue message(s) quarantined (not valid references; see the log)", file=stream)
+        if self.waits:
+            print(
+                f"{self.left_waiting} message(s) wait in the queue, copied by the first run after their"
+                " mailbox's pause ends:",
+                file=stream,
+            )
+            for pause in pauses:
+                print(f"  {describe(pause)}", file=stream)

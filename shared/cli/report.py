@@ -15,6 +15,9 @@ class ExitCode(IntEnum):
     SETTINGS = 3  # settings missing or invalid
     GATE = 4  # the state store cannot be read and written: nothing was attempted
     UNREACHABLE = 5  # a mailbox, a token endpoint or the queue failed
+    # Messages stay queued for a mailbox that asked to be left alone for long (Gmail's daily
+    # download limit): nothing failed, and the run after the pause copies them.
+    PAUSED = 6
     INTERNAL = 70  # a bug: the scrubbed traceback is in the log
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 

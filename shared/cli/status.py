@@ -4,13 +4,14 @@ destination's refresh token."""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 
 from shared import bootstrap
 from shared.cli.report import ExitCode, Report
 from shared.errors import QueueUnavailable
+from shared.pipeline.budget import in_megabytes
+from shared.pipeline.pauses import iso_time
 from shared.pipeline.redrive import DeadLetterCounts, report_dead_letters
 from shared.redaction import scrub
 
@@ -32,9 +33,9 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
                 "skipped_reasons": counts.skipped_reasons,
                 "failures": counts.failures,
                 "last_scan": None if last_scan is None else {
-                    "at": _iso(last_scan.at),
+                    "at": iso_time(last_scan.at),
                     "error": last_scan.error,
-                    "failing_since": None if last_scan.failing_since is None else _iso(last_scan.failing_since),
+                    "failing_since": None if last_scan.failing_since is None else iso_time(last_scan.failing_since),
                 },
             }
         )
@@ -54,12 +55,19 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
     now = time.time()
     # Mailboxes that asked to be left alone and have not had their time yet.
     pauses = [
-        {"mailbox": pause.name, "until": _iso(pause.until), "reason": pause.reason}
+        {"mailbox": pause.name, "until": iso_time(pause.until), "reason": pause.reason}
         for pause in app.state.pauses()
         if pause.until > now
     ]
+    # Each Gmail account's daily download budget, as spent in the last 24 hours.
+    budget = app.download_budget()
+    downloads = [
+        {"account": account, "last_24_hours_bytes": budget.downloaded(account), "budget_bytes": budget.daily_bytes}
+        for account in dict.fromkeys(route.gmail_user for route in app.settings.routes)
+    ]
     if args.json:
-        print(json.dumps({"routes": routes, "queue": queue, "destination": destination, "pauses": pauses}, indent=2))
+        everything = {"routes": routes, "queue": queue, "destination": destination, "pauses": pauses}
+        print(json.dumps(everything | {"downloads": downloads}, indent=2))
         return ExitCode.OK
     for item in routes:
         mark = item["watermark"]
@@ -68,7 +76,9 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
         print(f"route {item['route']}: {item['source']} -> {item['destination_folder']}; watermark {where}")
         print(
             f"  done {claims.get('done', 0)}, skipped {claims.get('skipped', 0)}{_reasons(item['skipped_reasons'])}, "
-            f"failed {claims.get('failed', 0)}, in progress {claims.get('in_progress', 0) + claims.get('appending', 0)}"
+            # A "failed" claim is one released to be tried again: after a failure (the open
+            # failure records say which) or a pause, which is no failure of the message.
+            f"to try again {claims.get('failed', 0)}, in progress {claims.get('in_progress', 0) + claims.get('appending', 0)}"
         )
         if item["failures"]:
             print(f"  open failure records{_reasons(item['failures'])}")
@@ -82,7 +92,12 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
             print(f"  last scan {scanned['at']} ok")
     _print_destination(destination)
     for pause in pauses:
-        print(f"{pause['mailbox']}: paused until {pause['until']}: {pause['reason']}")
+        print(f"{pause['mailbox']} paused until {pause['until']}: {pause['reason']}")
+    for spent in downloads:
+        print(
+            f"source {spent['account']}: {in_megabytes(spent['last_24_hours_bytes'])} of"
+            f" {in_megabytes(spent['budget_bytes'])} downloaded in the last 24 hours"
+        )
     if "error" in queue:
         print(f"queue: {queue['error']}")
     else:
@@ -103,10 +118,6 @@ def _print_dead_letters(title: str, dead: dict | None) -> None:
     print(f"{title}: {dead['count']}")
     for reason, count in dead["reasons"].items():
         print(f"    {count} x {scrub(reason)}")
-
-
-def _iso(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _reasons(counts: dict[str, int]) -> str:
@@ -135,11 +146,11 @@ def _destination_status(app: bootstrap.App) -> dict:
                 kept["error"] = str(exc)
             else:
                 if stored is not None:
-                    kept |= {"rotations_stored": stored.version, "last_stored": _iso(stored.updated_at)}
+                    kept |= {"rotations_stored": stored.version, "last_stored": iso_time(stored.updated_at)}
         info["refresh_token"] = kept
     problem = app.state.read_token_problem(MICROSOFT)
     if problem is not None:
-        info["token_problem"] = {"error": problem.error, "since": _iso(problem.first_at), "last": _iso(problem.last_at)}
+        info["token_problem"] = {"error": problem.error, "since": iso_time(problem.first_at), "last": iso_time(problem.last_at)}
     return info
 
 

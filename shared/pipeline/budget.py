@@ -24,6 +24,11 @@ HOUR_SECONDS = 3600
 WINDOW_HOURS = 24
 
 
+def in_megabytes(size: int) -> str:
+    """`1,234.5 MB` (10^6 bytes, as Gmail counts); bytes below a tenth of one."""
+    return f"{size / 1_000_000:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+
+
 @dataclass(frozen=True)
 class Room:
     """Whether a download fits the account's budget now; if not, from when it does."""

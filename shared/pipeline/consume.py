@@ -41,18 +41,30 @@ def consume_queue(
     *,
     visibility_timeout: int,
     on_result: Callable[[CopyResult], None] = lambda result: None,
-) -> None:
+    max_pause_wait: float | None = None,
+) -> int:
     """Copy until nothing is queued or in flight (failed messages either succeed on a retry or
-    reach the dead letters first)."""
+    reach the dead letters first). Messages that wait for a pause longer than `max_pause_wait`
+    seconds (Gmail's download limit: hours) are not waited for: they stay queued, due when the
+    pause ends. Returns how many were left so."""
+    parked: dict[str, float] = {}  # message id -> when due: waiting longer than max_pause_wait
     while True:
         messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout)
         if not messages:
             depths = queue.depths()
-            if depths.visible == 0 and depths.in_flight == 0:
-                return
+            left_waiting = 0
+            if max_pause_wait is not None:
+                # Those of earlier runs too, where the queue can tell; else this run's own.
+                left_waiting = queue.in_flight_past(max_pause_wait)
+                if left_waiting is None:
+                    now = time.time()
+                    left_waiting = sum(1 for due in parked.values() if due > now + max_pause_wait)
+            if depths.visible == 0 and depths.in_flight <= left_waiting:
+                return left_waiting
             # Messages are waiting out a retry delay: long-poll until one is back.
             messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout, wait_seconds=2)
         for message, result in copy_batch(messages, copier=copier, queue=queue):
+            parked.pop(message.message_id, None)
             if result.outcome.moved:
                 pass  # in the dead letters already
             elif result.outcome.acknowledged:
@@ -66,5 +78,7 @@ def consume_queue(
                 # takes commands again (the server's wait), or as soon as its route allows.
                 waited = throttled_visibility(result)
                 queue.extend_visibility(message, 0 if waited is None else waited)
+                if waited is not None and max_pause_wait is not None and waited > max_pause_wait:
+                    parked[message.message_id] = time.time() + waited
             if result.outcome is not Outcome.UNPROCESSED:
                 on_result(result)

@@ -31,7 +31,7 @@ from shared.mailbox.port import (
     UidFloor,
 )
 from shared.message_ref import MessageRef, UidKey
-from shared.pipeline.budget import DownloadBudget
+from shared.pipeline.budget import DownloadBudget, in_megabytes
 from shared.pipeline.pauses import DESTINATION, describe, source_pause_name, throttle_pause
 from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
@@ -262,7 +262,8 @@ class Copier:
             return None
         assert room.resumes_at is not None
         budget = self.download_budget.daily_bytes
-        return room.resumes_at, f"daily download budget spent ({_mb(room.downloaded)} of {_mb(budget)} in 24 hours)"
+        spent = f"{in_megabytes(room.downloaded)} of {in_megabytes(budget)}"
+        return room.resumes_at, f"daily download budget spent ({spent} in 24 hours)"
 
     def _settle_download(self, route: Route, ref: MessageRef, message: SourceMessage | None) -> None:
         if self.download_budget is not None:
@@ -395,10 +396,6 @@ def throttled_visibility(result: CopyResult) -> int | None:
 def _source_pause_name(route: Route) -> str:
     """Gmail's limits are the account's: every route of one account pauses together."""
     return source_pause_name(route.gmail_user)
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1_000_000:,.1f} MB" if size >= 1_000_000 else f"{size:,} bytes"
 
 
 def _floor_of(record: Claim | CopiedMessage) -> UidFloor | None:

@@ -33,8 +33,8 @@ def throttle_pause(
 
 
 def describe(pause: Pause) -> str:
-    return f"{pause.name} paused until {at(pause.until)}: {pause.reason}"
+    return f"{pause.name} paused until {iso_time(pause.until)}: {pause.reason}"
 
 
-def at(epoch: float) -> str:
+def iso_time(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds")

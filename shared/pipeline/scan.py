@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from shared.errors import QueueUnavailable, StateStoreUnavailable
-from shared.mailbox.port import SourceMailbox, fingerprint
+from shared.mailbox.port import MailboxThrottled, SourceMailbox, fingerprint
 from shared.message_ref import MessageRef
+from shared.pipeline.budget import DownloadBudget
+from shared.pipeline.pauses import describe, source_pause_name, throttle_pause
 from shared.queue import MessageQueue
 from shared.redaction import scrub
 from shared.settings import Route
@@ -43,6 +46,9 @@ class RouteScan:
     watermark: Watermark | None = None  # after the run
     refs: list[MessageRef] = field(default_factory=list)  # what was (or would be) sent
     error: str | None = None  # why the route could not be scanned
+    # Not scanned, and why: its source account asked to be left alone ("source <account> paused
+    # until ...: reason"). Not an error: the next scan after the pause goes on from the watermark.
+    paused: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,19 +66,36 @@ def scan_routes(
     open_source: OpenSource,
     limits: ScanLimits,
     dry_run: bool = False,
+    download_budget: DownloadBudget | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> list[RouteScan]:
     """Scan every route; one route's failure is recorded and the others go on.
 
     The fail-safe gate comes first: if the state store cannot be read and written this raises
     StateStoreUnavailable before any IMAP connection is opened. A queue or state store that
-    fails mid-run fails every route alike, so that ends the run too."""
+    fails mid-run fails every route alike, so that ends the run too. A route whose source
+    account is paused is not scanned (its commands would only be refused again); a throttle met
+    while scanning pauses the account, as the consumer's would (`download_budget`: see
+    shared.pipeline.pauses.throttle_pause)."""
     state.check_health()
     scans = []
     for route in routes:
+        pause = state.read_pause(source_pause_name(route.gmail_user))
+        if pause is not None and pause.until > clock():
+            scans.append(RouteScan(route.name, paused=describe(pause), watermark=state.read_watermark(route.name)))
+            continue
         try:
             scan = scan_route(route, state=state, queue=queue, open_source=open_source, limits=limits, dry_run=dry_run)
         except (StateStoreUnavailable, QueueUnavailable):
             raise
+        except MailboxThrottled as throttled:
+            until, why = throttle_pause(
+                throttled, account=route.gmail_user, size=0, budget=download_budget, now=clock()
+            )
+            pause = state.pause(source_pause_name(route.gmail_user), until, why)
+            log.warning("route %s: not scanned: %s", route.name, describe(pause))
+            scans.append(RouteScan(route.name, paused=describe(pause), watermark=state.read_watermark(route.name)))
+            continue
         except Exception as exc:  # noqa: BLE001 - one route's failure must not stop the others
             error = scrub(str(exc)) or type(exc).__name__
             log.error("route %s: scan failed: %s", route.name, error)

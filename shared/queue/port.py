@@ -95,6 +95,11 @@ class MessageQueue(abc.ABC):
     @abc.abstractmethod
     def depths(self) -> QueueDepths: ...
 
+    def in_flight_past(self, seconds: float) -> int | None:
+        """In-flight messages due again only more than `seconds` from now (left to wait out a
+        long pause), when the backend can tell; None when it cannot (SQS does not say)."""
+        return None
+
     @abc.abstractmethod
     def dead_letters(self, limit: int = DEAD_LETTER_PEEK_LIMIT) -> list[DeadLetter]:
         """Up to `limit` dead letters, oldest first, left where they are. SQS FIFO shows no

@@ -179,6 +179,13 @@ class SqliteQueue(MessageQueue):
             ).fetchone()
         return QueueDepths(visible=visible, in_flight=in_flight, dead=dead)
 
+    def in_flight_past(self, seconds: float) -> int | None:
+        with self._connection() as conn:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM queue_messages WHERE visible_at > ?", (self._clock() + seconds,)
+            ).fetchone()
+        return count
+
     def dead_letters(self, limit: int = DEAD_LETTER_PEEK_LIMIT) -> list[DeadLetter]:
         with self._connection() as conn:
             rows = conn.execute(

@@ -101,7 +101,7 @@ def test_status_text_says_what_happened_per_route(sync_env, dovecot_pair):
     lines = after.stdout.splitlines()
     alpha_at = lines.index(next(line for line in lines if line.startswith("route alpha:")))
     assert "watermark UIDVALIDITY" in lines[alpha_at]
-    assert lines[alpha_at + 1] == "  done 2, skipped 0, failed 0, in progress 0"
+    assert lines[alpha_at + 1] == "  done 2, skipped 0, to try again 0, in progress 0"
     assert re.fullmatch(r"  last scan \S+ ok", lines[alpha_at + 2])
     beta_block = "\n".join(lines[lines.index(next(line for line in lines if line.startswith("route beta:"))):])
     assert "FAILED (failing since" in beta_block and "connect failed: connection refused" in beta_block

@@ -24,7 +24,7 @@ def test_handlers_copy_the_corpus_exactly_once(lambda_env, dovecot_pair, aws_cli
 
     summary = producer.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, LambdaContext())
 
-    assert summary == {"routes": [{"route": "corpus", "found": len(source), "enqueued": len(source), "left_for_next_run": 0}]}
+    assert summary == {"routes": [{"route": "corpus", "found": len(source), "enqueued": len(source), "left_for_next_run": 0, "paused": None}]}
     answers = run_consumer_until_empty(sqs, queue_url)
     refused = Counter(reason for m in source if (reason := servers.refusal(m.body)))
     taken = [m for m in source if not servers.refusal(m.body)]

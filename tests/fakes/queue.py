@@ -197,6 +197,12 @@ class FakeQueue(MessageQueue):
             visible = sum(1 for message in self._messages if message.visible_at <= now)
             return QueueDepths(visible=visible, in_flight=len(self._messages) - visible, dead=len(self._dead))
 
+    def in_flight_past(self, seconds: float) -> int | None:
+        self._script.before("in_flight_past")
+        with self._changed:
+            due = self._clock() + seconds
+            return sum(1 for message in self._messages if message.visible_at > due)
+
     def dead_letters(self, limit: int = DEAD_LETTER_PEEK_LIMIT) -> list[DeadLetter]:
         self._script.before("dead_letters")
         with self._changed:

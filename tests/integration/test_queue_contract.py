@@ -244,6 +244,27 @@ def test_extend_visibility_keeps_the_message_in_flight(backend):
     assert queue.depths().in_flight == 1
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "memory"], indirect=True)
+def test_in_flight_past_counts_the_messages_left_to_wait_longer(backend):
+    queue = backend.queue
+    queue.send_refs(refs("alpha", 1) + refs("beta", 1) + refs("gamma", 1))
+    alpha, beta, gamma = queue.receive(visibility_timeout=30)
+    queue.extend_visibility(alpha, 3600)
+    queue.extend_visibility(beta, 1000)
+
+    assert queue.in_flight_past(900) == 2
+    assert queue.in_flight_past(1200) == 1
+    backend.pass_time(200)
+    assert queue.in_flight_past(900) == 1
+    queue.delete(alpha)
+    assert queue.in_flight_past(0) == 1  # beta: gamma is due again already
+
+
+def test_sqs_cannot_say_when_in_flight_messages_are_due(aws_env, aws_client):
+    (backend,) = sqs_backend(aws_env, aws_client("sqs"))
+    assert backend.queue.in_flight_past(900) is None
+
+
 # SQLite only: moto honours every receipt handle a message ever had, where real SQS FIFO refuses
 # an expired one and changes nothing. The SQS adapter's handling of that refusal is covered by
 # the test of a receipt the queue never issued.

@@ -152,6 +152,27 @@ def test_a_throttled_message_stays_away_the_servers_wait_plus_a_second_instead_o
     assert len(world.destination.bodies("Work")) == 1
 
 
+def test_the_loop_leaves_messages_waiting_for_a_long_pause_queued_and_says_how_many(world):
+    """Gmail's [OVERQUOTA] pauses an account for hours: drain does not wait that out. The paused
+    message and the one of its route behind it stay queued; another route's is copied."""
+    first, second = world.arrive("work"), world.arrive("work")
+    other = world.arrive("home")
+    world.queue.send_refs([first, second, other])
+    world.source_of("work").throttle_next("fetch", retry_after=3 * 3600)
+
+    left = consume_queue(world.queue, world.copier(), visibility_timeout=LEASE_SECONDS, max_pause_wait=900)
+
+    assert left == 2
+    assert world.queue.depths() == QueueDepths(visible=0, in_flight=2, dead=0)
+    assert len(world.destination.bodies("Work")) == 1  # route home's
+    # A later run (nothing of its own parked) leaves them too.
+    assert consume_queue(world.queue, world.copier(), visibility_timeout=LEASE_SECONDS, max_pause_wait=900) == 2
+    # Once the pause is over, the next run copies them.
+    world.clock.advance(3 * 3600 + 2)
+    assert consume_queue(world.queue, world.copier(), visibility_timeout=LEASE_SECONDS, max_pause_wait=900) == 0
+    assert len(world.destination.bodies("Work")) == 3
+
+
 def test_a_busy_message_comes_back_when_the_holders_lease_ends(world):
     ref = world.arrive("work")
     world.state.inner.claim_uid(ref.key, "consumer-2", time.time() + 30)

@@ -13,6 +13,7 @@ import pytest
 
 from shared.errors import QueueUnavailable, StateStoreUnavailable
 from shared.mailbox.port import fingerprint
+from shared.pipeline.budget import HOUR_SECONDS, DownloadBudget
 from shared.pipeline.scan import CHUNK, RouteScan, ScanLimits, scan_route, scan_routes
 from shared.redaction import register_secret
 from shared.state import Watermark
@@ -47,6 +48,8 @@ def scan(world: FakeWorld, *route_names: str, today: dt.date = FIRST_SCAN_DAY, c
         open_source=world.mailboxes.open_source,
         limits=limits(today, cap=cap),
         dry_run=dry_run,
+        download_budget=DownloadBudget(world.state, 1_000_000, clock=world.clock),
+        clock=world.clock,
     )
 
 
@@ -370,6 +373,35 @@ def test_a_queue_down_ends_the_run_before_the_next_route(world):
 
     assert world.mailboxes.sources_opened == ["work"]  # every route would fail alike
     assert watermark(world, "work") is None
+
+
+def test_a_paused_source_account_is_not_scanned_until_its_pause_ends(world):
+    arrive_on(world, "work", FIRST_SCAN_DAY)
+    account = world.routes["work"].gmail_user
+    world.state.inner.pause(f"source {account}", world.clock() + 600, "[OVERQUOTA] Account exceeded")
+
+    (paused, other) = scan(world, "work", "home")
+
+    assert paused.paused.startswith(f"source {account} paused until ") and paused.error is None
+    assert "[OVERQUOTA]" in paused.paused
+    assert world.source_of("work").calls == []  # not even a login
+    assert queued_uids(world) == [] and other.enqueued == 0 and other.error is None
+    world.clock.advance(601)
+    assert scan(world)[0].enqueued == 1
+
+
+def test_overquota_met_by_a_scan_pauses_the_account_for_its_window(world):
+    arrive_on(world, "work", FIRST_SCAN_DAY)
+    world.source_of("work").quota_spent_next("examine")
+
+    [scanned] = scan(world)
+
+    account = world.routes["work"].gmail_user
+    pause = world.state.inner.read_pause(f"source {account}")
+    assert scanned.error is None and "waits for the daily download window" in scanned.paused
+    # Nothing of ours in the window: it waits until this hour leaves it.
+    assert pause.until == (world.clock() // HOUR_SECONDS + 24) * HOUR_SECONDS
+    assert watermark(world) is None and queued_uids(world) == []
 
 
 def test_scan_route_alone_records_no_scan(world):
