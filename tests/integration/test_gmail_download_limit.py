@@ -15,6 +15,7 @@ import re
 import sqlite3
 from datetime import datetime, timezone
 
+from tests.harness.figures import record, stored_appends
 from tests.harness.mail import assert_copied_exactly, read_folder, seed
 
 DAY = 24 * 3600
@@ -44,6 +45,21 @@ def pause_ends(stdout: str, account: str) -> datetime:
 
 def hours_from_now(when: datetime) -> float:
     return (when - datetime.now(timezone.utc)).total_seconds() / 3600
+
+
+def figures(behaviour: str, setup, outlook, source, *runs) -> None:
+    """The row of the runs together (tests/harness/figures.py): all of them, the day after's too."""
+    landed = {"Work": [m.body for m in read_folder(outlook, setup.outlook_user, "Work")]}
+    drained = "".join(run.stdout for run in runs)
+    row = record(
+        behaviour,
+        "Gmail",
+        wanted={"Work": [m.body for m in source]},
+        landed=landed,
+        drained=drained,
+        appends=stored_appends(outlook, setup.outlook_user, ["Work"]),
+    )
+    assert row.clean and row.appends == len(source)
 
 
 def test_past_its_own_daily_budget_an_account_waits_and_every_message_comes_after_the_window(
@@ -94,6 +110,7 @@ def test_past_its_own_daily_budget_an_account_waits_and_every_message_comes_afte
     assert later.returncode == 0, later.stdout + later.stderr
     assert "route work: 2 copied, 0 skipped, 0 failed" in later.stdout
     assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"), kept=lambda f: True)
+    figures("own daily budget spent, then a day later", setup, dovecot_pair.outlook, source, done, again, later)
 
 
 def test_overquota_pauses_the_account_for_its_window_then_the_rest_is_copied_once(sync_env, dovecot_pair, gmail_front):
@@ -127,3 +144,4 @@ def test_overquota_pauses_the_account_for_its_window_then_the_rest_is_copied_onc
     assert later.returncode == 0, later.stdout + later.stderr
     assert "route work: 2 copied, 0 skipped, 0 failed" in later.stdout
     assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"), kept=lambda f: True)
+    figures("[OVERQUOTA], then a day later", setup, dovecot_pair.outlook, source, done, later)
