@@ -26,6 +26,7 @@ from shared import bootstrap
 from shared.message_ref import MessageRef
 from shared.pipeline.consume import consume_queue
 from shared.pipeline.copier import CopyResult, Outcome, lease_for
+from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.queue.sqlite import SqliteQueue
 from shared.settings import Settings, load_settings
 from tests.harness.aws import LambdaContext, lambda_deployment, lambda_records
@@ -117,7 +118,7 @@ def test_throttled_append_waits_the_suggested_time_then_is_copied_once(
     assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"))
 
 
-def test_gmail_bandwidth_error_on_fetch_backs_off(sync_env, dovecot_pair, imap_proxy, monkeypatch):
+def test_gmail_overquota_on_fetch_pauses_the_account_until_its_day_has_room(sync_env, dovecot_pair, imap_proxy, monkeypatch):
     setup = sync_env()
     proxy = imap_proxy(dovecot_pair.gmail)
     through_proxy(setup, proxy, "source")
@@ -141,15 +142,20 @@ def test_gmail_bandwidth_error_on_fetch_backs_off(sync_env, dovecot_pair, imap_p
             consume_queue(app.queue, app.copier(lease_for(60)), visibility_timeout=60, on_result=stop_after_throttle)
         (result,) = results
         (refused_at,) = proxy.refused_at
-        assert result.outcome is Outcome.PAUSED and result.retry_after == pytest.approx(60, abs=1)
-        assert "bandwidth limits" in result.detail
+        # The day's allowance is spent: nothing of ours is in the window but this hour, so the
+        # account waits until this hour has left it (shared/pipeline/budget.py).
+        assert result.outcome is Outcome.PAUSED and 23 * 3600 < result.retry_after <= 24 * 3600
+        assert "bandwidth limits" in result.detail and "waits for the daily download window" in result.detail
         assert proxy.sent(BODY_FETCH) == 1  # not tried again at once
-        assert visible_at(setup.env["STATE_DB"], source[0].uid) >= refused_at + 60
+        # Away as long as the queue keeps a message (12 hours); then it finds the pause again.
+        assert visible_at(setup.env["STATE_DB"], source[0].uid) >= refused_at + MAX_VISIBILITY_SECONDS
         assert app.queue.receive(10, visibility_timeout=60) == []
 
-        # A minute later (the queue's and the copier's clocks moved on), the copy goes through.
-        later = SqliteQueue(setup.env["STATE_DB"], clock=lambda: time.time() + 61)
-        copier = replace(app.copier(lease_for(60)), clock=lambda: time.time() + 61)
+        # A day later (the queue's and the copier's clocks moved on), the copy goes through.
+        later = SqliteQueue(setup.env["STATE_DB"], clock=lambda: time.time() + 24 * 3600)
+        a_day_on = lambda: time.time() + 24 * 3600  # noqa: E731
+        copier = app.copier(lease_for(60))
+        copier = replace(copier, clock=a_day_on, download_budget=replace(copier.download_budget, clock=a_day_on))
         copied: list[CopyResult] = []
         consume_queue(later, copier, visibility_timeout=60, on_result=copied.append)
     finally:

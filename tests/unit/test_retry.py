@@ -11,6 +11,8 @@ import imapclient.exceptions
 import pytest
 
 from shared.mailbox import retry
+from shared.mailbox.port import DownloadQuotaSpent, MailboxThrottled
+from shared.mailbox.session import classified_failure
 from shared.pipeline.copier import CopyResult, Outcome, throttled_visibility
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 
@@ -130,3 +132,17 @@ def test_throttled_visibility_is_the_wait_rounded_up_plus_a_second(retry_after, 
 )
 def test_names_transient_code(text, transient):
     assert retry.names_transient_code(text) is transient
+
+
+@pytest.mark.parametrize(
+    ("reply", "quota_spent"),
+    [
+        ("[OVERQUOTA] Account exceeded command or bandwidth limits. (Failure)", True),
+        ("[ALERT] Too many simultaneous connections. (Failure)", False),
+        ("Request is throttled. Suggested Backoff Time: 299609 milliseconds", False),
+    ],
+)
+def test_only_gmails_overquota_is_a_spent_daily_allowance(reply, quota_spent):
+    failure = classified_failure("fetch failed", step="fetch", cause=imaplib.IMAP4.error(reply))
+    assert isinstance(failure, MailboxThrottled)
+    assert isinstance(failure, DownloadQuotaSpent) is quota_spent
