@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
+import ipaddress
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from dotenv import dotenv_values
@@ -28,6 +30,7 @@ from pydantic import (
     SecretStr,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,8 +41,14 @@ from shared.errors import SettingsInvalid
 from shared.message_ref import ROUTE_NAME_PATTERN
 from shared.redaction import register_secret
 
-# IMAP list wildcards and control characters can never be part of a folder we create or select.
-FORBIDDEN_FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f*%]")
+# C0 controls and DEL. Settings are written onto IMAP and HTTP lines: a CR LF in a user, host or
+# folder ends the line and starts a command of the setting's choosing (issue 13).
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# IMAP list wildcards can never be part of a folder we create or select.
+FOLDER_WILDCARDS = re.compile(r"[*%]")
+# Settings that are not written onto a wire as they are: JSON text, which may span lines (its
+# routes' fields are checked one by one).
+NOT_ON_THE_WIRE = frozenset({"sync_routes_json"})
 # How a folder name in the settings names its levels ("Gmail/Work"); the destination's too.
 FOLDER_SEPARATOR = "/"
 MICROSOFT_AUTHORITY_HOST = "https://login.microsoftonline.com"
@@ -56,13 +65,53 @@ OUTLOOK_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
 Auth = Literal["xoauth2", "password"]
 
 
+def no_control_characters(value: Any) -> Any:
+    """The one check of every setting written onto a wire (text or a secret); never shows it."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if isinstance(text, str) and CONTROL_CHARS.search(text):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _wire_text(value: Any, info: ValidationInfo) -> Any:
+    return value if info.field_name in NOT_ON_THE_WIRE else no_control_characters(value)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_token_uri(value: str) -> str:
+    """A token endpoint gets the refresh token and the client secret: https, or plain http to a
+    loopback host (a local stand-in)."""
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if parts.hostname and scheme == "https":
+        return value
+    # No userinfo or backslash: urllib and requests (urllib3) disagree on the host of
+    # "http://evil\\@127.0.0.1/", and requests would send to evil.
+    plain_host = "@" not in parts.netloc and "\\" not in parts.netloc
+    if parts.hostname and scheme == "http" and plain_host and is_loopback_host(parts.hostname):
+        return value
+    raise ValueError(
+        "must be an https:// URL (plain http only to a loopback host: 127.0.0.1, ::1, localhost);"
+        " it carries the refresh token and the client secret"
+    )
+
+
 def validate_folder(value: str) -> str:
+    no_control_characters(value)
     if not value or not value.strip():
         raise ValueError("folder name is empty")
     if value != value.strip():
         raise ValueError("folder name has leading or trailing spaces")
-    if FORBIDDEN_FOLDER_CHARS.search(value):
-        raise ValueError("folder name has a control character, '*' or '%'")
+    if FOLDER_WILDCARDS.search(value):
+        raise ValueError("folder name has '*' or '%' (IMAP list wildcards)")
     parts = value.split(FOLDER_SEPARATOR)
     if any(not part for part in parts):
         raise ValueError(f"folder name has an empty level (separator is {FOLDER_SEPARATOR!r})")
@@ -88,6 +137,9 @@ class Route(BaseModel):
     gmail_imap_port: int | None = Field(default=None, ge=1, le=65535)
     gmail_imap_ssl: bool | None = None
 
+    # First, so a control character is named as such whatever else the field's check says.
+    _wire = field_validator("*")(_wire_text)
+
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
@@ -98,6 +150,7 @@ class Route(BaseModel):
     @field_validator("gmail_user")
     @classmethod
     def _account(cls, value: str) -> str:
+        no_control_characters(value)
         if not value.strip() or any(ch.isspace() for ch in value):
             raise ValueError("must be an account name without spaces")
         return value
@@ -144,7 +197,13 @@ class SettingSource:
 _secret_values: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("secret_values", default={})
 
 
-class Settings(BaseSettings):
+class _WireSettings(BaseSettings):
+    """Settings read from the environment, .env or secrets: none carries a control character."""
+
+    _wire = field_validator("*")(_wire_text)
+
+
+class Settings(_WireSettings):
     """Every setting of DESIGN.md's Configuration. Names are the upper-case env var names."""
 
     model_config = SettingsConfigDict(
@@ -255,6 +314,11 @@ class Settings(BaseSettings):
     def _folder(cls, value: str | None) -> str | None:
         return None if value is None else validate_folder(value)
 
+    @field_validator("google_token_uri")
+    @classmethod
+    def _token_uri(cls, value: str) -> str:
+        return validate_token_uri(value)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -308,7 +372,10 @@ def reveal(secret: SecretStr | None) -> str | None:
 
 def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any = None) -> Settings:
     """Read and validate every setting. Raises SettingsInvalid with one line per problem."""
-    location = _SecretsLocation(_env_file=env_file)  # type: ignore[call-arg]
+    try:
+        location = _SecretsLocation(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsInvalid(_problems(exc, place_of=_env_name)) from None
     secret_sources: dict[str, str] = {}
     secret_values = _read_secrets(location, secrets_client, secret_sources)
     token = _secret_values.set(secret_values)
@@ -327,7 +394,7 @@ def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any =
     return settings
 
 
-class AuthSettings(BaseSettings):
+class AuthSettings(_WireSettings):
     """What `auth gmail` and `auth microsoft` read (env, then .env): the OAuth clients, the
     endpoints, and AWS for --write-secret-id. Nothing else is needed yet when a person runs
     them, before the routes and tokens exist."""
@@ -345,6 +412,11 @@ class AuthSettings(BaseSettings):
     aws_endpoint_url: str | None = None
     aws_region: str | None = None
 
+    @field_validator("google_token_uri")
+    @classmethod
+    def _token_uri(cls, value: str) -> str:
+        return validate_token_uri(value)
+
 
 def load_auth_settings(env_file: str | Path | None = ".env") -> AuthSettings:
     try:
@@ -356,7 +428,7 @@ def load_auth_settings(env_file: str | Path | None = ".env") -> AuthSettings:
 # -- Secrets Manager ---------------------------------------------------------------------
 
 
-class _SecretsLocation(BaseSettings):
+class _SecretsLocation(_WireSettings):
     """The few settings needed to find the secrets, read before everything else."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")

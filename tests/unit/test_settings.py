@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 
 import boto3
 import pytest
 from moto import mock_aws
+from pydantic import SecretStr
 
 from shared.errors import SettingsInvalid
 from shared.redaction import scrub
-from shared.settings import Settings, load_settings
+from shared.settings import Route, Settings, load_auth_settings, load_settings
 
 DESTINATION = {
     "OUTLOOK_USER": "me@outlook.test",
@@ -73,9 +75,9 @@ def test_single_route_fallback(env):
         (json.dumps([{**ROUTE, "colour": "red"}]), "SYNC_ROUTES_JSON[0].colour: unknown key"),
         (json.dumps([ROUTE, {k: v for k, v in ROUTE.items() if k != "outlook_folder"} | {"name": "b"}]), "SYNC_ROUTES_JSON[1].outlook_folder: Field required"),
         (json.dumps([{**ROUTE, "name": "Work Mail"}]), "SYNC_ROUTES_JSON[0].name: must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit"),
-        (json.dumps([{**ROUTE, "name": "work\n"}]), "SYNC_ROUTES_JSON[0].name: must be a slug: 1-63 lower-case letters, digits or '-', starting with a letter or digit"),
+        (json.dumps([{**ROUTE, "name": "work\n"}]), "SYNC_ROUTES_JSON[0].name: must not contain control characters"),
         (json.dumps([{**ROUTE, "outlook_folder": "A//B"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has an empty level (separator is '/')"),
-        (json.dumps([{**ROUTE, "outlook_folder": "Inbox/*"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has a control character, '*' or '%'"),
+        (json.dumps([{**ROUTE, "outlook_folder": "Inbox/*"}]), "SYNC_ROUTES_JSON[0].outlook_folder: folder name has '*' or '%' (IMAP list wildcards)"),
         (json.dumps([{**ROUTE, "gmail_imap_port": 70000}]), "SYNC_ROUTES_JSON[0].gmail_imap_port: Input should be less than or equal to 65535"),
         (json.dumps([{**ROUTE, "auth": "password"}]), "SYNC_ROUTES_JSON[0]: auth is password but gmail_password is missing"),
     ],
@@ -250,3 +252,119 @@ def test_env_example_lists_every_setting_and_loads(env, tmp_path):
     assert settings.routes[0].outlook_folder == "Gmail/Work"
     assert settings.outlook_user == "me@outlook.com"
     assert settings.ms_tenant == "consumers"
+
+
+# -- settings that reach the wire: no control characters; token endpoints over TLS --------
+
+CONTROL = "must not contain control characters"
+INJECTED = "\r\nX1 DELETE INBOX"  # the red team's OUTLOOK_USER: its second line reached the server
+
+
+def _text_fields(model) -> list[str]:
+    """The model's settings held as text (str or SecretStr): each may be written onto a wire."""
+    return [
+        name
+        for name, field in model.model_fields.items()
+        if {str, SecretStr} & set(typing.get_args(field.annotation) or (field.annotation,))
+    ]
+
+
+# SYNC_ROUTES_JSON is JSON text (it may span lines): its routes' fields are checked one by one
+# below. The secret ids are read before everything else; tested with Secrets Manager below.
+WIRE_SETTINGS = [name.upper() for name in _text_fields(Settings) if name not in ("sync_routes_json", "aws_secrets_manager_secret_ids")]
+WIRE_ROUTE_FIELDS = _text_fields(Route)
+
+
+def test_wire_settings_cover_the_endpoints_and_credentials():
+    named = {"OUTLOOK_USER", "GMAIL_USER", "GMAIL_IMAP_HOST", "OUTLOOK_IMAP_HOST", "GMAIL_FOLDER", "OUTLOOK_FOLDER",
+             "MS_CLIENT_ID", "GMAIL_CLIENT_ID", "MS_TENANT", "MS_AUTHORITY", "GOOGLE_TOKEN_URI", "OUTLOOK_PASSWORD"}
+    assert named <= set(WIRE_SETTINGS)
+    assert {"gmail_user", "gmail_folder", "outlook_folder", "gmail_imap_host", "gmail_password"} <= set(WIRE_ROUTE_FIELDS)
+
+
+@pytest.mark.parametrize("name", WIRE_SETTINGS)
+def test_a_wire_setting_with_cr_lf_is_refused_naming_it_not_its_value(env, name):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    env(**{name: "value-SECRET-5" + INJECTED})
+    found = problems()
+    assert found == [f"{name}: {CONTROL}"]
+    assert not any("SECRET-5" in p or "DELETE" in p for p in found)
+
+
+@pytest.mark.parametrize("char", ["\r\n", "\r", "\n", "\x00", "\x01", "\t", "\x1b", "\x1f", "\x7f"])
+def test_every_control_character_is_refused_from_any_source(env, secrets, char):
+    secrets("mail-syncer/destination", DESTINATION | {"OUTLOOK_USER": f"me@outlook.test{char}X1 DELETE INBOX"})
+    routes = [ROUTE, {**ROUTE, "name": "home", "outlook_folder": f"Home{char}X1 DELETE INBOX"}]
+    env(AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/destination", SYNC_ROUTES_JSON=json.dumps(routes))
+    assert problems() == [f"OUTLOOK_USER: {CONTROL}"]
+    secrets("mail-syncer/fixed", {"OUTLOOK_USER": "me@outlook.test"})
+    env(AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/destination,mail-syncer/fixed")
+    assert problems() == [f"SYNC_ROUTES_JSON[1].outlook_folder: {CONTROL}"]
+
+
+@pytest.mark.parametrize("field", WIRE_ROUTE_FIELDS)
+def test_a_route_field_with_a_control_character_names_the_route_and_field(env, field):
+    routes = [ROUTE, {**ROUTE, "name": "home", field: "value-SECRET-6" + INJECTED}]
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps(routes))
+    found = problems()
+    assert found == [f"SYNC_ROUTES_JSON[1].{field}: {CONTROL}"]
+    assert not any("SECRET-6" in p or "DELETE" in p for p in found)
+
+
+def test_a_secret_id_with_a_control_character_is_refused_before_any_request(env, secrets):
+    secrets("mail-syncer/destination", DESTINATION)
+    env(SYNC_ROUTES_JSON=json.dumps([ROUTE]), AWS_SECRETS_MANAGER_SECRET_IDS="mail-syncer/destination" + INJECTED)
+    assert problems() == [f"AWS_SECRETS_MANAGER_SECRET_IDS: {CONTROL}"]
+
+
+def test_auth_commands_settings_refuse_control_characters(env):
+    env(MS_CLIENT_ID="ms-client" + INJECTED, MS_TENANT="consumers\x1b")
+    with pytest.raises(SettingsInvalid) as caught:
+        load_auth_settings()
+    assert caught.value.problems == [f"MS_CLIENT_ID: {CONTROL}", f"MS_TENANT: {CONTROL}"]
+
+
+TOKEN_URI_PROBLEM = (
+    "GOOGLE_TOKEN_URI: must be an https:// URL (plain http only to a loopback host: 127.0.0.1, ::1, localhost);"
+    " it carries the refresh token and the client secret"
+)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://oauth2.googleapis.com/token",
+        "HTTP://oauth.example.test/token",
+        "http://localhost.example.test/token",
+        "http://127.0.0.1.example.test/token",
+        "http://localhost@oauth.example.test/token",
+        "http://127.0.0.1:80@oauth.example.test/token",
+        "http://oauth.example.test\\@127.0.0.1/token",  # urllib sees 127.0.0.1, requests oauth.example.test
+        "ftp://oauth.example.test/token",
+        "oauth2.googleapis.com/token",
+        "https:///token",
+    ],
+)
+def test_google_token_uri_over_plain_http_to_another_host_is_refused(env, uri):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]), GOOGLE_TOKEN_URI=uri)
+    assert problems() == [TOKEN_URI_PROBLEM]
+    with pytest.raises(SettingsInvalid) as caught:
+        load_auth_settings()  # `auth gmail` sends the client secret there too
+    assert caught.value.problems == [TOKEN_URI_PROBLEM]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://oauth2.googleapis.com/token",
+        "https://127.0.0.1:8443/google/token",
+        "http://127.0.0.1:8080/google/token",
+        "http://[::1]:8080/token",
+        "http://localhost/token",
+        "http://LOCALHOST:9000/token",
+    ],
+)
+def test_google_token_uri_https_or_loopback_http_is_taken(env, uri):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]), GOOGLE_TOKEN_URI=uri)
+    assert load_settings().google_token_uri == uri
+    assert load_auth_settings().google_token_uri == uri
