@@ -205,6 +205,25 @@ class ReopeningSource:
             retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: fetch UID {uid}"
         )
 
+    def has_uid(self, uid: int) -> bool:
+        # Read-only, so safe to repeat; on a new session only under the same UIDVALIDITY.
+        def attempt() -> bool:
+            source, folder = self._connections._examined_source(self._route)
+            if folder.uidvalidity != self._uidvalidity:
+                raise ImapFailure(
+                    scrub(f"route {self._route.name} source: UIDVALIDITY changed while looking for UID {uid}"),
+                    step="examine",
+                )
+            try:
+                return source.has_uid(uid)
+            except ImapFailure:
+                self._connections.drop_source(self._route)
+                raise
+
+        return retry.call(
+            retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: search UID {uid}"
+        )
+
 
 class ReopeningDestination:
     """The destination for the consumer, its steps tried again on a new session after a

@@ -8,7 +8,9 @@ are fetched with BODY.PEEK, and nothing is stored.
 APPEND does not go through imapclient: its `append()` passes the message to imaplib, which
 rewrites every CR, LF and CRLF into CRLF, and `multiappend()` sends exact bytes but cannot send a
 literal8 and does not report a NO. `_run_with_literal` is the one place that speaks the
-protocol itself; everything else uses imapclient's public API.
+protocol itself; `ImapSource._uid_fetch` sends through imaplib and parses with imapclient's parser
+(imapclient's `fetch` keys a response without a UID item by its sequence number, so another
+message's answer could pass for the one asked). Everything else uses imapclient's public API.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, replace
 from imapclient import IMAPClient
 from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imap_utf7 import encode as encode_mailbox_name
+from imapclient.response_parser import parse_fetch_response
 
 from shared.errors import ImapFailure
 from shared.mailbox import retry
@@ -176,18 +179,36 @@ class ImapSource:
 
     def fetch(self, uid: int) -> SourceMessage | None:
         with _failures_as_imap_failure(self._account, f"fetch UID {uid}", self._folder):
-            fetched = self._client.fetch([uid], [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
-        data = fetched.get(uid)
-        # Gone: no answer at all, or (expunged by another session while this one still lists it)
-        # Dovecot's "BODY[] NIL" with [EXPUNGEISSUED].
-        if data is None or data.get(b"BODY[]") is None:
+            data = self._uid_fetch(uid, b"(BODY.PEEK[] FLAGS INTERNALDATE)")
+        body, internaldate = data.get(b"BODY[]"), data.get(b"INTERNALDATE")
+        # No answer for this UID, or Dovecot's "BODY[] NIL" for a message another session expunged
+        # ([EXPUNGEISSUED]), or a server's slip: only has_uid in a new session tells them apart.
+        if not isinstance(body, bytes) or internaldate is None:
             return None
         return SourceMessage(
             uid=uid,
-            body=data[b"BODY[]"],
+            body=body,
             flags=tuple(flag.decode("utf-8", "replace") for flag in data.get(b"FLAGS", ())),
-            internaldate=data[b"INTERNALDATE"],
+            internaldate=internaldate,
         )
+
+    def has_uid(self, uid: int) -> bool:
+        with _failures_as_imap_failure(self._account, f"search UID {uid}", self._folder):
+            return uid in self._client.search(["UID", str(uid)])
+
+    def _uid_fetch(self, uid: int, items: bytes) -> dict[bytes, object]:
+        """The items of the FETCH responses that carry `uid`'s UID item (RFC 3501 6.4.8: every
+        response to a UID command has one). A response without it is someone else's: imapclient
+        would key it by its sequence number and could take it, or merge it, for `uid`'s."""
+        status, data = self._client._imap.uid("FETCH", str(uid), items.decode("ascii"))
+        if status != "OK":
+            text = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else str(data)
+            raise imaplib.IMAP4.error(f"fetch failed: {text}")  # as imapclient says it
+        found: dict[bytes, object] = {}
+        for response in parse_fetch_response(data, self._client.normalise_times, uid_is_key=False).values():
+            if response.get(b"UID") == uid:
+                found.update(response)
+        return found
 
 
 @dataclass(frozen=True)

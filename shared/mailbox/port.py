@@ -110,7 +110,12 @@ class SourceReader(Protocol):
     """A source folder as the consumer reads it: one message at a time."""
 
     def fetch(self, uid: int) -> SourceMessage | None:
-        """`FETCH BODY.PEEK[] FLAGS INTERNALDATE`; None when the message is gone."""
+        """`UID FETCH uid (BODY.PEEK[] FLAGS INTERNALDATE)`: the message, or None when the answer
+        held none for `uid`. None is no proof that it is gone (servers slip): `has_uid` in a new
+        session is."""
+
+    def has_uid(self, uid: int) -> bool:
+        """`UID SEARCH UID uid`: whether the folder holds the message, as this session sees it."""
 
 
 class SourceMailbox(SourceReader, Protocol):

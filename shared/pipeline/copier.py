@@ -1,7 +1,8 @@
 """The consumer's use case: copy one referenced message, exactly once; and a batch of them.
 
 `copy_message` reads top to bottom as the path of one message: claim the UID; acknowledge what
-is already final; skip a duplicate; fetch (BODY.PEEK[], so the source is never changed); mark
+is already final; skip a duplicate; fetch (BODY.PEEK[], so the source is never changed), and if
+the answer holds no message, skip it as gone only once a new session cannot find it; mark
 appending; APPEND; finalize with the destination UID and the fingerprint. An error releases the
 claim and records the failure, so the queue's retry (and at last its dead letters) take over; a
 claim lost to another consumer midway makes the message BUSY, not failed.
@@ -22,7 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from shared.errors import ClaimLost, MalformedMessageRef, QueueUnavailable, StateStoreUnavailable, UidNotAssigned
+from shared.errors import (
+    ClaimLost,
+    MailSyncerError,
+    MalformedMessageRef,
+    QueueUnavailable,
+    StateStoreUnavailable,
+    UidNotAssigned,
+)
 from shared.mailbox.port import (
     AppendRejected,
     Mailboxes,
@@ -45,6 +53,11 @@ log = logging.getLogger("mail_syncer.copy")
 MIN_RENEW_SECONDS = 0.5
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
 THROTTLE_MARGIN_SECONDS = 1
+
+
+class MessageNotServed(MailSyncerError):
+    """The source answered a FETCH without the message (or with another UID's data) though it
+    still has it: a failure, retried by the queue; never "gone"."""
 
 
 class Outcome(StrEnum):
@@ -167,13 +180,10 @@ class Copier:
                 return self._pause(ref, mailbox, budget_left, append_outcome_unknown=resuming_append)
             message = source.fetch(ref.uid)
             self._settle_download(route, ref, message)
-            mailbox = DESTINATION
-            if message is None:
-                if folder.uidnext is not None and ref.uid >= folder.uidnext:
-                    # Skipping it as gone would make the message that later gets this UID look
-                    # copied already. Failed instead, and looked at again in a fresh session.
-                    raise UidNotAssigned(f"not in use yet in the source (UIDNEXT {folder.uidnext})")
+            if message is None or message.uid != ref.uid:
+                self._confirm_gone(route, ref)
                 return self._skip(ref, "gone from the source")
+            mailbox = DESTINATION
             destination = self.mailboxes.destination()
             if look_first:
                 found = destination.find_copies(route.outlook_folder, message, look_from)
@@ -245,6 +255,22 @@ class Copier:
         finally:
             done.set()
             renewer.join()
+
+    def _confirm_gone(self, route: Route, ref: MessageRef) -> None:
+        """Raise unless a new session confirms that the message is gone. A FETCH answered without
+        it proves nothing (a server's slip, another UID's data; the old session may still list
+        an expunged one); skipping it would lose it for good."""
+        self.mailboxes.drop_source(route)
+        source, folder = self.mailboxes.source(route)
+        not_served = f"FETCH of UID {ref.uid} was answered without the message"
+        if folder.uidvalidity != ref.uidvalidity:
+            raise MessageNotServed(f"{not_served}, and UIDVALIDITY is {folder.uidvalidity} now")  # the retry skips it
+        if source.has_uid(ref.uid):
+            raise MessageNotServed(f"{not_served}, yet a new session still finds it")
+        if folder.uidnext is not None and ref.uid >= folder.uidnext:
+            # Skipping it as gone would make the message that later gets this UID look copied
+            # already. Failed instead.
+            raise UidNotAssigned(f"not in use yet in the source (UIDNEXT {folder.uidnext})")
 
     def _over_size_limit(self, ref: MessageRef) -> str | None:
         """The skip reason of a message the destination cannot take by its size, else None."""

@@ -5,6 +5,8 @@ from shared.state.port import (  # noqa: F401
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    HolderProbe,
+    HolderState,
     Pause,
     RouteCounts,
     ScanRecord,

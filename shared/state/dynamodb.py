@@ -30,6 +30,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    HolderProbe,
     Pause,
     RouteCounts,
     ScanRecord,
@@ -182,24 +183,28 @@ class DynamoStateStore(StateStore):
         )
 
     # -- claims ----------------------------------------------------------------------------
-    def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
+    def claim_uid(
+        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+    ) -> ClaimResult:
         now = self._clock()
         found: Claim | None = None  # as far as we know: no claim yet, so a plain claim
         for _ in range(_CLAIM_TRIES):
             try:
-                claim = self._take_claim(key, owner, lease_until, now, status_after_taking(found))
+                claim = self._take_claim(key, owner, lease_until, now, found)
                 return ClaimResult(ClaimOutcome.CLAIMED, claim)
             except _ConditionFailed as failed:
                 found = _claim_or_none(key, failed.item)
-            answer = answer_without_taking(found, owner, now)
+            answer = answer_without_taking(found, owner, now, holder_state)
             if answer is not None:
                 return answer
-            # Claimable after all, but the write expected another status (a claim taken over
-            # mid-APPEND keeps APPENDING, which needs its own write): try again as found.
+            # Claimable as found (the rules, in Python, decided): take it if it is still so.
         return ClaimResult(ClaimOutcome.HELD, found)
 
-    def _take_claim(self, key: UidKey, owner: str, lease_until: float, now: float, status: ClaimStatus) -> Claim:
-        """One conditional write taking a claimable claim, whose status ends as `status`."""
+    def _take_claim(self, key: UidKey, owner: str, lease_until: float, now: float, found: Claim | None) -> Claim:
+        """One conditional write taking the claim: a new one when `found` is None, else the
+        claim exactly as found (unchanged since it was read: the same updated_at), which the
+        rules found claimable. Its status ends as status_after_taking(found)."""
+        status = status_after_taking(found)
         update = (
             "SET #owner = :owner, lease_until = :lease_until, updated_at = :now,"
             " attempts = if_not_exists(attempts, :zero) + :one"
@@ -211,17 +216,17 @@ class DynamoStateStore(StateStore):
             ":zero": _n(0),
             ":one": _n(1),
         }
-        if status is ClaimStatus.APPENDING:
-            # Leave the status as it is: the write only passes when it is APPENDING.
-            condition = "#status = :appending AND lease_until <= :now"
-            values[":appending"] = _s(ClaimStatus.APPENDING)
+        if found is None:
+            condition = "attribute_not_exists(pk)"
         else:
-            condition = (
-                "attribute_not_exists(pk) OR (#status IN (:in_progress, :failed) AND lease_until <= :now)"
-            )
+            # Whether it may be taken was decided on the claim as read (its holder may have been
+            # asked after: shared.claim_owners); any write since changes updated_at.
+            condition = "updated_at = :seen AND #status = :seen_status"
+            values |= {":seen": _n(found.updated_at), ":seen_status": _s(found.status)}
+        if status is not ClaimStatus.APPENDING:
             # A fresh claim has no APPEND behind it: an old one's floor goes (as in SQLite).
             update += ", #status = :in_progress REMOVE dest_uidvalidity, dest_uid_floor"
-            values |= {":in_progress": _s(ClaimStatus.IN_PROGRESS), ":failed": _s(ClaimStatus.FAILED)}
+            values[":in_progress"] = _s(ClaimStatus.IN_PROGRESS)
         response = self._call(
             "update_item",
             TableName=self._table,

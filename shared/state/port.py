@@ -10,7 +10,7 @@ Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlit
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -48,6 +48,20 @@ class ClaimStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (ClaimStatus.DONE, ClaimStatus.SKIPPED)
+
+
+class HolderState(StrEnum):
+    """What can be told of a claim's holder (shared.claim_owners): a claim is not taken from an
+    ALIVE holder even when its lease ran out (it may be frozen mid-APPEND), and is taken from a
+    GONE one at once; an UNKNOWN one is judged by its lease."""
+
+    ALIVE = "alive"
+    GONE = "gone"
+    UNKNOWN = "unknown"
+
+
+# Tells what can be known of a claim's holder, by its owner name.
+HolderProbe = Callable[[str], HolderState]
 
 
 class ClaimOutcome(StrEnum):
@@ -168,10 +182,14 @@ class StateStore(abc.ABC):
 
     # -- claims ----------------------------------------------------------------------------
     @abc.abstractmethod
-    def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
-        """One conditional write. Claims when no claim exists, or when the claim is not final
-        and its lease has expired (released claims have lease 0). Increments `attempts`.
-        The new status is IN_PROGRESS, except that an APPENDING claim stays APPENDING."""
+    def claim_uid(
+        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+    ) -> ClaimResult:
+        """One conditional write (after a read, for a claim that exists). Claims when no claim
+        exists, or when the claim is not final and was released, or its holder is gone, or its
+        lease has expired and `holder_state` does not say its holder is alive (see
+        rules.answer_without_taking). Increments `attempts`. The new status is IN_PROGRESS,
+        except that an APPENDING claim stays APPENDING."""
 
     @abc.abstractmethod
     def get_claim(self, key: UidKey) -> Claim | None: ...

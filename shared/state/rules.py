@@ -14,6 +14,8 @@ from shared.state.port import (
     ClaimOutcome,
     ClaimResult,
     ClaimStatus,
+    HolderProbe,
+    HolderState,
     UidKey,
     Watermark,
 )
@@ -33,20 +35,27 @@ def watermark_moves(found: Watermark | None, uidvalidity: int, last_uid: int) ->
     return found is None or found.uidvalidity != uidvalidity or last_uid > found.last_uid
 
 
-def is_claimable(found: Claim | None, now: float) -> bool:
-    """No claim yet, or a claim nobody finished whose lease has run out (released: lease 0)."""
-    return found is None or (not found.status.is_final and found.lease_until <= now)
-
-
-def answer_without_taking(found: Claim | None, owner: str, now: float) -> ClaimResult | None:
-    """What claim_uid answers when the claim found must not be taken; None when it may be."""
-    if found is None or is_claimable(found, now):
+def answer_without_taking(
+    found: Claim | None, owner: str, now: float, holder_state: HolderProbe | None = None
+) -> ClaimResult | None:
+    """What claim_uid answers when the claim found must not be taken; None when it may be: no
+    claim yet, a released one (no owner), one whose holder is gone, or one whose lease ran out
+    and whose holder is not known to be alive (`holder_state`; see shared.claim_owners)."""
+    if found is None:
         return None
     if found.status.is_final:
         return ClaimResult(ClaimOutcome.FINAL, found)
+    if found.owner is None:
+        return None  # released
     if found.owner == owner:
         # Already ours and live: a retried request whose first answer was lost on the way.
-        return ClaimResult(ClaimOutcome.CLAIMED, found)
+        return None if found.lease_until <= now else ClaimResult(ClaimOutcome.CLAIMED, found)
+    holder = holder_state(found.owner) if holder_state is not None else HolderState.UNKNOWN
+    if holder is HolderState.GONE:
+        return None
+    if holder is HolderState.UNKNOWN and found.lease_until <= now:
+        return None
+    # Live, or alive past its lease: a frozen holder may still finish the APPEND it sent.
     return ClaimResult(ClaimOutcome.HELD, found)
 
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from shared.errors import StateStoreUnavailable
+from shared.state import sqlite_file
 from shared.state.port import (
     Claim,
     ClaimOutcome,
@@ -29,6 +30,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    HolderProbe,
     Pause,
     RouteCounts,
     ScanRecord,
@@ -184,11 +186,13 @@ class SqliteStateStore(StateStore):
             return self._select_scan(db, route)
 
     # -- claims ----------------------------------------------------------------------------
-    def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
+    def claim_uid(
+        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+    ) -> ClaimResult:
         now = self._clock()
         with self._writing() as db:
             found = self._select_claim(db, key)
-            answer = answer_without_taking(found, owner, now)
+            answer = answer_without_taking(found, owner, now, holder_state)
             if answer is not None:
                 return answer
             status = status_after_taking(found)
@@ -398,6 +402,8 @@ class SqliteStateStore(StateStore):
         try:
             yield
         except sqlite3.Error as exc:
+            raise self._unavailable(sqlite_file.explain(self._path, exc)) from exc
+        except sqlite_file.Unusable as exc:
             raise self._unavailable(str(exc)) from exc
 
     def _connection(self) -> sqlite3.Connection:
@@ -407,6 +413,7 @@ class SqliteStateStore(StateStore):
 
     def _open(self) -> sqlite3.Connection:
         self._make_parent_directory()
+        sqlite_file.prepare(self._path, _SCHEMA)  # an empty file is refused, not made anew
         db = sqlite3.connect(
             self._path,
             timeout=BUSY_TIMEOUT_SECONDS,  # SQLite's busy_timeout
@@ -590,7 +597,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+            db.execute("ROLLBACK")
         raise
 
 

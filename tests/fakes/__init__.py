@@ -6,7 +6,8 @@ ports document, and scriptable for faults. Each module's docstring has the detai
   queue, `copier(owner)`, `claim(ref)`, `failure(ref)`.
 - `FakeSource` (SourceMailbox; one account, `session()` for another session): `folder`, `add`,
   `expunge`, `renumber`; faults `fail_next(op, error, after=)`, `throttle_next(op, retry_after)`, `quota_spent_next(op)`,
-  `answer_next("fetch", None)`, `before_next(op, action)`; `calls`.
+  `answer_next(op, value)`, `fetch_answers_without_body()`, `fetch_answers_with(folder, uid)` (another
+  UID's data), `before_next(op, action)`; `calls`.
 - `FakeDestination` (DestinationMailbox): `messages(folder)`, `bodies(folder)`, `appends`;
   `refuse_next_append(reason, permanent=, retry_after=, final_after=)`, `throttle_next`, `block_next_append()`
   -> AppendGate, `lose_connection_in_next_append(landed=)`, `fail_next`, `before_next`; `calls`.

@@ -50,7 +50,7 @@ DEFAULT_INTERNALDATE = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.time
 # fails instead of hanging).
 BLOCK_LIMIT_SECONDS = 10.0
 
-SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "fetch"})
+SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "fetch", "has_uid"})
 DESTINATION_OPERATIONS = frozenset({"ensure_folder", "uid_floor", "append", "find_copies"})
 
 _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
@@ -162,7 +162,8 @@ class _Account:
 class FakeSource:
     """A session on a source account (implements SourceMailbox). Set the account up with
     `folder`/`add`/`expunge`/`renumber`; script faults with `fail_next`, `throttle_next`,
-    `answer_next` and `before_next`; read `calls` to see what the code asked for."""
+    `answer_next`, `fetch_answers_without_body`, `fetch_answers_with` and `before_next`; read
+    `calls` to see what the code asked for."""
 
     def __init__(self, user: str = "alice@gmail.test", *, gmail_ids: bool = False, _account: _Account | None = None):
         # gmail_ids: the server has X-GM-EXT-1, so every message has an X-GM-MSGID.
@@ -252,8 +253,18 @@ class FakeSource:
         self.fail_next(operation, error, times)
 
     def answer_next(self, operation: str, value: object, times: int = 1) -> None:
-        """E.g. `answer_next("fetch", None)`: a listed message whose body comes back NIL."""
+        """E.g. `answer_next("has_uid", True)`: the operation returns `value` instead."""
         self._account.script.answer(operation, value, times)
+
+    def fetch_answers_without_body(self, times: int = 1) -> None:
+        """The next FETCHes are answered OK without the body (no data, or "BODY[] NIL"), whether
+        or not the message is still there."""
+        self.answer_next("fetch", None, times)
+
+    def fetch_answers_with(self, folder: str, uid: int, times: int = 1) -> None:
+        """The next FETCHes are answered with the message at `uid` of `folder` (another UID's
+        data), whatever UID was asked for."""
+        self._account.script.queue("fetch", lambda: Answer(self.message(folder, uid).as_source_message()), times)
 
     def before_next(self, operation: str, action: Callable[[], None], times: int = 1) -> None:
         """Run `action` (a change of the world, another process's step) just before the operation."""
@@ -304,6 +315,13 @@ class FakeSource:
         with self._account.lock:
             message = self._selected().messages.get(uid)
             return message.as_source_message() if message is not None else None
+
+    def has_uid(self, uid: int) -> bool:
+        answer = self._begin("has_uid", uid)
+        if answer is not None:
+            return answer.value
+        with self._account.lock:
+            return uid in self._selected().messages
 
     def _begin(self, operation: str, argument: object) -> Answer | None:
         self._account.calls.append((operation, argument))

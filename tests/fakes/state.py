@@ -21,6 +21,7 @@ from shared.state.port import (
     Claim,
     ClaimResult,
     ClaimStatus,
+    HolderProbe,
     CopiedMessage,
     FailureRecord,
     Pause,
@@ -102,9 +103,11 @@ class FailingStateStore(StateStore):
         self._enter("read_scan")
         return self.inner.read_scan(route)
 
-    def claim_uid(self, key: UidKey, owner: str, lease_until: float) -> ClaimResult:
+    def claim_uid(
+        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+    ) -> ClaimResult:
         self._enter("claim_uid")
-        return self.inner.claim_uid(key, owner, lease_until)
+        return self.inner.claim_uid(key, owner, lease_until, holder_state)
 
     def get_claim(self, key: UidKey) -> Claim | None:
         self._enter("get_claim")

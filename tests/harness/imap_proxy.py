@@ -21,7 +21,12 @@ Faults are armed by the test and used up as they fire; all of them are thread-sa
 - ``cut_response(match)``: the next response line containing ``match`` with a literal is passed
   on with only half of its literal, then the connection is closed (mid-FETCH);
 - ``stall(match, seconds)``: the tagged reply to the next matching command is held back;
-- ``delay``: seconds by which every tagged reply is held back (a slow server).
+- ``delay``: seconds by which every tagged reply is held back (a slow server);
+- ``rewrite_command(match, rewrite, times)``: the next ``times`` matching command lines (without a
+  literal) reach Dovecot as ``rewrite(line)``: e.g. ``UID FETCH`` of another UID, or as ``FETCH``;
+- ``rewrite_fetch(match, rewrite, times)``: each untagged FETCH response to the next ``times``
+  matching commands reaches the client as ``rewrite(response)`` (the whole response, literals
+  included; ``b""`` drops it): e.g. ``without_body`` answers OK without the message.
 
 What happened is recorded: ``connections`` accepted, ``commands`` (each command line seen,
 without literals), ``refused_at`` (``time.time()`` when each refusal was sent).
@@ -47,12 +52,33 @@ if TYPE_CHECKING:  # not imported at run time: the mail plugin module must be lo
 
 CRLF = b"\r\n"
 _LITERAL_AT_END = re.compile(rb"~?\{(\d+)(\+?)\}\r\n$")
+_UNTAGGED_FETCH = re.compile(rb"\* \d+ FETCH ", re.IGNORECASE)
+_BODY_ITEM = re.compile(rb" ?BODY\[\] (?:\{(\d+)\}\r\n|NIL)", re.IGNORECASE)
+
+Rewrite = Callable[[bytes], bytes]
+
+
+def without_body(response: bytes) -> bytes:
+    """An untagged FETCH response without its BODY[] item (and literal): answered, but not with
+    the message."""
+    item = _BODY_ITEM.search(response)
+    if item is None:
+        return response
+    end = item.end() + (int(item.group(1)) if item.group(1) else 0)
+    return response[: item.start()] + response[end:]
 
 
 @dataclass
 class _Refusal:
     match: bytes
     reply: bytes
+    times: int
+
+
+@dataclass
+class _Rewrite:
+    match: bytes
+    rewrite: Rewrite
     times: int
 
 
@@ -79,6 +105,8 @@ class ImapProxy(Listening):
         self._cuts: list[bytes] = []
         self._stalls: list[tuple[bytes, float]] = []
         self._slow_uploads: list[tuple[bytes, float]] = []
+        self._command_rewrites: list[_Rewrite] = []
+        self._fetch_rewrites: list[_Rewrite] = []
         self.delay = 0.0
         self.connections = 0
         self.commands: list[bytes] = []
@@ -125,6 +153,14 @@ class ImapProxy(Listening):
         after `seconds`: a large message on a slow uplink, not yet stored meanwhile."""
         with self._lock:
             self._slow_uploads.append((match.upper(), seconds))
+
+    def rewrite_command(self, match: bytes, rewrite: Rewrite, times: int = 1) -> None:
+        with self._lock:
+            self._command_rewrites.append(_Rewrite(match.upper(), rewrite, times))
+
+    def rewrite_fetch(self, match: bytes, rewrite: Rewrite, times: int = 1) -> None:
+        with self._lock:
+            self._fetch_rewrites.append(_Rewrite(match.upper(), rewrite, times))
 
     def sent(self, match: bytes) -> int:
         """Commands seen so far whose line contains ``match`` (forwarded or answered here)."""
@@ -181,6 +217,17 @@ class ImapProxy(Listening):
                     return stall[1]
         return 0.0
 
+    def _take_rewrite(self, line: bytes, rewrites: list[_Rewrite]) -> Rewrite | None:
+        upper = line.upper()
+        with self._lock:
+            for rewrite in rewrites:
+                if rewrite.match in upper:
+                    rewrite.times -= 1
+                    if rewrite.times == 0:
+                        rewrites.remove(rewrite)
+                    return rewrite.rewrite
+        return None
+
     def _take_cut(self, line: bytes) -> bool:
         upper = line.upper()
         with self._lock:
@@ -203,6 +250,7 @@ class _Link:
         self._write_lock = threading.Lock()
         self._closing_at: tuple[bytes, _Drop] | None = None  # (tag, drop): close at its reply
         self._stalled: dict[bytes, float] = {}  # tag -> seconds its tagged reply is held back
+        self._rewriting: dict[bytes, Rewrite] = {}  # tag -> what its untagged FETCH responses become
         self._closed = threading.Event()
 
     def client_to_server(self) -> None:
@@ -233,6 +281,12 @@ class _Link:
                     stall = self._proxy._take_stall(line)
                     if stall:
                         self._stalled[tag] = stall
+                    rewrite = self._proxy._take_rewrite(line, self._proxy._fetch_rewrites)
+                    if rewrite is not None:
+                        self._rewriting[tag] = rewrite
+                    command_rewrite = self._proxy._take_rewrite(line, self._proxy._command_rewrites)
+                    if command_rewrite is not None:
+                        line = command_rewrite(line)
                     self._forward_command(line, upload_delay=self._proxy._take_stall(line, self._proxy._slow_uploads))
         except OSError:
             pass
@@ -246,8 +300,15 @@ class _Link:
                 line = self._from_server.readline()
                 if not line:
                     break
+                if not continuing and self._rewriting and _UNTAGGED_FETCH.match(line):
+                    # One command at a time: the FETCH responses are the rewritten command's.
+                    rewrite = next(iter(self._rewriting.values()))
+                    self._to_client(rewrite(self._whole_response(line)))
+                    continue
                 literal = _LITERAL_AT_END.search(line)
                 tagged = not continuing and not line.startswith((b"* ", b"+"))
+                if tagged:
+                    self._rewriting.pop(line.split(b" ", 1)[0], None)
                 if tagged and self._closing_at is not None and line.startswith(self._closing_at[0] + b" "):
                     drop = self._closing_at[1]
                     if drop.when == "after_reply":
@@ -269,6 +330,15 @@ class _Link:
             pass
         finally:
             self.close()
+
+    def _whole_response(self, line: bytes) -> bytes:
+        """`line` and the rest of its response from Dovecot: each literal and the line after it."""
+        response = line
+        while literal := _LITERAL_AT_END.search(line):
+            response += self._from_server.read(int(literal.group(1)))
+            line = self._from_server.readline()
+            response += line
+        return response
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -26,6 +26,7 @@ from shared.state.port import (
     ClaimStatus,
     CopiedMessage,
     FailureRecord,
+    HolderState,
     Pause,
     RouteCounts,
     ScanRecord,
@@ -754,3 +755,63 @@ def test_token_problem_keeps_its_first_time_until_cleared(store, clock):
     assert store.read_token_problem("microsoft") is None
     store.record_token_problem("microsoft", None)  # clearing nothing is fine
     assert store.read_token_problem("microsoft") is None
+
+
+# -- the holder of a claim (shared.claim_owners) -------------------------------------------
+def holders(**states: HolderState):
+    """A holder probe answering `states` by owner name, UNKNOWN for anyone else; the names asked."""
+    asked: list[str] = []
+
+    def probe(owner: str) -> HolderState:
+        asked.append(owner)
+        return states.get(owner, HolderState.UNKNOWN)
+
+    return probe, asked
+
+
+def test_a_claim_past_its_lease_is_not_taken_from_a_holder_still_alive(store, clock):
+    key = uid_key()
+    claim(store, key, "frozen", clock)
+    store.mark_appending(key, "frozen", dest_uidvalidity=5, dest_uid_floor=40)
+    clock.advance(LEASE + 1)
+    probe, asked = holders(frozen=HolderState.ALIVE)
+
+    held = store.claim_uid(key, "b", clock.now + LEASE, probe)
+
+    assert held.outcome is ClaimOutcome.HELD and held.claim.owner == "frozen" and asked == ["frozen"]
+    # Once it is gone, the claim is taken, still appending, with the floor of its APPEND.
+    taken = store.claim_uid(key, "b", clock.now + LEASE, holders(frozen=HolderState.GONE)[0])
+    assert (taken.outcome, taken.claim.owner, taken.claim.status) == (ClaimOutcome.CLAIMED, "b", ClaimStatus.APPENDING)
+    assert (taken.claim.dest_uidvalidity, taken.claim.dest_uid_floor) == (5, 40)
+
+
+def test_a_claim_of_a_holder_gone_is_taken_at_once_within_its_lease(store, clock):
+    key = uid_key()
+    claim(store, key, "crashed", clock)
+    probe, _ = holders(crashed=HolderState.GONE)
+
+    taken = store.claim_uid(key, "b", clock.now + LEASE, probe)
+
+    assert (taken.outcome, taken.claim.owner, taken.claim.status) == (ClaimOutcome.CLAIMED, "b", ClaimStatus.IN_PROGRESS)
+    assert taken.claim.attempts == 2
+
+
+def test_a_holder_that_cannot_be_told_is_judged_by_its_lease(store, clock):
+    key = uid_key()
+    claim(store, key, "elsewhere", clock)
+    probe, _ = holders()
+    assert store.claim_uid(key, "b", clock.now + LEASE, probe).outcome is ClaimOutcome.HELD
+    clock.advance(LEASE + 1)
+    assert store.claim_uid(key, "b", clock.now + LEASE, probe).outcome is ClaimOutcome.CLAIMED
+
+
+def test_a_released_or_own_claim_needs_no_word_on_its_holder(store, clock):
+    released, own = uid_key(1), uid_key(2)
+    claim(store, released, "a", clock)
+    store.release(released, "a")
+    claim(store, own, "b", clock)
+    probe, asked = holders(a=HolderState.ALIVE, b=HolderState.ALIVE)
+
+    assert store.claim_uid(released, "b", clock.now + LEASE, probe).outcome is ClaimOutcome.CLAIMED
+    assert store.claim_uid(own, "b", clock.now + LEASE, probe).outcome is ClaimOutcome.CLAIMED
+    assert asked == []

@@ -219,7 +219,7 @@ def test_a_reference_from_before_a_uidvalidity_change_is_skipped_naming_the_new_
     assert (world.claim(ref).status, world.claim(ref).reason) == (ClaimStatus.SKIPPED, reason)
 
 
-def test_a_message_deleted_from_the_source_is_skipped_as_gone(world):
+def test_a_message_deleted_from_the_source_is_skipped_as_gone_once_a_new_session_cannot_find_it(world):
     ref = world.arrive("work")
     world.source_of("work").expunge("INBOX", ref.uid)
 
@@ -228,14 +228,85 @@ def test_a_message_deleted_from_the_source_is_skipped_as_gone(world):
     assert result == CopyResult(Outcome.SKIPPED, ref.key, "gone from the source")
     assert world.destination.bodies("Work") == []
     assert (world.claim(ref).status, world.claim(ref).reason) == (ClaimStatus.SKIPPED, "gone from the source")
+    # Looked for (UID SEARCH) in a session opened after the FETCH, not in the one that fetched.
+    assert world.source_of("work").calls_to("has_uid") == [("has_uid", ref.uid)]
+    assert world.mailboxes.sources_opened == ["work", "work"]
+    assert world.failure(ref) is None
 
 
-def test_a_listed_message_whose_body_comes_back_empty_is_skipped_as_gone(world):
-    # Dovecot answers "BODY[] NIL" for a message another session expunged meanwhile.
+def test_a_listed_message_another_session_expunged_is_skipped_as_gone_after_a_fresh_look(world):
+    # Dovecot answers "BODY[] NIL" to a session that still lists a message expunged elsewhere.
     ref = world.arrive("work")
-    world.source_of("work").answer_next("fetch", None)
+    source = world.source_of("work")
+    source.before_next("fetch", lambda: source.expunge("INBOX", ref.uid))
+    source.fetch_answers_without_body()
 
     assert world.copier().copy_message(ref) == CopyResult(Outcome.SKIPPED, ref.key, "gone from the source")
+    assert source.calls_to("has_uid") == [("has_uid", ref.uid)]
+
+
+def test_a_fetch_answered_ok_without_the_body_fails_and_the_retry_copies_the_message(world):
+    ref = world.arrive("work")
+    source = world.source_of("work")
+    source.fetch_answers_without_body()
+
+    failed = world.copier().copy_message(ref)
+
+    # Still there (a new session's SEARCH finds it): a failure for the queue to retry, not "gone".
+    assert failed.outcome is Outcome.FAILED, failed
+    assert "without the message" in failed.detail and f"UID {ref.uid}" in failed.detail
+    claim = world.claim(ref)
+    assert (claim.status, claim.owner, claim.reason) == (ClaimStatus.FAILED, None, None)  # not final
+    assert world.failure(ref).attempts == 1
+    assert world.destination.bodies("Work") == []
+    assert source.calls_to("has_uid") == [("has_uid", ref.uid)]
+    assert world.mailboxes.sources_opened[:2] == ["work", "work"]  # the SEARCH ran in a new session
+
+    again = world.copier().copy_message(ref)
+
+    assert again.outcome is Outcome.COPIED
+    assert world.destination.bodies("Work") == [source.message("INBOX", ref.uid).body]
+    assert world.failure(ref) is None
+
+
+def test_a_fetch_answered_with_another_uids_message_never_copies_that_body_as_this_one(world):
+    first, second = world.arrive("work"), world.arrive("work")
+    source = world.source_of("work")
+    source.fetch_answers_with("INBOX", second.uid)
+
+    failed = world.copier().copy_message(first)
+
+    assert failed.outcome is Outcome.FAILED, failed
+    assert world.destination.bodies("Work") == []
+    assert world.claim(first).status is ClaimStatus.FAILED
+    # Each is then copied once, with its own bytes.
+    assert world.copier().copy_message(first).outcome is Outcome.COPIED
+    assert world.copier().copy_message(second).outcome is Outcome.COPIED
+    assert world.destination.bodies("Work") == [source.message("INBOX", uid).body for uid in (first.uid, second.uid)]
+
+
+def test_another_uids_message_in_the_answer_of_an_expunged_one_is_not_copied_and_it_is_gone(world):
+    gone, other = world.arrive("work"), world.arrive("work")
+    source = world.source_of("work")
+    source.expunge("INBOX", gone.uid)
+    source.fetch_answers_with("INBOX", other.uid)
+
+    assert world.copier().copy_message(gone) == CopyResult(Outcome.SKIPPED, gone.key, "gone from the source")
+    assert world.destination.bodies("Work") == []
+
+
+def test_a_throttle_met_while_looking_for_a_message_again_pauses_the_source(world):
+    ref = world.arrive("work")
+    source = world.source_of("work")
+    source.fetch_answers_without_body()
+    source.throttle_next("has_uid", retry_after=60)
+
+    result = world.copier().copy_message(ref)
+
+    assert (result.outcome, result.retry_after) == (Outcome.PAUSED, 60)
+    account = world.routes["work"].gmail_user
+    assert [pause.name for pause in world.state.inner.pauses()] == [f"source {account}"]
+    assert world.failure(ref) is None
 
 
 def test_a_uid_the_source_has_not_assigned_yet_fails_instead_of_being_skipped(world):
@@ -251,7 +322,7 @@ def test_a_uid_the_source_has_not_assigned_yet_fails_instead_of_being_skipped(wo
     assert (claim.status, claim.owner, claim.lease_until) == (ClaimStatus.FAILED, None, 0)  # not final
     failure = world.failure(forged)
     assert (failure.error_class, failure.attempts) == ("UidNotAssigned", 1)
-    assert world.mailboxes.source_drops["work"] == 1  # a fresh session sees a fresh UIDNEXT
+    assert world.mailboxes.sources_opened == ["work", "work"]  # a fresh session saw a fresh UIDNEXT
 
     # The message that then gets the UID is copied like any other.
     arrived = world.arrive("work")
@@ -260,17 +331,16 @@ def test_a_uid_the_source_has_not_assigned_yet_fails_instead_of_being_skipped(wo
     assert world.destination.bodies("Work") == [world.source_of("work").message("INBOX", uidnext).body]
 
 
-def test_a_message_that_arrived_and_went_after_the_session_opened_fails_once_then_is_skipped_as_gone(world):
+def test_a_message_that_arrived_and_went_after_the_session_opened_is_skipped_as_gone_by_a_fresh_look(world):
     # The session's UIDNEXT is from its EXAMINE: a UID above it cannot be told from one never
-    # assigned until a fresh session looks.
+    # assigned until a fresh session looks, which it does before anything is skipped.
     world.copier().copy_message(world.arrive("work"))
     late = world.arrive("work")
     world.source_of("work").expunge("INBOX", late.uid)
 
-    first = world.copier().copy_message(late)
-    second = world.copier().copy_message(late)
+    result = world.copier().copy_message(late)
 
-    assert (first.outcome, second.outcome, second.detail) == (Outcome.FAILED, Outcome.SKIPPED, "gone from the source")
+    assert (result.outcome, result.detail) == (Outcome.SKIPPED, "gone from the source")
     assert world.mailboxes.sources_opened == ["work", "work"]
 
 
