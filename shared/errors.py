@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # An error message quotes at most this much of what a library or a server said.
 MAX_QUOTED_CHARS = 300
 
@@ -28,6 +30,12 @@ class ClaimLost(MailSyncerError):
 
 class QueueUnavailable(MailSyncerError):
     """The queue could not be reached or refused an operation."""
+
+    def __init__(self, message: str, *, path: Path | None = None):
+        # path: the local file that failed (the SQLite queue). It is usually the state file too,
+        # and then the state store has failed: the CLI tells the two apart by it.
+        self.path = path
+        super().__init__(message)
 
 
 class MalformedMessageRef(MailSyncerError):

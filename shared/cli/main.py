@@ -8,18 +8,20 @@ prints a traceback for an expected failure, and nothing printed carries a secret
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from shared import bootstrap
 from shared.cli.auth import auth
 from shared.cli.parser import build_parser
 from shared.cli.report import ExitCode, Report
-from shared.errors import MailSyncerError, SettingsInvalid, StateStoreUnavailable
+from shared.errors import MailSyncerError, QueueUnavailable, SettingsInvalid, StateStoreUnavailable
 from shared.logs import configure_logging
 from shared.redaction import scrub
-from shared.settings import load_settings
+from shared.settings import Settings, load_settings
 
 log = logging.getLogger("mail_syncer.cli")
 
@@ -39,11 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args, app, report)
     except StateStoreUnavailable as exc:
-        report.fail("state store", str(exc))
-        if args.command != "check":
-            # It may fail mid-run too: what was copied before is recorded, so say only what stops.
-            print("stopped: no mailbox is opened while the state store fails; run again once it works", file=sys.stderr)
-        return ExitCode.GATE
+        return _state_store_failed(args, report, exc)
+    except QueueUnavailable as exc:
+        if exc.path is None or exc.path != _state_file(settings):
+            print(f"error: {scrub(str(exc))}", file=sys.stderr)
+            return ExitCode.UNREACHABLE
+        # The local queue lives in the state file: that file failing is the state store failing.
+        return _state_store_failed(args, report, exc)
     except MailSyncerError as exc:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return ExitCode.UNREACHABLE
@@ -56,3 +60,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         app.close()
 
+
+def _state_store_failed(args: argparse.Namespace, report: Report, exc: MailSyncerError) -> ExitCode:
+    report.fail("state store", str(exc))
+    if args.command != "check":
+        # It may fail mid-run too: what was copied before is recorded, so say only what stops.
+        print("stopped: no mailbox is opened while the state store fails; run again once it works", file=sys.stderr)
+    return ExitCode.GATE
+
+
+def _state_file(settings: Settings) -> Path | None:
+    """The SQLite file the state store is in, if it is in one."""
+    return None if settings.state_table else settings.state_db_path

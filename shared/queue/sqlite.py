@@ -32,6 +32,7 @@ from pathlib import Path
 
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
+from shared.state import sqlite_file
 from shared.queue.port import (
     DEAD_LETTER_PEEK_LIMIT,
     MAX_BATCH,
@@ -54,7 +55,6 @@ BUSY_TIMEOUT_SECONDS = 30
 POLL_INTERVAL_SECONDS = 0.1
 
 SCHEMA = """
-BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS queue_messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id TEXT NOT NULL UNIQUE,
@@ -80,7 +80,6 @@ CREATE TABLE IF NOT EXISTS queue_dead_letters (
     sent_at REAL NOT NULL,
     dead_at REAL NOT NULL
 );
-COMMIT;
 """
 
 # The next visible messages in send order, skipping the groups that had a message in flight when
@@ -286,11 +285,12 @@ class SqliteQueue(MessageQueue):
             if self._schema_ready:
                 return
             self._path.parent.mkdir(parents=True, exist_ok=True)
+            sqlite_file.prepare(self._path, SCHEMA)  # an empty file is refused, not made anew
             conn = self._connect()
             try:
                 # WAL: readers (depths) never wait for the writer; the mode is stored in the file.
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.executescript(SCHEMA)
+                conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
             finally:
                 conn.close()
             self._schema_ready = True
@@ -299,8 +299,10 @@ class SqliteQueue(MessageQueue):
     def _errors_as_unavailable(self) -> Iterator[None]:
         try:
             yield
-        except (sqlite3.Error, OSError) as exc:
-            raise QueueUnavailable(f"SQLite queue {self._path}: {type(exc).__name__}: {exc}") from exc
+        except (sqlite3.Error, OSError, sqlite_file.Unusable) as exc:
+            # The path lets the CLI tell a failing state file (where the local queue lives) apart.
+            explained = sqlite_file.explain(self._path, exc)
+            raise QueueUnavailable(f"SQLite queue {self._path}: {explained}", path=self._path) from exc
 
 
 def _groups_in_flight(conn: sqlite3.Connection, now: float) -> list[str]:

@@ -737,7 +737,11 @@ def test_sqlite_health_names_a_file_that_is_not_a_database(tmp_path):
     with pytest.raises(StateStoreUnavailable) as unavailable:
         store.check_health()
 
-    assert str(unavailable.value) == f"SQLite {path}: file is not a database"
+    assert str(unavailable.value) == (
+        f"SQLite {path}: file is not a database: the file is damaged: restore it from a backup; if it is truly"
+        " lost, move it aside and run again (messages already copied within each route's window would then be"
+        " copied again)"
+    )
 
 
 # -- token problems -----------------------------------------------------------------------
