@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from shared import bootstrap
+from shared.claim_owners import lambda_invocation
 from shared.pipeline.copier import copy_batch, throttled_visibility
 from shared.queue import ReceivedMessage
 from shared.redaction import scrubbed_exceptions
@@ -26,7 +27,7 @@ LEASE_MARGIN_SECONDS = 30
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     app = bootstrap.lambda_app()
     messages = [_received(record) for record in event.get("Records", [])]
-    copier = app.copier(lambda: _invocation_end(context) + LEASE_MARGIN_SECONDS, owner=f"lambda:{context.aws_request_id}")
+    copier = app.copier(lambda: _invocation_end(context) + LEASE_MARGIN_SECONDS, owner=lambda_invocation(context.aws_request_id))
     results = copy_batch(messages, copier=copier, queue=app.queue)
     for message, result in results:
         wait = throttled_visibility(result)

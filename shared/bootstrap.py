@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import os
-import socket
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from shared import claim_owners
 from shared.aws import make_client
 from shared.mailbox.connections import MailboxConnections
 from shared.mailbox.session import ImapAccount, ImapEndpoint
@@ -72,7 +70,6 @@ class App:
             port=route.gmail_imap_port or settings.gmail_imap_port,
             ssl=settings.gmail_imap_ssl if route.gmail_imap_ssl is None else route.gmail_imap_ssl,
             ca_bundle=settings.imap_ca_bundle,
-            timeout=settings.imap_timeout,
         )
         label = f"route {route.name} source {route.gmail_user}"
         if route.source_auth == "password":
@@ -88,7 +85,6 @@ class App:
             port=settings.outlook_imap_port,
             ssl=settings.outlook_imap_ssl,
             ca_bundle=settings.imap_ca_bundle,
-            timeout=settings.imap_timeout,
         )
         label = f"destination {settings.outlook_user}"
         if settings.ms_refresh_token is None:
@@ -133,7 +129,8 @@ class App:
             state=self.state,
             mailboxes=self.connections,
             routes={route.name: route for route in self.settings.routes},
-            owner=owner or process_owner(),
+            owner=owner or claim_owners.this_process(),
+            holder_state=claim_owners.holder_state,
             lease_until=lease_until,
             max_message_bytes=self.settings.max_message_bytes,
             max_attempts=self.settings.max_attempts,
@@ -193,11 +190,6 @@ def lambda_app() -> App:
     settings = load_settings(env_file=None)
     configure_logging(settings.log_level)
     return build(settings)
-
-
-def process_owner() -> str:
-    """Who holds a claim: unique per process, readable in `status` and the logs."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def _microsoft_fix(source: SettingSource) -> str:

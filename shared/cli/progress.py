@@ -128,10 +128,9 @@ class RunTally:
         if self.quarantined:
             print(f"{self.quarantined} queue message(s) quarantined (not valid references; see the log)", file=stream)
         if self.waits:
-            print(
-                f"{self.left_waiting} message(s) wait in the queue, copied by the first run after their"
-                " mailbox's pause ends:",
-                file=stream,
-            )
+            print(f"{self.left_waiting} message(s) wait in the queue for a later run:", file=stream)
             for pause in pauses:
                 print(f"  {describe(pause)}", file=stream)
+            for result in self.last.values():
+                if result.outcome is Outcome.BUSY:
+                    print(f"  route {result.key.route} UID {result.key.uid}: {result.detail}", file=stream)

@@ -45,24 +45,21 @@ def consume_queue(
 ) -> int:
     """Copy until nothing is queued or in flight (failed messages either succeed on a retry or
     reach the dead letters first). Messages that wait for a pause longer than `max_pause_wait`
-    seconds (Gmail's download limit: hours) are not waited for: they stay queued, due when the
-    pause ends. Returns how many were left so."""
+    seconds (Gmail's download limit: hours; a holder stopped past its lease) are not waited for:
+    they stay queued, due when the wait ends, and so do those of their routes behind them.
+    Returns how many were left so."""
     parked: dict[str, float] = {}  # message id -> when due: waiting longer than max_pause_wait
     while True:
         messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout)
         if not messages:
             depths = queue.depths()
-            left_waiting = 0
-            if max_pause_wait is not None:
-                # Those of earlier runs too, where the queue can tell; else this run's own.
-                left_waiting = queue.in_flight_past(max_pause_wait)
-                if left_waiting is None:
-                    now = time.time()
-                    left_waiting = sum(1 for due in parked.values() if due > now + max_pause_wait)
-            if depths.visible == 0 and depths.in_flight <= left_waiting:
-                return left_waiting
+            if depths.visible == 0 and depths.in_flight == 0:
+                return 0
             # Messages are waiting out a retry delay: long-poll until one is back.
             messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout, wait_seconds=2)
+            if not messages and 0 < depths.in_flight <= _waiting_long(queue, parked, max_pause_wait):
+                # All in flight wait long; whatever is visible is of their routes, behind them.
+                return depths.in_flight + depths.visible
         for message, result in copy_batch(messages, copier=copier, queue=queue):
             parked.pop(message.message_id, None)
             if result.outcome.moved:
@@ -72,7 +69,10 @@ def consume_queue(
             elif result.outcome is Outcome.FAILED:
                 queue.extend_visibility(message, retry_delay(message.receive_count))
             elif result.outcome is Outcome.BUSY:
-                queue.extend_visibility(message, busy_delay(result.busy_until, time.time()))
+                delay = busy_delay(result.busy_until, time.time())
+                queue.extend_visibility(message, delay)
+                if max_pause_wait is not None and delay > max_pause_wait:
+                    parked[message.message_id] = time.time() + delay
             else:
                 # Paused, or held back behind a message of its route: due again when its mailbox
                 # takes commands again (the server's wait), or as soon as its route allows.
@@ -82,3 +82,15 @@ def consume_queue(
                     parked[message.message_id] = time.time() + waited
             if result.outcome is not Outcome.UNPROCESSED:
                 on_result(result)
+
+
+def _waiting_long(queue: MessageQueue, parked: dict[str, float], max_pause_wait: float | None) -> int:
+    """In-flight messages due only after more than `max_pause_wait`: those of earlier runs too,
+    where the queue can tell; else this run's own (`parked`)."""
+    if max_pause_wait is None:
+        return 0
+    counted = queue.in_flight_past(max_pause_wait)
+    if counted is not None:
+        return counted
+    later = time.time() + max_pause_wait
+    return sum(1 for due in parked.values() if due > later)

@@ -45,12 +45,14 @@ from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
-from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, Pause, StateStore
+from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, HolderProbe, Pause, StateStore
 
 log = logging.getLogger("mail_syncer.copy")
 
 # A lease is renewed at least this far apart during a long APPEND.
 MIN_RENEW_SECONDS = 0.5
+# A message held by a process alive past its lease (stopped) is looked at again after this long.
+STOPPED_HOLDER_WAIT_SECONDS = 20 * 60
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
 THROTTLE_MARGIN_SECONDS = 1
 
@@ -114,6 +116,9 @@ class Copier:
     max_attempts: int | None = None
     # Each source account's daily download budget (GMAIL_DAILY_DOWNLOAD_MB). None: not kept.
     download_budget: DownloadBudget | None = None
+    # What can be told of another claim's holder (shared.claim_owners.holder_state). None:
+    # judged by their leases alone.
+    holder_state: HolderProbe | None = None
     clock: Callable[[], float] = time.time
     # Pauses of the mailboxes ("destination", "source <account>") as last read from state (once
     # a batch: None until then) and met here since.
@@ -142,13 +147,17 @@ class Copier:
         if paused is not None:
             # Its mailbox asked to be left alone: a command now would only be refused again.
             return CopyResult(Outcome.PAUSED, key, describe(paused), retry_after=paused.until - self.clock())
-        claimed = self.state.claim_uid(key, self.owner, self.lease_until())
+        claimed = self.state.claim_uid(key, self.owner, self.lease_until(), self.holder_state)
         if claimed.outcome is ClaimOutcome.FINAL:
             return CopyResult(Outcome.ALREADY_DONE, key, claimed.claim.reason or "")
         if claimed.outcome is ClaimOutcome.HELD:
-            return CopyResult(
-                Outcome.BUSY, key, f"claimed by {claimed.claim.owner}", busy_until=claimed.claim.lease_until
-            )
+            holder = claimed.claim
+            if holder.lease_until <= self.clock():
+                # Alive past its lease: stopped (SIGSTOP, a laptop lid, a paused VM), perhaps
+                # with an APPEND sent. Taking over could copy it twice: it is left to its holder.
+                why = f"held by {holder.owner}, alive past its lease (stopped?): copied once it goes on or ends"
+                return CopyResult(Outcome.BUSY, key, why, busy_until=self.clock() + STOPPED_HOLDER_WAIT_SECONDS)
+            return CopyResult(Outcome.BUSY, key, f"claimed by {holder.owner}", busy_until=holder.lease_until)
         resuming_append = claimed.claim.status is ClaimStatus.APPENDING
         # An earlier APPEND of this message may have landed (a process died after sending it):
         # look in the destination first, from where that APPEND was to land.

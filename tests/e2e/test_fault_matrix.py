@@ -17,11 +17,14 @@ printed at the end of the session (tests/e2e/conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -327,4 +330,49 @@ def test_moto_stopped_during_a_drain_fails_safe_and_loses_nothing(sync_env, dove
     row = Row("drain", "moto (DynamoDB + SQS) stopped after an APPEND, then back", "dovecot", *faults(source, destination))
     MATRIX.append(row)
     assert rerun.returncode == 0, _output(rerun)
+    assert row.clean, row
+
+
+def claim_lease(state_db: str, uid: int) -> float | None:
+    with contextlib.closing(sqlite3.connect(state_db)) as db:
+        row = db.execute("SELECT lease_until FROM claims WHERE uid = ?", (uid,)).fetchone()
+    return None if row is None else row[0]
+
+
+def test_a_drain_stopped_mid_append_past_its_lease_is_not_overtaken(sync_env, dovecot_pair, servers):
+    """A drain frozen (SIGSTOP: a laptop lid, a paused VM) after sending half an APPEND, for
+    longer than its lease. A second drain must not append the message too: the first is alive
+    and its APPEND lands when it goes on. Then a later run copies what waited behind it."""
+    env, gmail_user, outlook_user, workdir = route_env(sync_env, "stopped")
+    seed(dovecot_pair.gmail, gmail_user, "INBOX", messages())
+    first = StoppingDriver(env, workdir, "drain", "--stop-at", "during-append", "--uid", str(SHARED_ID_SECOND_UID))
+    try:
+        first.wait_stopped()
+        lease = claim_lease(env["STATE_DB"], SHARED_ID_SECOND_UID)
+        wait_for(lambda: time.time() > lease + 1, timeout=30, what="the stopped drain's lease to run out")
+
+        second = driver(env, workdir, "drain")
+
+        # It leaves the message to its holder, and the route's later messages behind it.
+        assert second.returncode == 6, _output(second)
+        assert "message(s) wait in the queue for a later run:" in second.stdout, _output(second)
+        held = f"route stopped UID {SHARED_ID_SECOND_UID}: held by local:"
+        assert held in second.stdout and "alive past its lease (stopped?)" in second.stdout, _output(second)
+        copied_before = len(read_folder(dovecot_pair.outlook, outlook_user, FOLDER))
+        assert copied_before == SHARED_ID_SECOND_UID - 1  # the first drain's, before it stopped
+
+        first.resume_and_wait()
+    finally:
+        first.kill()
+    assert "is not held by" not in first.err.read_text(), first.output()  # its claim was never taken
+    # Time passes: the message the second drain left waiting is due again.
+    with contextlib.closing(sqlite3.connect(env["STATE_DB"])) as db, db:
+        db.execute("UPDATE queue_messages SET visible_at = 0")
+    later = driver(env, workdir, "drain")
+
+    source = read_folder(dovecot_pair.gmail, gmail_user, "INBOX")
+    destination = read_folder(dovecot_pair.outlook, outlook_user, FOLDER)
+    row = Row("drain", "stopped mid-APPEND past its lease; another drain ran", servers.name, *faults(source, destination))
+    MATRIX.append(row)
+    assert later.returncode == 0, _output(later)
     assert row.clean, row

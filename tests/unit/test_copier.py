@@ -13,15 +13,16 @@ import datetime as dt
 import email.utils as email_utils
 import math
 import threading
+from dataclasses import replace
 
 import pytest
 
 from shared.errors import StateStoreUnavailable
 from shared.message_ref import MessageRef
-from shared.pipeline.copier import THROTTLE_MARGIN_SECONDS, CopyResult, Outcome, lease_for, throttled_visibility
+from shared.pipeline.copier import STOPPED_HOLDER_WAIT_SECONDS, THROTTLE_MARGIN_SECONDS, CopyResult, Outcome, lease_for, throttled_visibility
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import register_secret
-from shared.state import ClaimOutcome, ClaimStatus
+from shared.state import ClaimOutcome, ClaimStatus, HolderState
 from tests.fakes import ConnectionLost, FakeWorld, email
 from tests.fakes.world import LEASE_SECONDS
 from tests.harness.mail import wait_for
@@ -156,6 +157,26 @@ def test_a_message_claimed_by_another_live_owner_is_busy_until_its_lease_ends(wo
     assert world.source_of("work").calls_to("fetch") == [] and world.destination.appends == 0
     claim = world.claim(ref)
     assert (claim.owner, claim.lease_until, claim.status) == ("consumer-2", holder_lease, ClaimStatus.IN_PROGRESS)
+
+
+def test_a_holder_alive_past_its_lease_keeps_its_claim_and_a_holder_gone_loses_it_at_once(world):
+    """A drain stopped mid-APPEND (SIGSTOP) may still land its copy: its claim is not taken over,
+    lease or not. One that is gone (crashed) is taken over without waiting out its lease."""
+    stopped, crashed = world.arrive("work"), world.arrive("home")
+    world.state.inner.claim_uid(stopped.key, "stopped", world.clock() + LEASE_SECONDS)
+    world.state.inner.mark_appending(stopped.key, "stopped")
+    states = {"stopped": HolderState.ALIVE, "crashed": HolderState.GONE}
+    copier = replace(world.copier(), holder_state=lambda owner: states.get(owner, HolderState.UNKNOWN))
+    world.clock.advance(LEASE_SECONDS + 1)
+    world.state.inner.claim_uid(crashed.key, "crashed", world.clock() + LEASE_SECONDS)
+
+    held = copier.copy_message(stopped)
+
+    assert held.outcome is Outcome.BUSY and held.detail.startswith("held by stopped, alive past its lease (stopped?)")
+    assert held.busy_until == world.clock() + STOPPED_HOLDER_WAIT_SECONDS
+    assert world.claim(stopped).owner == "stopped" and world.destination.appends == 0
+    # Its lease is live, but its holder is gone: taken over at once.
+    assert copier.copy_message(crashed).outcome is Outcome.COPIED
 
 
 def test_a_claim_whose_holder_died_before_appending_is_taken_over_and_copied(world):
