@@ -147,9 +147,10 @@ class App:
             today=today or dt.date.today(),
         )
 
-    def close(self) -> None:
+    def close(self, *, abruptly: bool = False) -> None:
+        """`abruptly`: sockets closed without a word to the servers (the run was interrupted)."""
         if "connections" in self.__dict__:
-            self.connections.close()
+            self.connections.close(abruptly=abruptly)
         for name in ("state", "queue"):
             adapter = self.__dict__.get(name)  # only those that were built
             if adapter is not None:

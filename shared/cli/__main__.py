@@ -1,5 +1,9 @@
 import sys
 
 from shared.cli.main import main
+from shared.cli.report import ExitCode
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except KeyboardInterrupt:  # a second Ctrl-C while the first is being handled: no traceback
+    sys.exit(ExitCode.INTERRUPTED)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ log = logging.getLogger("mail_syncer.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIGTERM (kill, systemd, a container stopping) ends a run as Ctrl-C does: cleanly.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
     if args.command == "auth":
@@ -38,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report.settings_invalid(exc.problems)
     configure_logging(settings.log_level)
     app = bootstrap.build(settings)
+    interrupted = False
     try:
         return handlers[args.command](args, app, report)
     except StateStoreUnavailable as exc:
@@ -52,13 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return ExitCode.UNREACHABLE
     except KeyboardInterrupt:
-        print("interrupted: claims left behind expire after LEASE_SECONDS; run again to finish", file=sys.stderr)
+        interrupted = True
+        print("interrupted: claims let go, messages in flight due again; run again to finish", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Exception:  # noqa: BLE001 - a bug: log it scrubbed rather than crash with raw text
         log.exception("internal error in %s", args.command)
         return ExitCode.INTERNAL
     finally:
-        app.close()
+        # Interrupted: sockets are closed without LOGOUT, which could be written into an APPEND's
+        # unfinished literal and wait for a timeout.
+        app.close(abruptly=interrupted)
 
 
 def _state_store_failed(args: argparse.Namespace, report: Report, exc: MailSyncerError) -> ExitCode:

@@ -154,13 +154,16 @@ class MailboxConnections:
             close_quietly(self._destination.client)
             self._destination = None
 
-    def close(self) -> None:
+    def close(self, *, abruptly: bool = False) -> None:
+        """LOGOUT of every session; `abruptly`: the sockets only closed (an interrupted run: a
+        LOGOUT could land in an APPEND's unfinished literal and wait out the timeout)."""
+        end = close_quietly if abruptly else _logout_quietly
         for session in self._sources.values():
-            _logout_quietly(session.client)
+            end(session.client)
         self._sources.clear()
         self._source_users.clear()
         if self._destination is not None:
-            _logout_quietly(self._destination.client)
+            end(self._destination.client)
             self._destination = None
 
     def _alive(self, session: _Session) -> bool:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from shared.pipeline.copier import Copier, CopyResult, Outcome, copy_batch, throttled_visibility
-from shared.queue import MAX_BATCH, MessageQueue
+from shared.queue import MAX_BATCH, MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 
 # A failed message waits 2, 4, 8 ... seconds before its next try, at most this long.
@@ -60,7 +60,12 @@ def consume_queue(
             if not messages and 0 < depths.in_flight <= _waiting_long(queue, parked, max_pause_wait):
                 # All in flight wait long; whatever is visible is of their routes, behind them.
                 return depths.in_flight + depths.visible
-        for message, result in copy_batch(messages, copier=copier, queue=queue):
+        try:
+            results = copy_batch(messages, copier=copier, queue=queue)
+        except KeyboardInterrupt:
+            _make_due_again(queue, messages)
+            raise
+        for message, result in results:
             parked.pop(message.message_id, None)
             if result.outcome.moved:
                 pass  # in the dead letters already
@@ -82,6 +87,17 @@ def consume_queue(
                     parked[message.message_id] = time.time() + waited
             if result.outcome is not Outcome.UNPROCESSED:
                 on_result(result)
+
+
+def _make_due_again(queue: MessageQueue, messages: Sequence[ReceivedMessage]) -> None:
+    """Interrupted (Ctrl-C, SIGTERM): the batch received is due again at once, not after its
+    visibility timeout, so that the next run finds it. Those finished in it are acknowledged
+    then (their claims are final)."""
+    for message in messages:
+        try:
+            queue.extend_visibility(message, 0)
+        except Exception:  # noqa: BLE001 - on the way out: it comes back after its timeout anyway
+            return
 
 
 def _waiting_long(queue: MessageQueue, parked: dict[str, float], max_pause_wait: float | None) -> int:

@@ -224,6 +224,11 @@ class Copier:
             return self._fail(ref, rejected, append_outcome_unknown=False)
         except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
             raise
+        except KeyboardInterrupt:
+            # Stopped by the user (Ctrl-C, SIGTERM): let the claim go now, so that the next run
+            # need not wait out its lease; an APPEND cut off may have landed, and is looked for.
+            self._let_go(ref, append_outcome_unknown=appending or resuming_append)
+            raise
         except MailboxThrottled as throttled:
             # A throttled session is closed or closing on the server's side.
             self.mailboxes.drop_source(route)
@@ -355,6 +360,12 @@ class Copier:
             self._pauses[mailbox] = pause
         log.warning("route %s UID %d: %s", ref.route, ref.uid, describe(pause))
         return CopyResult(Outcome.PAUSED, ref.key, describe(pause), retry_after=pause.until - self.clock())
+
+    def _let_go(self, ref: MessageRef, *, append_outcome_unknown: bool) -> None:
+        try:
+            self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
+        except Exception as exc:  # noqa: BLE001 - on the way out: the claim's holder is gone then
+            log.warning("route %s UID %d: claim not released: %s", ref.route, ref.uid, scrub(str(exc)))
 
     def _fail(self, ref: MessageRef, exc: BaseException, *, append_outcome_unknown: bool) -> CopyResult:
         text = scrub(str(exc)) or type(exc).__name__

@@ -105,6 +105,7 @@ class ImapProxy(Listening):
         self._cuts: list[bytes] = []
         self._stalls: list[tuple[bytes, float]] = []
         self._slow_uploads: list[tuple[bytes, float]] = []
+        self._paced_uploads: list[tuple[bytes, float]] = []
         self._command_rewrites: list[_Rewrite] = []
         self._fetch_rewrites: list[_Rewrite] = []
         self.delay = 0.0
@@ -153,6 +154,13 @@ class ImapProxy(Listening):
         after `seconds`: a large message on a slow uplink, not yet stored meanwhile."""
         with self._lock:
             self._slow_uploads.append((match.upper(), seconds))
+
+    def pace_upload(self, match: bytes, bytes_per_second: float) -> None:
+        """The next matching command's literal is read from the client and passed on at this
+        rate: a slow uplink, where the client is still sending; one that goes away midway
+        leaves the server a cut literal (so nothing stored)."""
+        with self._lock:
+            self._paced_uploads.append((match.upper(), bytes_per_second))
 
     def rewrite_command(self, match: bytes, rewrite: Rewrite, times: int = 1) -> None:
         with self._lock:
@@ -287,7 +295,11 @@ class _Link:
                     command_rewrite = self._proxy._take_rewrite(line, self._proxy._command_rewrites)
                     if command_rewrite is not None:
                         line = command_rewrite(line)
-                    self._forward_command(line, upload_delay=self._proxy._take_stall(line, self._proxy._slow_uploads))
+                    self._forward_command(
+                        line,
+                        upload_delay=self._proxy._take_stall(line, self._proxy._slow_uploads),
+                        upload_rate=self._proxy._take_stall(line, self._proxy._paced_uploads),
+                    )
         except OSError:
             pass
         finally:
@@ -357,17 +369,33 @@ class _Link:
             except OSError:
                 pass
 
-    def _forward_command(self, line: bytes, upload_delay: float = 0.0) -> None:
+    def _forward_command(self, line: bytes, upload_delay: float = 0.0, upload_rate: float = 0.0) -> None:
         """The line and, literal by literal, the rest of the command. A synchronising literal's
         ``+`` comes from Dovecot through server_to_client."""
         self._upstream.sendall(line)
         while literal := _LITERAL_AT_END.search(line):
+            if upload_rate:
+                self._pass_on_paced(int(literal.group(1)), upload_rate)
+                line = self._from_client.readline()
+                self._upstream.sendall(line)
+                continue
             data = self._read_exactly(int(literal.group(1)))
             if upload_delay:
                 time.sleep(upload_delay)  # the fault itself: the bytes are still on their way
             self._upstream.sendall(data)
             line = self._from_client.readline()
             self._upstream.sendall(line)
+
+    def _pass_on_paced(self, size: int, rate: float) -> None:
+        step = 0.05
+        chunk = max(1, int(rate * step))
+        while size:
+            part = self._from_client.read(min(chunk, size))
+            if not part:
+                raise ConnectionError("the client closed the connection inside a literal")
+            self._upstream.sendall(part)
+            size -= len(part)
+            time.sleep(step)
 
     def _read_literals(self, line: bytes) -> None:
         """Read and drop the literals of a command the proxy answers itself."""
