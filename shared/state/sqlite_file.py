@@ -29,13 +29,14 @@ LOST = (
 )
 
 # What to do, by SQLite's primary result code; {path} is the file.
-_WRITABLE = "make {path} and its directory writable by this user (and its file system read-write), then run again"
+_WRITABLE = "make sure {path} and its directory exist and this user can read and write both, then run again"
+_READ_ONLY_MOUNT = "the file system holding {path} is mounted read-only: remount it read-write, then run again"
 _ADVICE = {
     sqlite3.SQLITE_FULL: "free space on the disk holding {path}, then run again",
     sqlite3.SQLITE_IOERR: "check the disk holding {path} (the system log says more), then run again",
     sqlite3.SQLITE_READONLY: _WRITABLE,
     sqlite3.SQLITE_PERM: _WRITABLE,
-    sqlite3.SQLITE_CANTOPEN: "make sure {path} and its directory exist and this user can read and write them, then run again",
+    sqlite3.SQLITE_CANTOPEN: _WRITABLE,
     # Past the busy timeout: another process (another run?) kept the file to itself that long.
     sqlite3.SQLITE_BUSY: "another process holds {path} (another run of this program?): let it finish, then run again",
     sqlite3.SQLITE_LOCKED: "another process holds {path} (another run of this program?): let it finish, then run again",
@@ -67,7 +68,21 @@ def explain(path: Path, exc: BaseException) -> str:
         said = str(exc) or type(exc).__name__
         code = getattr(exc, "sqlite_errorcode", None)
         advice = _ADVICE.get(code & 0xFF if code is not None else None, _CHECK)
+    # What SQLite cannot tell apart: a read-only mount from a file it may not write, and a full
+    # disk met while sizing its shared-memory file (SQLITE_IOERR_SHMSIZE) from another I/O error.
+    disk = _statvfs(path.parent)
+    if advice is _WRITABLE and disk is not None and disk.f_flag & os.ST_RDONLY:
+        advice = _READ_ONLY_MOUNT
+    elif advice is _ADVICE[sqlite3.SQLITE_IOERR] and disk is not None and disk.f_bavail == 0:
+        said, advice = f"{said} (the disk is full)", _ADVICE[sqlite3.SQLITE_FULL]
     return f"{said}: {advice.format(path=path)}"
+
+
+def _statvfs(directory: Path) -> os.statvfs_result | None:
+    try:
+        return os.statvfs(directory)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
 
 
 def prepare(path: Path, schema: str) -> None:
@@ -82,7 +97,9 @@ def prepare(path: Path, schema: str) -> None:
     except (OSError, sqlite3.Error) as exc:
         raise Unusable(explain(path, exc)) from exc
     if size == 0:
-        raise Unusable(f"the file is empty (0 bytes), which this program never leaves behind, so what it recorded is lost: {LOST}")
+        raise Unusable(
+            f"the file is empty (0 bytes), which this program never leaves behind, so what it recorded is lost: {LOST}"
+        )
 
 
 def _create(path: Path, schema: str) -> None:

@@ -4,7 +4,6 @@ line naming the file and what to do, and costs no message (none lost, none copie
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 import subprocess
@@ -18,49 +17,14 @@ import pytest
 from shared.message_ref import MessageRef
 from shared.pipeline.scan import CHUNK
 from tests.harness.mail import assert_copied_exactly, read_folder, seed, wait_for
-
-# A full disk here is a real one: a tmpfs this small, mounted for the test. Mounting needs root,
-# which `make test` and CI have (sudo bash .ci/run). Without it the test is skipped rather than
-# faked: RLIMIT_FSIZE, the other way to make writes fail, fails them with EFBIG, which SQLite
-# reports as an I/O error, not as the full disk (SQLITE_FULL) this test is about.
-DISK_BYTES = 16 * 1024 * 1024
-
-
-class SmallDisk:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def fill(self) -> None:
-        """Write a file until the file system says it is full (ENOSPC), to its last page."""
-        with open(self.path / "filler", "wb", buffering=0) as filler:
-            for block in (b"\0" * (1 << 20), b"\0" * 512):
-                try:
-                    while True:
-                        filler.write(block)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-        assert os.statvfs(self.path).f_bavail == 0
-
-    def free(self) -> None:
-        (self.path / "filler").unlink()
+from tests.harness.small_disk import small_disk
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0755", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield SmallDisk(mount_point)
-    finally:
-        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
+def disk(tmp_path):
+    """A real disk that fills up: a small tmpfs (tests/harness/small_disk.py says why)."""
+    with small_disk(tmp_path / "disk") as mounted:
+        yield mounted
 
 
 def messages(count: int) -> list[tuple[bytes, tuple, datetime]]:
@@ -98,11 +62,11 @@ def watermark(db: Path) -> int | None:
 
 
 def test_a_disk_full_mid_scan_stops_with_exit_4_and_leaves_the_watermark_behind_what_was_not_sent(
-    sync_env, dovecot_pair, imap_proxy, small_disk
+    sync_env, dovecot_pair, imap_proxy, disk
 ):
     setup = sync_env()
     user = setup.routes[0].gmail_user
-    db = small_disk.path / "state.db"
+    db = disk.path / "state.db"
     proxy = imap_proxy(dovecot_pair.gmail)
     setup.env |= {"STATE_DB": str(db), "GMAIL_IMAP_HOST": proxy.host, "GMAIL_IMAP_PORT": str(proxy.port)}
     uids = seed(dovecot_pair.gmail, user, "INBOX", messages(CHUNK + 50))
@@ -113,14 +77,15 @@ def test_a_disk_full_mid_scan_stops_with_exit_4_and_leaves_the_watermark_behind_
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(setup.cli, "drain")
         wait_for(lambda: proxy.sent(second_chunk), timeout=60, what="the scan's second chunk")
-        small_disk.fill()
+        disk.fill()
         done = running.result()
 
     assert_stopped_at_the_gate(
-        done, f"FAIL  state store        SQLite queue {db}: database or disk is full: free space on the disk holding {db}, then run again"
+        done,
+        f"FAIL  state store        SQLite queue {db}: database or disk is full: free space on the disk holding {db}, then run again",
     )
     assert dovecot_pair.outlook.logins(setup.outlook_user) == 0  # stopped in the scan
-    small_disk.free()
+    disk.free()
     # The first chunk was queued and the watermark is at its end; the second was not, nor passed.
     assert queued_uids(db) == uids[:CHUNK]
     assert watermark(db) == uids[CHUNK - 1]
