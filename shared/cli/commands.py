@@ -179,6 +179,8 @@ def _consume(app: bootstrap.App, tally: RunTally) -> None:
         )
     finally:
         progress.finish()
+    # A run never ends as if all were well while messages wait in the dead letters.
+    tally.dead_letters = app.queue.depths().dead
 
 
 def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:

@@ -63,6 +63,7 @@ class RunTally:
         self.scans_paused: dict[str, str] = {}  # route -> the pause its source account is under
         self.quarantined = 0
         self.left_waiting = 0  # messages left queued for a long pause (see consume_queue)
+        self.dead_letters = 0  # in the dead letters after the run, of this run or earlier ones
 
     def add_scans(self, scans: Sequence[RouteScan]) -> None:
         for scan in scans:
@@ -83,7 +84,8 @@ class RunTally:
 
     @property
     def copy_failed(self) -> bool:
-        return self.quarantined > 0 or any(
+        """Something could not be copied: in this run, or waiting in the dead letters since."""
+        return self.quarantined > 0 or self.dead_letters > 0 or any(
             r.outcome in (Outcome.FAILED, Outcome.DEAD_LETTERED) for r in self.last.values()
         )
 
@@ -127,6 +129,12 @@ class RunTally:
                     print(f"  UID {result.key.uid}: {result.detail}", file=stream)
         if self.quarantined:
             print(f"{self.quarantined} queue message(s) quarantined (not valid references; see the log)", file=stream)
+        if self.dead_letters:
+            print(
+                f"{self.dead_letters} message(s) in the dead letters: `status` says why; once the cause is"
+                " fixed, `redrive` puts them back",
+                file=stream,
+            )
         if self.waits:
             print(f"{self.left_waiting} message(s) wait in the queue for a later run:", file=stream)
             for pause in pauses:

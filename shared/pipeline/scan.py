@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
-from shared.errors import QueueUnavailable, StateStoreUnavailable
-from shared.mailbox.port import MailboxThrottled, SourceMailbox, fingerprint
+from shared.errors import MailSyncerError, QueueUnavailable, StateStoreUnavailable
+from shared.mailbox.port import MailboxThrottled, MessageSummary, SourceMailbox, fingerprint
 from shared.message_ref import MessageRef
 from shared.pipeline.budget import DownloadBudget
 from shared.pipeline.pauses import describe, source_pause_name, throttle_pause
@@ -107,6 +107,43 @@ def scan_routes(
     return scans
 
 
+class _SummaryReader:
+    """A chunk's summaries; when the server cannot read one message of it (Dovecot ends the
+    session: "BYE FETCH failed: Internal error"), the chunk is halved and each half read in a new
+    session, down to the messages that fail alone: those come back as (uid, reason), and the
+    rest of the route is scanned as usual."""
+
+    def __init__(self, route: Route, source: SourceMailbox, open_source: OpenSource, uidvalidity: int) -> None:
+        self.route, self.source, self.open_source, self.uidvalidity = route, source, open_source, uidvalidity
+        self.fresh = False  # after a failure the first session may be gone: new ones from then on
+
+    def read(self, uids: Sequence[int]) -> tuple[list[MessageSummary], list[tuple[int, str]]]:
+        try:
+            return self._summaries(uids), []
+        except (StateStoreUnavailable, QueueUnavailable, MailboxThrottled, UidValidityChanged):
+            raise
+        except MailSyncerError as exc:
+            self.fresh = True
+            if len(uids) == 1:
+                return [], [(uids[0], scrub(str(exc)) or type(exc).__name__)]
+        half = len(uids) // 2
+        first, second = self.read(uids[:half]), self.read(uids[half:])
+        return first[0] + second[0], first[1] + second[1]
+
+    def _summaries(self, uids: Sequence[int]) -> list[MessageSummary]:
+        if not self.fresh:
+            return self.source.summaries(uids)
+        with self.open_source(self.route) as source:
+            folder = source.examine(self.route.gmail_folder)
+            if folder.uidvalidity != self.uidvalidity:
+                raise UidValidityChanged(f"UIDVALIDITY changed to {folder.uidvalidity} during the scan")
+            return source.summaries(uids)
+
+
+class UidValidityChanged(MailSyncerError):
+    """The folder was renumbered during the scan: the next scan starts over with the new UIDs."""
+
+
 def scan_route(
     route: Route,
     *,
@@ -141,12 +178,20 @@ def scan_route(
         scan.found = len(uids)
         pending = uids[: limits.max_enqueue_per_run]
         scan.left_for_next_run = len(uids) - len(pending)
+        summaries = _SummaryReader(route, source, open_source, folder.uidvalidity)
         for start in range(0, len(pending), CHUNK):
             chunk = pending[start : start + CHUNK]
+            found, unreadable = summaries.read(chunk)
             refs = [
                 MessageRef(route.name, folder.uidvalidity, summary.uid, fingerprint(summary), summary.size)
-                for summary in source.summaries(chunk)
+                for summary in found
             ]
+            for uid, reason in unreadable:
+                # Queued all the same, without a fingerprint: the copy meets the fault, and after
+                # its attempts the message waits in the dead letters with the reason, not lost.
+                log.warning("route %s UID %d: not readable in the source (%s); queued to be tried", route.name, uid, reason)
+                refs.append(MessageRef(route.name, folder.uidvalidity, uid, None, None))
+            refs.sort(key=lambda ref: ref.uid)
             scan.refs.extend(refs)
             scan.enqueued += len(refs)
             if dry_run:

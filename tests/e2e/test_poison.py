@@ -215,5 +215,7 @@ def test_reference_to_a_uid_not_yet_in_use_does_not_shadow_the_message_that_gets
 
     second = setup.cli("drain")
 
-    assert second.returncode == 0, second.stdout + second.stderr
+    # Copied; the forged reference still waits in the dead letters, so the run is not all well.
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "route work: 1 copied, 0 skipped, 0 failed\n1 message(s) in the dead letters" in second.stdout
     assert_copied_exactly(read_folder(dovecot_pair.gmail, user, "INBOX"), read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"))
