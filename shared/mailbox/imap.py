@@ -336,14 +336,11 @@ class ImapDestination:
                 reason=_TOO_LARGE,
             )
 
-        flags = _flags_to_copy(message.flags, facts)
-        command = b'APPEND %s (%s) "%s"' % (
-            _quoted_mailbox(folder),
-            " ".join(flags).encode("ascii"),
-            datetime_to_INTERNALDATE(message.internaldate).encode("ascii"),
-        )
-        with _failures_as_imap_failure(self._account, "append", folder):
-            status, text = _run_with_literal(self._client, command, body, binary=binary)
+        status, text = self._send_append(folder, message, facts, binary=binary)
+        if status == "NO" and self._made_again(folder, text):
+            # Deleted or renamed by its owner mid-run: a refused APPEND did not land, so it is
+            # sent again at once, into the folder made again.
+            status, text = self._send_append(folder, message, self._facts(folder), binary=binary)
         if status == "OK":
             appended = _APPENDUID.search(text)
             if appended is None:
@@ -355,6 +352,32 @@ class ImapDestination:
         if status == "BAD" and refusal.retry_after is not None:
             self.closing = True
         raise refusal
+
+    def _send_append(self, folder: str, message: SourceMessage, facts: _FolderFacts, *, binary: bool) -> tuple[str, str]:
+        flags = _flags_to_copy(message.flags, facts)
+        command = b'APPEND %s (%s) "%s"' % (
+            _quoted_mailbox(folder),
+            " ".join(flags).encode("ascii"),
+            datetime_to_INTERNALDATE(message.internaldate).encode("ascii"),
+        )
+        with _failures_as_imap_failure(self._account, "append", folder):
+            return _run_with_literal(self._client, command, message.body, binary=binary)
+
+    def _made_again(self, folder: str, refusal: str) -> bool:
+        """After an APPEND refused with NO: whether the folder had gone (`[TRYCREATE]`, RFC 3501
+        6.3.11; or no longer listed: Dovecot answers "[SERVERBUG] Internal error" when the folder
+        selected in this session was deleted) and was made again. What this session knew of it
+        is forgotten either way."""
+        key = self._key(folder)
+        if "[TRYCREATE]" not in refusal.upper():
+            with _failures_as_imap_failure(self._account, "list folders", folder):
+                if key not in self._ensured or self._folder_exists(folder):
+                    return False
+        self._ensured.discard(key)
+        self._folder_facts.pop(key, None)
+        self._floors.pop(key, None)
+        self.ensure_folder(folder)
+        return True
 
     def _capabilities(self) -> tuple[bytes, ...]:
         with _failures_as_imap_failure(self._account, "capability"):
