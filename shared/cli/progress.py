@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from shared.message_ref import UidKey
-from shared.pipeline.copier import CopyResult, Outcome
+from shared.pipeline.copier import FOUND_IN_DESTINATION, CopyResult, Outcome
 from shared.pipeline.pauses import describe
 from shared.pipeline.scan import RouteScan
 from shared.settings import Route
@@ -119,6 +119,9 @@ class RunTally:
                 line += f", {outcomes[Outcome.PAUSED]} waiting for a paused mailbox"
             if outcomes[Outcome.ALREADY_DONE]:
                 line += f", {outcomes[Outcome.ALREADY_DONE]} already done"
+            found = sum(1 for r in results if r.outcome is Outcome.COPIED and r.detail.startswith(FOUND_IN_DESTINATION))
+            if found:
+                line += f" ({found} of them found in the destination already, not appended again)"
             if route.name in self.scan_errors:
                 line += f"; scan failed: {self.scan_errors[route.name]}"
             if route.name in self.scans_paused:

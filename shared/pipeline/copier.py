@@ -45,12 +45,14 @@ from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
-from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, HolderProbe, Pause, StateStore
+from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, HolderProbe, Pause, StateStore, Watermark
 
 log = logging.getLogger("mail_syncer.copy")
 
 # A lease is renewed at least this far apart during a long APPEND.
 MIN_RENEW_SECONDS = 0.5
+# The detail of a copy found in the destination instead of appended (Outcome.COPIED).
+FOUND_IN_DESTINATION = "found in the destination"
 # A message held by a process alive past its lease (stopped) is looked at again after this long.
 STOPPED_HOLDER_WAIT_SECONDS = 20 * 60
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
@@ -123,10 +125,20 @@ class Copier:
     # Pauses of the mailboxes ("destination", "source <account>") as last read from state (once
     # a batch: None until then) and met here since.
     _pauses: dict[str, Pause] | None = field(default=None, init=False, repr=False)
+    _lookup_bounds: dict[str, Watermark | None] = field(default_factory=dict, init=False, repr=False)
 
     def refresh_pauses(self) -> None:
         """Read the pauses other processes recorded again, at the next message: once a batch."""
         self._pauses = None
+        self._lookup_bounds.clear()
+
+    def _maybe_copied_unrecorded(self, ref: MessageRef) -> bool:
+        """Whether the message was found by a route's first scan with no watermark (see
+        StateStore.set_lookup_bound): it may be in the destination already, unrecorded."""
+        if ref.route not in self._lookup_bounds:
+            self._lookup_bounds[ref.route] = self.state.read_lookup_bound(ref.route)
+        bound = self._lookup_bounds[ref.route]
+        return bound is not None and bound.uidvalidity == ref.uidvalidity and ref.uid <= bound.last_uid
 
     def copy_message(self, ref: MessageRef) -> CopyResult:
         try:
@@ -162,6 +174,9 @@ class Copier:
         # An earlier APPEND of this message may have landed (a process died after sending it):
         # look in the destination first, from where that APPEND was to land.
         look_first, look_from = resuming_append, _floor_of(claimed.claim)
+        # Copied perhaps before this state store knew of the route: looked for everywhere.
+        unrecorded = not resuming_append and self._maybe_copied_unrecorded(ref)
+        look_first = look_first or unrecorded
         appending = False
         mailbox = _source_pause_name(route)  # whose throttle a failure is: the source's until the fetch is done
         try:
@@ -197,7 +212,8 @@ class Copier:
             if look_first:
                 found = destination.find_copies(route.outlook_folder, message, look_from)
                 if found:
-                    return self._done(ref, found[0], "found in the destination after an interrupted APPEND")
+                    how = "copied before the state store knew of it" if unrecorded else "after an interrupted APPEND"
+                    return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}")
             destination.ensure_folder(route.outlook_folder)
             floor = destination.uid_floor(route.outlook_folder)
             self.state.mark_appending(

@@ -176,6 +176,11 @@ def scan_route(
                 )
             uids = source.uids_since(since)
         scan.found = len(uids)
+        if mark is None and uids and not dry_run:
+            # No watermark: this store has no record of what was copied before (a first run, a
+            # lost state file, another copier before it). Each of these is looked for in the
+            # destination before it is appended; set before any is queued.
+            state.set_lookup_bound(route.name, folder.uidvalidity, uids[-1])
         pending = uids[: limits.max_enqueue_per_run]
         scan.left_for_next_run = len(uids) - len(pending)
         summaries = _SummaryReader(route, source, open_source, folder.uidvalidity)

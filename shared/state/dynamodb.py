@@ -55,6 +55,8 @@ HEALTH_TTL_SECONDS = 7 * 24 * 3600
 WATERMARK_SK = "WATERMARK"
 # Its own item: the watermark's conditional put replaces the whole WATERMARK item.
 SCAN_SK = "SCAN"
+# Up to where a route's messages may be in the destination with no record (set_lookup_bound).
+LOOKUP_SK = "LOOKUP"
 _HEALTH_KEY = {"pk": {"S": "HEALTH"}, "sk": {"S": "HEALTH"}}
 
 # A claim write can fail because the claim changed between two attempts (another owner took it
@@ -134,6 +136,24 @@ class DynamoStateStore(StateStore):
         return Watermark(
             uidvalidity=_int(item, "uidvalidity"), last_uid=_int(item, "last_uid"), updated_at=_float(item, "updated_at")
         )
+
+    def set_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        try:
+            self._call(
+                "put_item",
+                TableName=self._table,
+                Item=_item_key(route_pk(route), LOOKUP_SK)
+                | {"uidvalidity": _n(uidvalidity), "last_uid": _n(last_uid), "updated_at": _n(self._clock())},
+                ConditionExpression="attribute_not_exists(pk)",  # the first bound stays
+            )
+        except _ConditionFailed:
+            pass
+
+    def read_lookup_bound(self, route: str) -> Watermark | None:
+        item = self._get(route_pk(route), LOOKUP_SK)
+        if item is None:
+            return None
+        return Watermark(_int(item, "uidvalidity"), _int(item, "last_uid"), _float(item, "updated_at"))
 
     def advance_watermark(self, route: str, uidvalidity: int, last_uid: int) -> bool:
         # The rule of shared.state.rules.watermark_moves, as a condition.

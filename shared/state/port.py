@@ -180,6 +180,17 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def read_scan(self, route: str) -> ScanRecord | None: ...
 
+    # -- copies this store may not know of ---------------------------------------------------
+    @abc.abstractmethod
+    def set_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        """The route's messages up to `last_uid` (under `uidvalidity`) may be in the destination
+        already with no record here: found by a first scan, with no watermark (a new or lost
+        state store, another copier before). The consumer looks for each in the destination
+        before appending it. Set once per route: a later call leaves the first bound."""
+
+    @abc.abstractmethod
+    def read_lookup_bound(self, route: str) -> Watermark | None: ...
+
     # -- claims ----------------------------------------------------------------------------
     @abc.abstractmethod
     def claim_uid(

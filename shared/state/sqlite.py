@@ -62,6 +62,12 @@ CREATE TABLE IF NOT EXISTS watermarks (
     last_uid INTEGER NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS lookup_bounds (
+    route TEXT PRIMARY KEY,
+    uidvalidity INTEGER NOT NULL,
+    last_uid INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS scans (
     route TEXT PRIMARY KEY,
     at REAL NOT NULL,
@@ -154,6 +160,18 @@ class SqliteStateStore(StateStore):
     def read_watermark(self, route: str) -> Watermark | None:
         with self._reading() as db:
             return self._select_watermark(db, route)
+
+    def set_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        with self._writing() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO lookup_bounds (route, uidvalidity, last_uid, updated_at) VALUES (?, ?, ?, ?)",
+                (route, uidvalidity, last_uid, self._clock()),
+            )
+
+    def read_lookup_bound(self, route: str) -> Watermark | None:
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM lookup_bounds WHERE route = ?", (route,)).fetchone()
+        return None if row is None else Watermark(row["uidvalidity"], row["last_uid"], row["updated_at"])
 
     def advance_watermark(self, route: str, uidvalidity: int, last_uid: int) -> bool:
         with self._writing() as db:

@@ -15,7 +15,7 @@ import sys
 
 # Plain Dovecot, and the Gmail and Outlook.com fronts before the two Dovecot servers.
 DIALECTS = ["dovecot", "fronts"]
-ON_EVERY_DIALECT = {"test_drain", "test_lambda", "test_fault_matrix", "test_token_rotation", "test_uidvalidity"}
+ON_EVERY_DIALECT = {"test_drain", "test_lambda", "test_fault_matrix", "test_token_rotation", "test_uidvalidity", "test_state_lost"}
 # Fixtures that start servers of a test's own: such a test stays on plain Dovecot.
 OWN_SERVERS = {"own_outlook", "own_moto"}
 

@@ -165,6 +165,14 @@ class FailingStateStore(StateStore):
         self._enter("route_counts")
         return self.inner.route_counts(route)
 
+    def set_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        self._enter("set_lookup_bound")
+        self.inner.set_lookup_bound(route, uidvalidity, last_uid)
+
+    def read_lookup_bound(self, route: str) -> Watermark | None:
+        self._enter("read_lookup_bound")
+        return self.inner.read_lookup_bound(route)
+
     def count_download(self, account: str, hour: int, size: int) -> None:
         self._enter("count_download")
         self.inner.count_download(account, hour, size)

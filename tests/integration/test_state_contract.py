@@ -819,3 +819,14 @@ def test_a_released_or_own_claim_needs_no_word_on_its_holder(store, clock):
     assert store.claim_uid(released, "b", clock.now + LEASE, probe).outcome is ClaimOutcome.CLAIMED
     assert store.claim_uid(own, "b", clock.now + LEASE, probe).outcome is ClaimOutcome.CLAIMED
     assert asked == []
+
+
+# -- lookup bounds (copies this store may not know of) ----------------------------------------
+def test_a_lookup_bound_is_kept_once_per_route(store):
+    assert store.read_lookup_bound(ROUTE) is None
+    store.set_lookup_bound(ROUTE, 7, 40)
+    store.set_lookup_bound(ROUTE, 8, 90)  # a later first scan of the route leaves the first bound
+    store.set_lookup_bound("other", 3, 5)
+    bound = store.read_lookup_bound(ROUTE)
+    assert (bound.uidvalidity, bound.last_uid) == (7, 40)
+    assert (store.read_lookup_bound("other").uidvalidity, store.read_lookup_bound("other").last_uid) == (3, 5)
