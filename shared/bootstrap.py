@@ -70,6 +70,7 @@ class App:
             port=route.gmail_imap_port or settings.gmail_imap_port,
             ssl=settings.gmail_imap_ssl if route.gmail_imap_ssl is None else route.gmail_imap_ssl,
             ca_bundle=settings.imap_ca_bundle,
+            timeout=settings.imap_timeout,
         )
         label = f"route {route.name} source {route.gmail_user}"
         if route.source_auth == "password":
@@ -85,6 +86,7 @@ class App:
             port=settings.outlook_imap_port,
             ssl=settings.outlook_imap_ssl,
             ca_bundle=settings.imap_ca_bundle,
+            timeout=settings.imap_timeout,
         )
         label = f"destination {settings.outlook_user}"
         if settings.ms_refresh_token is None:
@@ -99,6 +101,7 @@ class App:
             client_id=settings.ms_client_id,
             client_secret=reveal(settings.ms_client_secret),
             authority=settings.ms_authority_url,
+            timeout=settings.imap_timeout,  # every wait for a server, token endpoints included
             fix=_microsoft_fix(source),
         )
         return ImapAccount(label, settings.outlook_user, endpoint, token_source=ProblemRecordingTokens(tokens, self.state))
@@ -167,6 +170,7 @@ class App:
                 client_id=settings.gmail_client_id,
                 client_secret=reveal(settings.gmail_client_secret) or "",
                 token_uri=settings.google_token_uri,
+                timeout=settings.imap_timeout,
                 fix=_google_fix(settings, route),
             )
         return self._token_sources[route.name]

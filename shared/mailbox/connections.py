@@ -10,6 +10,11 @@ The consumer's FETCH and APPEND (and the folder steps before an APPEND) go throu
 BYE, [UNAVAILABLE]) is tried again on a new session under `retry.COMMAND`. An APPEND is tried
 again only when it certainly did not land: refused with a tagged NO, or failed before it was
 sent. A throttle is not tried again here; the queue waits it out (`retry_after`).
+
+A timed-out command counts against its server (`shared.mailbox.session.ENDPOINTS`). When its
+retries end on a timeout (or, an APPEND, it is not repeated), a new session is opened before the
+failure is given up: if the server does not answer that either, it is down, and the caller gets
+`ImapEndpointDown` (a pause of the mailbox) instead of a failure charged to the message.
 """
 
 from __future__ import annotations
@@ -28,8 +33,15 @@ import imapclient
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.imap import ImapDestination, ImapSource
-from shared.mailbox.port import AppendRejected, FolderState, SourceMessage, UidFloor
-from shared.mailbox.session import ImapAccount, TransientImapFailure, close_quietly, open_session
+from shared.mailbox.port import AppendRejected, EndpointDown, FolderState, SourceMessage, UidFloor
+from shared.mailbox.session import (
+    ImapAccount,
+    ImapTimedOut,
+    TransientImapFailure,
+    close_quietly,
+    open_session,
+    timeout_counted,
+)
 from shared.redaction import scrub
 from shared.settings import Route
 
@@ -96,8 +108,10 @@ class MailboxConnections:
         if session.folder is None:
             try:
                 session.folder = source.examine(route.gmail_folder)
-            except ImapFailure:
+            except ImapFailure as exc:
                 self.drop_source(route)  # the session may be broken; the next use opens a new one
+                if isinstance(exc, ImapTimedOut):
+                    raise timeout_counted(self._source_account(route), exc) from None
                 raise
         session.last_used = self._clock()
         return source, session.folder
@@ -166,6 +180,19 @@ class MailboxConnections:
             end(self._destination.client)
             self._destination = None
 
+    def _unless_down(self, timed_out: ImapTimedOut, reopen: Callable[[], object]) -> ImapFailure:
+        """After a command timed out for good: `timed_out`, or the ImapEndpointDown a new session
+        (`reopen`) meets when the server does not answer that either. Whether the command itself
+        had an effect (an APPEND) stays unknown either way."""
+        try:
+            reopen()
+        except EndpointDown as down:
+            assert isinstance(down, ImapFailure)
+            return down
+        except ImapFailure:
+            pass  # it answered, if only to refuse: the command's own failure stands
+        return timed_out
+
     def _alive(self, session: _Session) -> bool:
         if self._clock() - session.last_used < IDLE_CHECK_SECONDS and not _has_unread_input(session.client):
             return True
@@ -200,13 +227,20 @@ class ReopeningSource:
                 )
             try:
                 return source.fetch(uid)
-            except ImapFailure:
+            except ImapFailure as exc:
                 self._connections.drop_source(self._route)  # it may be in the middle of a reply
+                if isinstance(exc, ImapTimedOut):
+                    raise timeout_counted(self._connections._source_account(self._route), exc) from None
                 raise
 
-        return retry.call(
-            retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: fetch UID {uid}"
-        )
+        try:
+            return retry.call(
+                retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: fetch UID {uid}"
+            )
+        except ImapTimedOut as timed_out:
+            raise self._connections._unless_down(
+                timed_out, lambda: self._connections._examined_source(self._route)
+            ) from None
 
     def has_uid(self, uid: int) -> bool:
         # Read-only, so safe to repeat; on a new session only under the same UIDVALIDITY.
@@ -219,13 +253,20 @@ class ReopeningSource:
                 )
             try:
                 return source.has_uid(uid)
-            except ImapFailure:
+            except ImapFailure as exc:
                 self._connections.drop_source(self._route)
+                if isinstance(exc, ImapTimedOut):
+                    raise timeout_counted(self._connections._source_account(self._route), exc) from None
                 raise
 
-        return retry.call(
-            retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: search UID {uid}"
-        )
+        try:
+            return retry.call(
+                retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: search UID {uid}"
+            )
+        except ImapTimedOut as timed_out:
+            raise self._connections._unless_down(
+                timed_out, lambda: self._connections._examined_source(self._route)
+            ) from None
 
 
 class ReopeningDestination:
@@ -261,11 +302,16 @@ class ReopeningDestination:
             destination = self._connections._destination_adapter()
             try:
                 return operation(destination)
-            except ImapFailure:
+            except ImapFailure as exc:
                 self._connections.drop_destination()  # it may be in the middle of a reply
+                if isinstance(exc, ImapTimedOut):
+                    raise timeout_counted(self._connections._destination_account(), exc) from None
                 raise
 
-        return retry.call(retry.COMMAND, attempt, retry_on=retry_on, what=f"destination: {what}")
+        try:
+            return retry.call(retry.COMMAND, attempt, retry_on=retry_on, what=f"destination: {what}")
+        except ImapTimedOut as timed_out:
+            raise self._connections._unless_down(timed_out, self._connections._destination_adapter) from None
 
 
 def _transient(error: BaseException) -> bool:

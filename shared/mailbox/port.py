@@ -106,6 +106,16 @@ class DownloadQuotaSpent(MailboxThrottled):
     again (shared.pipeline.budget), not just `retry_after`."""
 
 
+class EndpointDown(MailboxThrottled):
+    """A server the mailbox needs (its IMAP server, its token endpoint: `endpoint`) accepted
+    connections and stopped answering, several tries in a row: the mailbox is paused like a
+    throttle, for every route, and no message is charged an attempt for it."""
+
+    def __init__(self, message: str, *, endpoint: str, retry_after: float, **kwargs) -> None:
+        self.endpoint = endpoint
+        super().__init__(message, retry_after=retry_after, **kwargs)
+
+
 class SourceReader(Protocol):
     """A source folder as the consumer reads it: one message at a time."""
 

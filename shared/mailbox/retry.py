@@ -58,6 +58,16 @@ _SUGGESTED_BACKOFF = re.compile(r"throttled.*?Suggested Backoff Time: *(\d+) *mi
 _THROTTLED = re.compile(
     r"throttled|\[OVERQUOTA\]|bandwidth limit|too many simultaneous connections", re.IGNORECASE
 )
+# An endpoint (an IMAP server, a token endpoint) that let this many tries in a row time out, with
+# no answer between them, is taken to be down: its mailbox is paused (port.EndpointDown), not
+# charged an attempt per message. Each further timeout is at once another EndpointDown.
+ENDPOINT_DOWN_AFTER = 3
+# How long a mailbox whose endpoint is down is left alone. Longer than `drain` waits out a pause
+# (15 minutes: shared.cli.commands.DRAIN_MAX_PAUSE_WAIT_SECONDS), so a run facing a dead endpoint
+# ends at once with exit 6 instead of waiting and hanging on it again, over and over; short enough
+# that mail flows again within half an hour of the endpoint's return. Each later probe costs at
+# most ENDPOINT_DOWN_AFTER timeouts, and only one while the streak lasts.
+ENDPOINT_DOWN_PAUSE_SECONDS = 30 * 60
 # The wait after a throttle that names no time. Gmail's bandwidth limits last minutes or more:
 # trying sooner only spends a receive of the message's budget.
 DEFAULT_THROTTLE_WAIT_SECONDS = 60.0
@@ -120,6 +130,14 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
+def is_timeout(error: BaseException) -> bool:
+    """Whether `error` (a socket, TLS or imaplib error) says the server did not answer in time.
+    imaplib and imapclient wrap a socket timeout into their own errors, keeping its text."""
+    if isinstance(error, TimeoutError):  # socket.timeout; a TLS handshake that timed out too
+        return True
+    return isinstance(error, imaplib.IMAP4.error) and "timed out" in str(error).lower()
+
+
 def call(
     policy: RetryPolicy,
     operation: Callable[[], T],
@@ -127,12 +145,21 @@ def call(
     retry_on: Callable[[BaseException], bool],
     what: str,
     sleep: Callable[[float], None] = time.sleep,
+    bounded_elsewhere: Callable[[BaseException], bool] = lambda error: False,
 ) -> T:
     """`operation()`, tried again under `policy` while it raises an error `retry_on` accepts;
     the last error is raised as it was. Waits grow exponentially with random jitter, so many
-    consumers that failed together do not come back together."""
+    consumers that failed together do not come back together. An error `bounded_elsewhere`
+    accepts is tried again past the policy's attempts and deadline: the operation itself ends
+    those (a timeout: the endpoint's ENDPOINT_DOWN_AFTER-th in a row raises EndpointDown)."""
+    policy_stop = tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline)
+
+    def stop(state: tenacity.RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome is not None else None
+        return not (error is not None and bounded_elsewhere(error)) and policy_stop(state)
+
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_before_delay(policy.deadline),
+        stop=stop,
         wait=tenacity.wait_exponential(multiplier=policy.first_wait, max=policy.max_wait)
         + tenacity.wait_random(0, policy.first_wait),
         retry=tenacity.retry_if_exception(retry_on),

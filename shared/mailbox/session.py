@@ -5,6 +5,11 @@ source; LOGIN is used when the account has a password instead. Every failure is 
 `ImapFailure` that says which account, which server and which step, and never the token; one
 that may pass is a `TransientImapFailure` (tried again here under `retry.SESSION`, and by
 `shared.mailbox.connections` for commands), one where the server asked for a pause an `ImapThrottled`.
+
+A timeout (`ImapTimedOut`: an IMAP server or a token endpoint that accepted the connection and
+did not answer) is counted against its endpoint (`ENDPOINTS`), for the whole process: it is tried
+again on a new connection until the endpoint has timed out `retry.ENDPOINT_DOWN_AFTER` times in a
+row, and then raises `ImapEndpointDown`, which pauses the mailbox instead of failing the message.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +29,62 @@ from pydantic import SecretStr
 
 from shared.errors import ImapFailure, TokenRefreshFailed, shorten
 from shared.mailbox import retry
-from shared.mailbox.port import DownloadQuotaSpent, MailboxThrottled
+from shared.mailbox.port import DownloadQuotaSpent, EndpointDown, MailboxThrottled
 from shared.redaction import scrub
-from shared.tokens.sources import TokenSource
+from shared.tokens.sources import TokenEndpointTimedOut, TokenSource
 
 
 class TransientImapFailure(ImapFailure):
     """The step failed in a way that may pass: the connection was refused, reset or closed, it
     timed out, or the server answered [UNAVAILABLE]. Worth another try on a new session."""
+
+
+class ImapTimedOut(TransientImapFailure):
+    """No answer in time from `endpoint` ("host:port", or a token endpoint's URL; None when the
+    adapter raising it does not know, and the caller fills it in) within `timeout` seconds."""
+
+    def __init__(self, message: str, *, step: str, endpoint: str | None = None, timeout: float | None = None):
+        self.endpoint = endpoint
+        self.timeout = timeout
+        super().__init__(message, step=step)
+
+
+class ImapEndpointDown(EndpointDown, ImapFailure):
+    """An endpoint a mailbox needs timed out retry.ENDPOINT_DOWN_AFTER times in a row."""
+
+    def __init__(self, message: str, *, step: str, endpoint: str):
+        super().__init__(message, endpoint=endpoint, retry_after=retry.ENDPOINT_DOWN_PAUSE_SECONDS, step=step)
+
+
+class EndpointWatch:
+    """Each endpoint's timeouts in a row, shared by every session and route of the process (a warm
+    Lambda's too): one endpoint's outage is noticed once, not once per message."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_a_row: dict[str, int] = {}
+
+    def answered(self, endpoint: str) -> None:
+        with self._lock:
+            self._in_a_row.pop(endpoint, None)
+
+    def timed_out(self, label: str, failure: ImapTimedOut, *, endpoint: str, timeout: float) -> ImapFailure:
+        """Count `failure` against `endpoint`: `failure` itself, or, from the
+        ENDPOINT_DOWN_AFTER-th timeout in a row on, an ImapEndpointDown naming the endpoint."""
+        endpoint, timeout = failure.endpoint or endpoint, failure.timeout or timeout
+        with self._lock:
+            count = self._in_a_row[endpoint] = self._in_a_row.get(endpoint, 0) + 1
+        if count < retry.ENDPOINT_DOWN_AFTER:
+            return failure
+        kind = "token endpoint" if "://" in endpoint else "IMAP server"
+        return ImapEndpointDown(
+            scrub(f"{label}: {kind} {endpoint} not answering: {count} tries in a row got no answer within {timeout:g} s"),
+            step=failure.step,
+            endpoint=endpoint,
+        )
+
+
+ENDPOINTS = EndpointWatch()
 
 
 class ImapThrottled(MailboxThrottled, ImapFailure):
@@ -51,6 +105,8 @@ def classified_failure(message: str, *, step: str, cause: BaseException | None) 
         if wait is not None:
             spent = retry.says_quota_spent(str(cause))
             return (ImapQuotaSpent if spent else ImapThrottled)(message, step=step, retry_after=wait)
+    if cause is not None and retry.is_timeout(cause):
+        return ImapTimedOut(message, step=step)
     if cause is not None and retry.is_transient(cause):
         return TransientImapFailure(message, step=step)
     return ImapFailure(message, step=step)
@@ -87,26 +143,40 @@ def tls_context(ca_bundle: Path | None) -> ssl.SSLContext:
 
 def open_session(account: ImapAccount) -> imapclient.IMAPClient:
     """Connect, secure and log in, on a new connection again (retry.SESSION) while the failure
-    is transient. The caller logs out (or uses it as a context manager)."""
+    is transient; after a timeout, until its endpoint is found down (ImapEndpointDown). The
+    caller logs out (or uses it as a context manager)."""
     try:
         return retry.call(
             retry.SESSION,
             lambda: _open_once(account),
             retry_on=lambda error: isinstance(error, TransientImapFailure),
             what=f"{account.label} at {account.endpoint}: opening a session",
+            # However long IMAP_TIMEOUT is: the endpoint's watch ends a run of timeouts.
+            bounded_elsewhere=lambda error: isinstance(error, ImapTimedOut),
         )
     except TransientImapFailure as exc:
         # Tried enough: a caller that retries whole commands must not start this over again.
         raise ImapFailure(str(exc), step=exc.step) from None
 
 
+def timeout_counted(account: ImapAccount, failure: ImapTimedOut) -> ImapFailure:
+    """`failure`, counted against its endpoint (the account's IMAP server unless it names
+    another): itself, or ImapEndpointDown once the endpoint is taken to be down."""
+    endpoint = account.endpoint
+    return ENDPOINTS.timed_out(account.label, failure, endpoint=str(endpoint), timeout=endpoint.timeout)
+
+
 def _open_once(account: ImapAccount) -> imapclient.IMAPClient:
-    client = _connect(account)
     try:
-        _login(client, account)
-    except BaseException:
-        close_quietly(client)
-        raise
+        client = _connect(account)
+        try:
+            _login(client, account)
+        except BaseException:
+            close_quietly(client)
+            raise
+    except ImapTimedOut as exc:
+        raise timeout_counted(account, exc) from None
+    ENDPOINTS.answered(str(account.endpoint))
     return client
 
 
@@ -152,6 +222,9 @@ def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
     try:
         _xoauth2(client, account)
     except imapclient.exceptions.LoginError as refused:
+        if retry.is_timeout(refused):
+            # The server stopped answering, not a refusal: no fresh token, no second try here.
+            raise _failure(account, "XOAUTH2 login", _describe(refused), cause=refused) from None
         if retry.throttle_wait(str(refused)) is not None:
             # Gmail's "[ALERT] Too many simultaneous connections": the token is fine; the account
             # has no session to spare. Waited out as a throttle, never answered with a refresh.
@@ -170,11 +243,17 @@ def _xoauth2(client: imapclient.IMAPClient, account: ImapAccount) -> None:
     assert account.token_source is not None
     try:
         token = account.token_source.access_token()
+    except TokenEndpointTimedOut as exc:
+        message = f"{account.label}: token refresh failed: {exc}"
+        raise ImapTimedOut(message, step="token", endpoint=exc.endpoint, timeout=exc.timeout) from None
     except TokenRefreshFailed as exc:
         message = f"{account.label}: token refresh failed: {exc}"
         if exc.refused:
             raise ImapFailure(message, step="token") from None
         raise TransientImapFailure(message, step="token") from None  # the endpoint may be back soon
+    token_endpoint = getattr(account.token_source, "endpoint", None)
+    if token_endpoint:
+        ENDPOINTS.answered(token_endpoint)
     client.oauth2_login(account.user, token)
 
 

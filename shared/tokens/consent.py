@@ -35,7 +35,7 @@ from msal.oauth2cli.authcode import AuthCodeReceiver
 
 from shared.errors import MailSyncerError, brief
 from shared.redaction import register_secret, scrub
-from shared.tokens.sources import GOOGLE_SCOPE, HTTP_TIMEOUT_SECONDS, MICROSOFT_SCOPES
+from shared.tokens.sources import GOOGLE_SCOPE, HTTP_TIMEOUT_SECONDS, MICROSOFT_SCOPES, http_session
 
 # openid and the e-mail scope only to learn which account consented (from the id_token);
 # IMAP needs only GOOGLE_SCOPE. Full URIs: Google answers with these spellings, and oauthlib
@@ -108,6 +108,7 @@ def google_consent(
         }
     }
     flow = InstalledAppFlow.from_client_config(config, scopes=GOOGLE_SCOPES)  # PKCE (S256) by default
+    http_session(HTTP_TIMEOUT_SECONDS, flow.oauth2session)  # its code exchange would wait forever
     extra = {"login_hint": login_hint} if login_hint else {}
     print(f"Google: waiting up to {browser.timeout:.0f} s for the consent in the browser", file=browser.out)
     try:

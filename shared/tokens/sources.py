@@ -3,7 +3,9 @@
 A `TokenSource` hands out an access token, cached until shortly before it expires, and can be
 told to forget it (after a login refused it). Google's refresh runs through google-auth,
 Microsoft's through msal; both POST a refresh grant to the configured endpoint, so tests point
-them at local stand-ins and the real refresh code runs.
+them at local stand-ins and the real refresh code runs. Every HTTP call goes through a session of
+ours (`http_session`) that waits at most `timeout` seconds for the server, whatever the library
+asks for; an endpoint that does not answer in time raises `TokenEndpointTimedOut`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import google.oauth2.credentials
 import msal
 import msal.authority
 import requests
+import requests.adapters
+import urllib3.exceptions
 
 from shared.errors import TokenRefreshFailed, brief
 from shared.redaction import register_secret, scrub
@@ -29,6 +33,7 @@ GOOGLE_SCOPE = "https://mail.google.com/"
 MICROSOFT_SCOPES = ["https://outlook.office.com/IMAP.AccessAsUser.All"]
 # Renew this long before expiry, so a token never expires between fetch and use.
 EXPIRY_MARGIN_SECONDS = 300
+# The wait for an answer from a token endpoint unless the wiring sets one (bootstrap: IMAP_TIMEOUT).
 HTTP_TIMEOUT_SECONDS = 30
 
 
@@ -37,12 +42,65 @@ GOOGLE_FIX = "get a new refresh token with `python -m shared.cli auth gmail` (se
 MICROSOFT_FIX = "get a new refresh token with `python -m shared.cli auth microsoft` (see README)"
 
 
+class TokenEndpointTimedOut(TokenRefreshFailed):
+    """The token endpoint (`endpoint`, a URL) accepted the connection, or not even that, and gave
+    no answer within `timeout` seconds: the endpoint may be down, the token is not in question."""
+
+    def __init__(self, message: str, *, endpoint: str, timeout: float) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        super().__init__(message)
+
+
+class _TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """Sends with our timeout, whatever the caller passed (google-auth's own default is 120 s),
+    and no hidden retries (msal mounts one by default): a timeout is counted by the caller."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        super().__init__(max_retries=0)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
+        kwargs["timeout"] = self._timeout
+        return super().send(request, **kwargs)
+
+
+def http_session(timeout: float, session: requests.Session | None = None) -> requests.Session:
+    """`session` (a new one by default) with every call waiting at most `timeout` seconds to
+    connect and for each read. It trusts REQUESTS_CA_BUNDLE as any requests session does."""
+    session = session if session is not None else requests.Session()
+    adapter = _TimeoutAdapter(timeout)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether an HTTP failure (requests', urllib3's, or google-auth's wrapping them) is a timeout."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, urllib3.exceptions.NewConnectionError):
+            continue  # urllib3 derives it from ConnectTimeoutError, refused or not (requests checks so too)
+        if isinstance(current, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
+            return True
+        pending += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        pending += [arg for arg in current.args if isinstance(arg, BaseException)]
+    return False
+
+
 class TokenSource(Protocol):
     def access_token(self) -> str:
         """A live access token, refreshed when the cached one is near expiry."""
 
     def invalidate(self) -> None:
         """Forget the cached access token; the next call refreshes."""
+
+    # The sources here also have `endpoint`: the URL a refresh goes to (read with getattr).
 
 
 class RefreshTokenKeeper(Protocol):
@@ -77,10 +135,12 @@ class GoogleTokenSource:
         client_secret: str,
         token_uri: str,
         session: requests.Session | None = None,
+        timeout: float = HTTP_TIMEOUT_SECONDS,
         fix: str = GOOGLE_FIX,
     ) -> None:
         self._account = account
         self._fix = fix
+        self._timeout = timeout
         self._credentials = google.oauth2.credentials.Credentials(
             None,
             refresh_token=refresh_token,
@@ -89,8 +149,8 @@ class GoogleTokenSource:
             client_secret=client_secret,
             scopes=[GOOGLE_SCOPE],
         )
-        self._request = google.auth.transport.requests.Request(session or requests.Session())
-        self._token_uri = token_uri
+        self._request = google.auth.transport.requests.Request(http_session(timeout, session))
+        self._token_uri = self.endpoint = token_uri
         self._lock = threading.Lock()
         for secret in (refresh_token, client_secret):
             register_secret(secret)
@@ -117,6 +177,12 @@ class GoogleTokenSource:
             text = f"Google token refresh for {self._account} refused by {self._token_uri}: {error} {detail}".strip()
             raise TokenRefreshFailed(scrub(_with_fix(text, self._fix if refused else None)), refused=refused) from None
         except google.auth.exceptions.TransportError as exc:
+            if timed_out(exc):
+                raise TokenEndpointTimedOut(
+                    scrub(f"Google token refresh for {self._account}: no answer from {self._token_uri} within {self._timeout:g} s"),
+                    endpoint=self._token_uri,
+                    timeout=self._timeout,
+                ) from None
             raise TokenRefreshFailed(
                 scrub(f"Google token refresh for {self._account}: cannot reach {self._token_uri}: {brief(exc)}")
             ) from None
@@ -133,9 +199,11 @@ class MicrosoftTokenSource:
         authority: str,
         client_secret: str | None = None,
         clock: Callable[[], float] = time.time,
+        timeout: float = HTTP_TIMEOUT_SECONDS,
         fix: str = MICROSOFT_FIX,
     ) -> None:
         self._account = account
+        self._timeout = timeout
         if isinstance(refresh_token, str):
             register_secret(refresh_token)
             refresh_token = InMemoryRefreshToken(refresh_token)
@@ -144,7 +212,7 @@ class MicrosoftTokenSource:
         self._fix = fix
         self._client_id = client_id
         self._client_secret = client_secret
-        self._authority = authority
+        self._authority = self.endpoint = authority
         self._clock = clock
         self._app: msal.ClientApplication | None = None
         self._token: str | None = None
@@ -169,6 +237,7 @@ class MicrosoftTokenSource:
         try:
             result = app.acquire_token_by_refresh_token(used, scopes=MICROSOFT_SCOPES)
         except (requests.RequestException, ValueError) as exc:
+            self._raise_if_timed_out(exc)
             raise TokenRefreshFailed(
                 scrub(f"Microsoft token refresh for {self._account}: cannot reach {self._authority}: {brief(exc)}")
             ) from None
@@ -196,7 +265,8 @@ class MicrosoftTokenSource:
             host = urlparse(self._authority).hostname or ""
             # Instance discovery asks Microsoft about the authority; only its own hosts know it.
             discovery = None if host in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS else False
-            kwargs = {"authority": self._authority, "instance_discovery": discovery, "timeout": HTTP_TIMEOUT_SECONDS}
+            # Our session, not msal's: msal's own retries each timeout once, doubling the wait.
+            kwargs = {"authority": self._authority, "instance_discovery": discovery, "http_client": http_session(self._timeout)}
             try:
                 if self._client_secret:
                     self._app = msal.ConfidentialClientApplication(
@@ -205,10 +275,19 @@ class MicrosoftTokenSource:
                 else:
                     self._app = msal.PublicClientApplication(self._client_id, **kwargs)
             except (requests.RequestException, ValueError) as exc:
+                self._raise_if_timed_out(exc)
                 raise TokenRefreshFailed(
                     scrub(f"Microsoft token refresh for {self._account}: cannot use authority {self._authority}: {brief(exc)}")
                 ) from None
         return self._app
+
+    def _raise_if_timed_out(self, exc: BaseException) -> None:
+        if timed_out(exc):
+            raise TokenEndpointTimedOut(
+                scrub(f"Microsoft token refresh for {self._account}: no answer from {self._authority} within {self._timeout:g} s"),
+                endpoint=self._authority,
+                timeout=self._timeout,
+            ) from None
 
 
 def _with_fix(text: str, fix: str | None) -> str:

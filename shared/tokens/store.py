@@ -349,6 +349,7 @@ class ProblemRecordingTokens:
         self._state = state
         self._name = name
         self._cleared = False
+        self.endpoint = getattr(inner, "endpoint", None)  # where a refresh goes (session.py reads it)
 
     def access_token(self) -> str:
         try:

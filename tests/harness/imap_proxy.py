@@ -26,7 +26,10 @@ Faults are armed by the test and used up as they fire; all of them are thread-sa
   literal) reach Dovecot as ``rewrite(line)``: e.g. ``UID FETCH`` of another UID, or as ``FETCH``;
 - ``rewrite_fetch(match, rewrite, times)``: each untagged FETCH response to the next ``times``
   matching commands reaches the client as ``rewrite(response)`` (the whole response, literals
-  included; ``b""`` drops it): e.g. ``without_body`` answers OK without the message.
+  included; ``b""`` drops it): e.g. ``without_body`` answers OK without the message;
+- ``go_silent(match, nth)``: at the ``nth`` matching command the server stops answering: that
+  command and every later one are swallowed (never reach Dovecot, never answered), and each new
+  connection is accepted and held without a TLS handshake (counted in ``unanswered``).
 
 What happened is recorded: ``connections`` accepted, ``commands`` (each command line seen,
 without literals), ``refused_at`` (``time.time()`` when each refusal was sent).
@@ -108,6 +111,10 @@ class ImapProxy(Listening):
         self._paced_uploads: list[tuple[bytes, float]] = []
         self._command_rewrites: list[_Rewrite] = []
         self._fetch_rewrites: list[_Rewrite] = []
+        self._silent_at: tuple[bytes, int] | None = None  # go_silent's match and nth
+        self._silent_seen = 0
+        self._silent = False
+        self.unanswered = 0  # connections accepted once silent
         self.delay = 0.0
         self.connections = 0
         self.commands: list[bytes] = []
@@ -170,6 +177,10 @@ class ImapProxy(Listening):
         with self._lock:
             self._fetch_rewrites.append(_Rewrite(match.upper(), rewrite, times))
 
+    def go_silent(self, match: bytes, nth: int = 1) -> None:
+        with self._lock:
+            self._silent_at, self._silent_seen = (match.upper(), nth), 0
+
     def sent(self, match: bytes) -> int:
         """Commands seen so far whose line contains ``match`` (forwarded or answered here)."""
         with self._lock:
@@ -180,6 +191,11 @@ class ImapProxy(Listening):
 
     # ---- the proxy -----------------------------------------------------------------------
     def _serve(self, raw: socket.socket) -> None:
+        with self._lock:
+            if self._silent:
+                self.unanswered += 1
+                self._links.append(raw)  # held open, never answered; closed with the proxy
+                return
         try:
             client = self._context.wrap_socket(raw, server_side=True)
             upstream = socket.create_connection(self._upstream, timeout=30)
@@ -197,10 +213,16 @@ class ImapProxy(Listening):
         replies.join(timeout=30)
 
     def _decide(self, line: bytes) -> tuple[str, object | None]:
-        """What to do with a command line: ("forward", None), ("refuse", reply) or ("drop", _Drop)."""
+        """What to do with a command line: ("forward", None), ("refuse", reply), ("drop", _Drop) or
+        ("silent", None)."""
         upper = line.upper()
         with self._lock:
             self.commands.append(line.rstrip(b"\r\n"))
+            if self._silent_at is not None and self._silent_at[0] in upper:
+                self._silent_seen += 1
+                self._silent = self._silent or self._silent_seen == self._silent_at[1]
+            if self._silent:
+                return "silent", None
             for drop in self._drops:
                 if drop.match in upper:
                     drop.seen += 1
@@ -278,6 +300,9 @@ class _Link:
                     self._read_literals(line)
                     self._proxy.refused_at.append(time.time())
                     self._to_client(tag + b" " + detail + CRLF)
+                elif action == "silent":
+                    self._closed.wait()  # nothing more is read or answered on this connection
+                    break
                 elif action == "drop":
                     if detail.before is not None:
                         detail.before()
