@@ -18,7 +18,7 @@ import uuid
 from producer import handler as producer
 from shared.queue.sqlite import SqliteQueue
 from tests.harness.aws import LambdaContext, run_consumer_until_empty
-from tests.harness.mail import assert_copied_exactly, connect, corpus_seed, read_folder, seed
+from tests.harness.mail import assert_copied_exactly, connect, corpus_seed, expunge, read_folder, seed
 
 
 def poison(route: str) -> list[tuple[str, str, str]]:
@@ -57,18 +57,6 @@ def uidvalidity_of(server, user: str, folder: str = "INBOX") -> int:
         client.logout()
 
 
-def delete_from_source(server, user: str, uid: int) -> None:
-    """The user deletes a message after it was queued (the test's own session; the syncer
-    never changes the source)."""
-    client = connect(server, user)
-    try:
-        client.select_folder("INBOX")
-        client.delete_messages([uid])
-        client.expunge()
-    finally:
-        client.logout()
-
-
 def stale_reference(route: str, uidvalidity: int) -> str:
     """A well-formed reference from before a UIDVALIDITY change: its UID names nothing now."""
     return json.dumps({"v": 1, "route": route, "uidvalidity": uidvalidity + 1, "uid": 1, "fingerprint": None, "size": 10})
@@ -97,7 +85,7 @@ def test_consume_quarantines_poison_and_copies_the_rest(sync_env, dovecot_pair):
     seed(dovecot_pair.gmail, user, "INBOX", messages[:3])
     assert setup.cli("scan").returncode == 0
     first_uids = [m.uid for m in read_folder(dovecot_pair.gmail, user, "INBOX")]
-    delete_from_source(dovecot_pair.gmail, user, first_uids[1])
+    expunge(dovecot_pair.gmail, user, first_uids[1])
     uidvalidity = uidvalidity_of(dovecot_pair.gmail, user)
     bad = {put_raw(db, group, body): (body, reason) for group, body, reason in poison("work")}
     put_raw(db, "work", stale_reference("work", uidvalidity))
@@ -155,7 +143,7 @@ def test_consumer_handler_quarantines_poison_and_copies_the_rest(lambda_env, dov
     seed(dovecot_pair.gmail, user, "INBOX", messages[:3])
     producer.handler({}, LambdaContext())
     first_uids = [m.uid for m in read_folder(dovecot_pair.gmail, user, "INBOX")]
-    delete_from_source(dovecot_pair.gmail, user, first_uids[1])
+    expunge(dovecot_pair.gmail, user, first_uids[1])
     uidvalidity = uidvalidity_of(dovecot_pair.gmail, user)
     bad = {}
     for index, (group, body, reason) in enumerate([*poison("corpus")]):

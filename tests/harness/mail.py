@@ -366,6 +366,17 @@ class Stored:
     internaldate: datetime  # timezone-aware, in the zone the server answered with
 
 
+def expunge(server: DovecotServer, user: str, uid: int, folder: str = "INBOX") -> None:
+    """The user deletes a message (the test's own session; the syncer never changes the source)."""
+    client = connect(server, user)
+    try:
+        client.select_folder(folder)
+        client.delete_messages([uid])
+        client.expunge()
+    finally:
+        client.logout()
+
+
 def read_folder(server: DovecotServer, user: str, folder: str) -> list[Stored]:
     """Every message of ``folder`` by UID (FETCH BODY.PEEK[], FLAGS, INTERNALDATE).
 

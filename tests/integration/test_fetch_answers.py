@@ -17,19 +17,9 @@ from pydantic import SecretStr
 from shared.mailbox.imap import ImapSource
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
 from tests.harness.imap_proxy import without_body
-from tests.harness.mail import assert_copied_exactly, connect, corpus_seed, read_folder, seed
+from tests.harness.mail import assert_copied_exactly, corpus_seed, expunge, read_folder, seed
 
 BODY_FETCH = b"BODY.PEEK[]"  # the consumer's FETCH; the producer's asks for BODY.PEEK[HEADER.FIELDS ...]
-
-
-def expunge(server, user: str, uid: int) -> None:
-    client = connect(server, user)
-    try:
-        client.select_folder("INBOX")
-        client.delete_messages([uid])
-        client.expunge()
-    finally:
-        client.logout()
 
 
 def seeded_with_a_gap(server, user: str) -> list[int]:
