@@ -353,7 +353,7 @@ class ImapDestination:
             self.closing = True
         raise refusal
 
-    def _send_append(self, folder: str, message: SourceMessage, facts: _FolderFacts, *, binary: bool) -> tuple[str, str]:
+    def _send_append(self, folder: str, message: SourceMessage, facts: _FolderFacts, *, binary: bool) -> tuple[str, bytes]:
         flags = _flags_to_copy(message.flags, facts)
         command = b'APPEND %s (%s) "%s"' % (
             _quoted_mailbox(folder),
@@ -363,13 +363,13 @@ class ImapDestination:
         with _failures_as_imap_failure(self._account, "append", folder):
             return _run_with_literal(self._client, command, message.body, binary=binary)
 
-    def _made_again(self, folder: str, refusal: str) -> bool:
+    def _made_again(self, folder: str, refusal: bytes) -> bool:
         """After an APPEND refused with NO: whether the folder had gone (`[TRYCREATE]`, RFC 3501
         6.3.11; or no longer listed: Dovecot answers "[SERVERBUG] Internal error" when the folder
         selected in this session was deleted) and was made again. What this session knew of it
         is forgotten either way."""
         key = self._key(folder)
-        if "[TRYCREATE]" not in refusal.upper():
+        if b"[TRYCREATE]" not in refusal.upper():
             with _failures_as_imap_failure(self._account, "list folders", folder):
                 if key not in self._ensured or self._folder_exists(folder):
                     return False

@@ -55,3 +55,24 @@ def test_the_destination_folder_gone_mid_run_is_made_again_and_nothing_is_lost_o
     expected = [message(n) for n in range(GONE_AT_APPEND if change == "deleted" else 1, MESSAGES + 1)]
     assert sorted(landed) == sorted(expected)
     assert f"route work: {MESSAGES} copied, 0 skipped, 0 failed" in done.stdout
+
+
+def test_an_append_refused_with_trycreate_makes_the_folder_and_is_sent_again_at_once(sync_env, dovecot_pair, imap_proxy):
+    """RFC 3501 6.3.11: "NO [TRYCREATE]" when the folder is missing (Dovecot says so when it was
+    deleted while another folder was selected)."""
+    setup = sync_env()
+    proxy = imap_proxy(dovecot_pair.outlook)
+    setup.env["OUTLOOK_IMAP_PORT"] = str(proxy.port)
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", [message(n) for n in range(1, 4)])
+    proxy.refuse(b" APPEND ", "NO [TRYCREATE] Mailbox doesn't exist: Work")
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
+    assert "failed (attempt" not in done.stderr  # sent again at once, not failed and retried later
+    assert proxy.sent(b" APPEND ") == 4
+    assert sorted(m.body for m in read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == sorted(
+        message(n) for n in range(1, 4)
+    )
