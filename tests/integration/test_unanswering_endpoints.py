@@ -195,7 +195,7 @@ def test_token_sources_wait_our_timeout_once_per_refresh(black_hole, trust_test_
     of `timeout`, then TokenEndpointTimedOut naming the endpoint."""
     hole = black_hole(tls=tls)
     google = GoogleTokenSource(
-        account="a@gmail.test", refresh_token="rt-google", client_id="id", client_secret="secret",
+        account="a@gmail.test", refresh_token="rt-google", client_id="id", client_secret="black-hole-client-secret",
         token_uri=hole.url("/token"), timeout=SHORT,
     )
     microsoft = MicrosoftTokenSource(
