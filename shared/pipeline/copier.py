@@ -128,7 +128,8 @@ class Copier:
     _lookup_bounds: dict[str, Watermark | None] = field(default_factory=dict, init=False, repr=False)
 
     def refresh_pauses(self) -> None:
-        """Read the pauses other processes recorded again, at the next message: once a batch."""
+        """Read what other processes record (pauses, lookup bounds) again, at the next message:
+        once a batch."""
         self._pauses = None
         self._lookup_bounds.clear()
 
