@@ -50,7 +50,8 @@ def small_disk(path: Path, size: int = DISK_BYTES) -> Iterator[SmallDisk]:
     path.mkdir(parents=True, exist_ok=True)
     mounted = _mount("-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path), check=False)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (root is needed): {mounted.stderr.strip()}")
+        # Not a skip: CI runs as root, and a run that cannot mount must say so, not pass quietly.
+        pytest.fail(f"cannot mount a tmpfs (make test needs root for the full-disk tests): {mounted.stderr.strip()}")
     try:
         yield SmallDisk(path)
     finally:
