@@ -2,6 +2,7 @@ import pytest
 
 pytest_plugins = [
     "tests.harness.aws",
+    "tests.harness.fuzz",
     "tests.harness.gmail_front",
     "tests.harness.imap_proxy",
     "tests.harness.mail",
