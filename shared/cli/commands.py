@@ -7,16 +7,18 @@ a person needs; `shared.cli.main` turns what they raise into exit codes.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 
-from shared import bootstrap
+from shared import bootstrap, claim_owners
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
 from shared.mailbox.imap import ImapSource
 from shared.mailbox.session import open_session
 from shared.pipeline.consume import consume_queue
+from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
 from shared.pipeline.copier import CopyResult, lease_for
 from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
@@ -133,6 +135,49 @@ def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
             break
     _print_summary(app, tally)
     return _exit_code(tally)
+
+
+def reconcile(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """Record as copied what each route's destination folder holds already; copies nothing."""
+    known = [route.name for route in app.settings.routes]
+    unknown = [name for name in args.route or () if name not in known]
+    if unknown:
+        print(f"reconcile --route: unknown route {', '.join(map(repr, unknown))} (routes: {', '.join(known)})", file=sys.stderr)
+        return ExitCode.USAGE
+    app.state.check_health()  # the gate: what is recorded must be kept
+    routes = [route for route in app.settings.routes if not args.route or route.name in args.route]
+    limits = app.scan_limits()
+    results = reconcile_routes(
+        routes,
+        state=app.state,
+        open_source=app.connections.borrowed_source,
+        destination=app.connections.destination,
+        since_of=lambda route: args.since or route.since or limits.today - dt.timedelta(days=limits.fallback_since_days),
+        owner=claim_owners.this_process(),
+        lease_until=lease_for(app.settings.lease_seconds),
+        holder_state=claim_owners.holder_state,
+        dry_run=args.dry_run,
+    )
+    for result in results:
+        print(_reconcile_line(result, dry_run=args.dry_run))
+    return ExitCode.UNREACHABLE if any(result.error for result in results) else ExitCode.OK
+
+
+def _reconcile_line(result: RouteReconcile, *, dry_run: bool) -> str:
+    where = f"route {result.route}"
+    if result.error:
+        return f"{where}: reconcile failed: {result.error}"
+    parts = [f"{where}: {result.in_source} message(s) in the source since {result.since.isoformat()}"]
+    found = f"{result.found} found in {result.folder!r}, {'would be ' if dry_run else ''}recorded as copied"
+    if result.by_identity_only:
+        found += f" ({result.by_identity_only} by headers alone: their INTERNALDATE differs)"
+    parts.append(found)
+    if result.recorded_before:
+        parts.append(f"{result.recorded_before} recorded before")
+    if result.busy:
+        parts.append(f"{result.busy} being copied by a running copier")
+    parts.append(f"{result.not_found} not found: the next drain copies {'it' if result.not_found == 1 else 'them'}")
+    return "; ".join(parts)
 
 
 def _exit_code(tally: RunTally) -> ExitCode:

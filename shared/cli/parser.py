@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from collections.abc import Callable
 
 from shared import bootstrap
@@ -66,6 +67,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "--include-malformed", action="store_true",
         help="also move bodies that are not references of a configured route (the consumer quarantines them again)",
     )
+    reconcile_parser = command(
+        "reconcile", commands.reconcile, "record as copied what the destination folders hold already; copies nothing",
+        "For each route, match the source messages of its window with the destination folder's messages "
+        "by INTERNALDATE and Message-ID, Date, From and Subject (never bytes or size, which Outlook.com "
+        "re-renders), and record each match as copied, so that no second copy is made. For a first run "
+        "into a folder another copier filled, a lost state file, or a move from a laptop to AWS. The "
+        "first scan of a route without a watermark looks for each message before copying it anyway; "
+        "this does it for the whole window at once and says what it found. Appends nothing.",
+    )
+    reconcile_parser.add_argument("--route", metavar="R", action="append", help="only this route (repeatable)")
+    reconcile_parser.add_argument(
+        "--since", metavar="DATE", type=_date,
+        help="look at source messages from DATE (YYYY-MM-DD) on (default: the route's since, or FALLBACK_SINCE_DAYS ago)",
+    )
+    reconcile_parser.add_argument("--dry-run", action="store_true", help="say what would be recorded; record nothing")
     command(
         "check", commands.check, "validate settings, check the state store and queue, log in to every mailbox; copies nothing",
         "Validate settings, check the state store (the fail-safe gate) and the queue, then "
@@ -110,6 +126,13 @@ def _add_auth_parser(commands) -> None:
                          help="merge the token into this Secrets Manager secret (created if missing) instead of printing it")
         sub.add_argument("--write-secret-key", metavar="KEY",
                          help="the key in that secret (default: GMAIL_REFRESH_TOKEN or MS_REFRESH_TOKEN)")
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date YYYY-MM-DD: {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

@@ -19,6 +19,7 @@ failure is given up: if the server does not answer that either, it is down, and 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import select
 import ssl
@@ -33,7 +34,7 @@ import imapclient
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.imap import ImapDestination, ImapSource
-from shared.mailbox.port import AppendRejected, EndpointDown, FolderState, SourceMessage, UidFloor
+from shared.mailbox.port import AppendRejected, EndpointDown, FolderState, ListedMessage, SourceMessage, UidFloor
 from shared.mailbox.session import (
     ImapAccount,
     ImapTimedOut,
@@ -288,6 +289,11 @@ class ReopeningDestination:
             lambda destination: destination.find_copies(folder, message, since),
             _transient,
             f"find copies of source UID {message.uid} in {folder!r}",
+        )
+
+    def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
+        return self._call(
+            lambda destination: destination.identities_since(folder, day), _transient, f"list messages of {folder!r}"
         )
 
     def append(self, folder: str, message: SourceMessage) -> int | None:

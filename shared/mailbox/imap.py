@@ -36,6 +36,7 @@ from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendRejected,
     FolderState,
+    ListedMessage,
     MessageSummary,
     SourceMessage,
     UidFloor,
@@ -161,6 +162,10 @@ class ImapSource:
                     )
                 summaries.extend(self._with_header_hashes(chunk))
         return sorted(summaries, key=lambda summary: summary.uid)
+
+    def identities(self, uids: Sequence[int]) -> list[ListedMessage]:
+        with _failures_as_imap_failure(self._account, "fetch identities", self._folder):
+            return _listed(self._client, uids)
 
     def _with_header_hashes(self, summaries: list[MessageSummary]) -> list[MessageSummary]:
         """The header block's hash for the messages that have no other identity to fingerprint
@@ -427,14 +432,9 @@ class ImapDestination:
             raise ValueError("find_copies needs a timezone-aware internaldate")
         wanted = Identity.of(header_block(message.body))
         with _failures_as_imap_failure(self._account, "find copies", folder):
-            try:
-                selected = self._client.select_folder(folder, readonly=True)
-            except imaplib.IMAP4.abort:
-                raise
-            except imaplib.IMAP4.error:
-                if not self._folder_exists(folder):
-                    return []
-                raise
+            selected = self._examined_if_exists(folder)
+            if selected is None:
+                return []
             if since is not None and int(selected.get(b"UIDVALIDITY", -1)) == since.uidvalidity:
                 # "n:*" always includes the highest UID, even one below n (RFC 3501 6.4.8).
                 candidates = [uid for uid in self._client.search(["UID", f"{since.uid}:*"]) if uid >= since.uid]
@@ -443,22 +443,47 @@ class ImapDestination:
                 # differ in the zone they take SEARCH dates in).
                 day = internaldate.date()
                 candidates = self._client.search(["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)])
-            copies = []
-            ordered = sorted(candidates)
-            for start in range(0, len(ordered), SUMMARY_CHUNK):
-                fetched = self._client.fetch(ordered[start : start + SUMMARY_CHUNK], [b"INTERNALDATE", _IDENTITY_FIELDS])
-                for uid, data in fetched.items():
-                    if data.get(b"INTERNALDATE") != internaldate:
-                        continue
-                    if wanted.same_as(Identity.of(_header_fields(data) or b"")):
-                        copies.append(uid)
-            return sorted(copies)
+            listed = _listed(self._client, candidates)
+        return [copy.uid for copy in listed if copy.internaldate == internaldate and wanted.same_as(copy.identity)]
+
+    def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
+        with _failures_as_imap_failure(self._account, "list messages", folder):
+            if self._examined_if_exists(folder) is None:
+                return []
+            return _listed(self._client, self._client.search(["SINCE", day]))
+
+    def _examined_if_exists(self, folder: str) -> dict | None:
+        """EXAMINE `folder` (reads only); None when it does not exist."""
+        try:
+            return self._client.select_folder(folder, readonly=True)
+        except imaplib.IMAP4.abort:
+            raise
+        except imaplib.IMAP4.error:
+            if not self._folder_exists(folder):
+                return None
+            raise
 
     def _text(self, detail: str) -> str:
         return scrub(f"{self._account.label} at {self._account.endpoint}: {detail}")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+def _listed(client: IMAPClient, uids: Sequence[int]) -> list[ListedMessage]:
+    """INTERNALDATE and identity headers of the UIDs of the selected folder that still exist."""
+    listed = []
+    ordered = sorted(set(uids))
+    for start in range(0, len(ordered), SUMMARY_CHUNK):
+        asked = ordered[start : start + SUMMARY_CHUNK]
+        fetched = client.fetch(asked, [b"INTERNALDATE", _IDENTITY_FIELDS])
+        for uid, data in fetched.items():
+            internaldate = data.get(b"INTERNALDATE")
+            # An unsolicited FETCH (a flag change, another UID) is no answer to this one.
+            if uid not in asked or not isinstance(internaldate, dt.datetime):
+                continue
+            listed.append(ListedMessage(uid, internaldate, Identity.of(_header_fields(data) or b"")))
+    return sorted(listed, key=lambda message: message.uid)
+
+
 @contextmanager
 def _failures_as_imap_failure(account: ImapAccount, step: str, folder: str | None = None) -> Iterator[None]:
     try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.errors import MailSyncerError
+from shared.mailbox.identity import Identity
 from shared.settings import Route
 
 # The flags copied to the destination. \Recent belongs to a session and \Deleted would hide the
@@ -52,6 +53,16 @@ class SourceMessage:
     body: bytes  # BODY[] exactly as the source served it
     flags: tuple[str, ...]
     internaldate: dt.datetime  # timezone-aware
+
+
+@dataclass(frozen=True)
+class ListedMessage:
+    """A message as a copy is told from its source without bytes or sizes (which a destination
+    may re-render): its INTERNALDATE and identity headers (shared.mailbox.identity)."""
+
+    uid: int
+    internaldate: dt.datetime  # timezone-aware
+    identity: Identity
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,9 @@ class SourceMailbox(SourceReader, Protocol):
     def summaries(self, uids: Sequence[int]) -> list[MessageSummary]:
         """Summaries of the UIDs that still exist, in UID order."""
 
+    def identities(self, uids: Sequence[int]) -> list[ListedMessage]:
+        """INTERNALDATE and identity headers of the UIDs that still exist, in UID order."""
+
 
 class DestinationMailbox(Protocol):
     def ensure_folder(self, folder: str) -> None:
@@ -161,6 +175,10 @@ class DestinationMailbox(Protocol):
         identity (`shared.mailbox.identity`), never by bytes or size: a server may re-render both.
         Without `since`, or when the folder's UIDVALIDITY is no longer `since`'s, the messages
         of the days around its INTERNALDATE are looked at instead."""
+
+    def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
+        """INTERNALDATE and identity headers of every message in `folder` whose INTERNALDATE
+        is on or after `day`, in UID order; [] when the folder does not exist (reconcile)."""
 
 
 class Mailboxes(Protocol):

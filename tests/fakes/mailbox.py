@@ -36,6 +36,7 @@ from shared.mailbox.port import (
     AppendRejected,
     DownloadQuotaSpent,
     FolderState,
+    ListedMessage,
     MailboxThrottled,
     MessageSummary,
     SourceMessage,
@@ -50,8 +51,8 @@ DEFAULT_INTERNALDATE = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.time
 # fails instead of hanging).
 BLOCK_LIMIT_SECONDS = 10.0
 
-SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "fetch", "has_uid"})
-DESTINATION_OPERATIONS = frozenset({"ensure_folder", "uid_floor", "append", "find_copies"})
+SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "identities", "fetch", "has_uid"})
+DESTINATION_OPERATIONS = frozenset({"ensure_folder", "uid_floor", "append", "find_copies", "identities_since"})
 
 _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}
 
@@ -99,6 +100,10 @@ class StoredMessage:
 
     def as_source_message(self) -> SourceMessage:
         return SourceMessage(uid=self.uid, body=self.body, flags=self.flags, internaldate=self.internaldate)
+
+    def listed(self, served: bytes | None = None) -> ListedMessage:
+        """Its INTERNALDATE and the identity of the bytes a FETCH serves (`served`, else its own)."""
+        return ListedMessage(self.uid, self.internaldate, Identity.of(header_block(served if served is not None else self.body)))
 
     def summary(self) -> MessageSummary:
         """As the IMAP source makes it: the header block's hash only when there is no other identity."""
@@ -308,6 +313,14 @@ class FakeSource:
             messages = self._selected().messages
             return [messages[uid].summary() for uid in sorted(set(uids)) if uid in messages]
 
+    def identities(self, uids: Sequence[int]) -> list[ListedMessage]:
+        answer = self._begin("identities", tuple(uids))
+        if answer is not None:
+            return answer.value
+        with self._account.lock:
+            messages = self._selected().messages
+            return [messages[uid].listed() for uid in sorted(set(uids)) if uid in messages]
+
     def fetch(self, uid: int) -> SourceMessage | None:
         answer = self._begin("fetch", uid)
         if answer is not None:
@@ -507,6 +520,12 @@ class FakeDestination:
             and stored.internaldate == message.internaldate  # the same instant
             and wanted.same_as(Identity.of(header_block(self.served(stored.body))))
         ]
+
+    def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
+        answer = self._begin("identities_since", (folder, day))
+        if answer is not None:
+            return answer.value
+        return [stored.listed(self.served(stored.body)) for stored in self.messages(folder) if stored.internaldate.date() >= day]
 
     def _begin(self, operation: str, argument: object) -> Answer | None:
         with self._lock:

@@ -7,7 +7,13 @@ import json
 import subprocess
 import sys
 
-USE_CASES = ("shared.pipeline.copier", "shared.pipeline.scan", "shared.pipeline.consume", "shared.pipeline.redrive")
+USE_CASES = (
+    "shared.pipeline.copier",
+    "shared.pipeline.scan",
+    "shared.pipeline.consume",
+    "shared.pipeline.redrive",
+    "shared.pipeline.reconcile",
+)
 ADAPTERS = (
     "imaplib",
     "imapclient",

@@ -18,6 +18,6 @@ def test_help_lists_every_exit_code() -> None:
 def test_every_command_has_a_handler_and_help() -> None:
     parser, handlers = build_parser()
     text = parser.format_help()
-    for name in ("drain", "run-once", "scan", "consume", "status", "redrive", "check", "auth"):
+    for name in ("drain", "run-once", "scan", "consume", "status", "redrive", "reconcile", "check", "auth"):
         assert name in text
-    assert set(handlers) == {"drain", "run-once", "scan", "consume", "status", "redrive", "check"}
+    assert set(handlers) == {"drain", "run-once", "scan", "consume", "status", "redrive", "reconcile", "check"}
