@@ -61,6 +61,8 @@ RESERVED_OUTLOOK_FOLDERS = frozenset({"files"})
 # https://learn.microsoft.com/office365/servicedescriptions/exchange-online-service-description/exchange-online-limits),
 # in Exchange's binary megabytes. Microsoft 365 mailboxes may be set up to 150 MB.
 OUTLOOK_MAX_MESSAGE_BYTES = 25 * 1024 * 1024
+# IMAP_TIMEOUT's largest value, in seconds: a day.
+MAX_IMAP_TIMEOUT_SECONDS = 24 * 60 * 60
 
 Auth = Literal["xoauth2", "password"]
 
@@ -70,6 +72,13 @@ def no_control_characters(value: Any) -> Any:
     text = value.get_secret_value() if isinstance(value, SecretStr) else value
     if isinstance(text, str) and CONTROL_CHARS.search(text):
         raise ValueError("must not contain control characters")
+    if isinstance(text, str) and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate ("\ud800" in JSON) passes as text, then raises a raw
+            # UnicodeEncodeError when it is written onto a line (found by tests/unit/test_fuzz_settings.py).
+            raise ValueError("must be valid Unicode text (it has a lone surrogate)") from None
     return value
 
 
@@ -246,7 +255,9 @@ class Settings(_WireSettings):
     outlook_imap_port: int = Field(default=993, ge=1, le=65535)
     outlook_imap_ssl: bool = True
     imap_ca_bundle: Path | None = None
-    imap_timeout: float = Field(default=60.0, gt=0)
+    # At most a day: a socket's timeout must fit the platform's time_t, and "inf" or 1e10 raised
+    # a raw OverflowError at every connect (found by tests/unit/test_fuzz_settings.py).
+    imap_timeout: float = Field(default=60.0, gt=0, le=MAX_IMAP_TIMEOUT_SECONDS)
     google_token_uri: str = "https://oauth2.googleapis.com/token"
     # Where `auth gmail` sends the browser for consent.
     google_auth_uri: str = "https://accounts.google.com/o/oauth2/auth"
