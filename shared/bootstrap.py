@@ -61,7 +61,12 @@ class App:
             return SqsQueue(settings.queue_url, client=client, dlq_url=settings.dlq_url)
         from shared.queue.sqlite import SqliteQueue
 
-        return SqliteQueue(settings.state_db_path, max_receive_count=settings.max_receive_count)
+        return SqliteQueue(
+            settings.state_db_path,
+            max_receive_count=settings.max_receive_count,
+            receiver=claim_owners.this_process(),
+            receiver_state=claim_owners.holder_state,
+        )
 
     def source_account(self, route: Route) -> ImapAccount:
         settings = self.settings

@@ -3,7 +3,9 @@
 Tables (prefixed `queue_`, so the file can be shared with the state store):
 - `queue_messages`: one row per message, `seq` giving the send order (FIFO within a group). A
   message is in flight while `visible_at` is in the future; `receipt` is the one handed out by
-  its latest receive.
+  its latest receive, `receiver` the process that received it (NULL once it waits on a timer:
+  a retry delay, a pause). A message whose receiver is gone (killed, crashed: nothing told the
+  queue) is due again at once, not after its visibility timeout, so a rerun need not wait it out.
 - `queue_dedup`: deduplication ids sent within the last 5 minutes.
 - `queue_dead_letters`: messages moved out, with why and how often they were received;
   `redrive` puts them back in `queue_messages` as new messages.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
-from shared.state import sqlite_file
+from shared.state import HolderProbe, HolderState, sqlite_file
 from shared.queue.port import (
     DEAD_LETTER_PEEK_LIMIT,
     MAX_BATCH,
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS queue_messages (
     sent_at REAL NOT NULL,
     visible_at REAL NOT NULL DEFAULT 0,
     receive_count INTEGER NOT NULL DEFAULT 0,
-    receipt TEXT
+    receipt TEXT,
+    receiver TEXT
 );
 CREATE INDEX IF NOT EXISTS queue_messages_by_visible_at ON queue_messages (visible_at);
 CREATE TABLE IF NOT EXISTS queue_dedup (
@@ -94,10 +97,21 @@ ORDER BY seq LIMIT :limit
 
 class SqliteQueue(MessageQueue):
     def __init__(
-        self, path: str | os.PathLike, *, max_receive_count: int = 5, clock: Callable[[], float] = time.time
+        self,
+        path: str | os.PathLike,
+        *,
+        max_receive_count: int = 5,
+        clock: Callable[[], float] = time.time,
+        receiver: str | None = None,
+        receiver_state: HolderProbe | None = None,
     ):
+        """`receiver`: this process's name, recorded with what it receives; `receiver_state`
+        tells whether another receiver is gone (shared.claim_owners). Without them, a message
+        in flight is due again only when its visibility timeout ends, as in SQS."""
         if max_receive_count < 1:
             raise ValueError(f"max_receive_count: {max_receive_count}, expected at least 1")
+        self._receiver = receiver
+        self._receiver_state = receiver_state
         self._path = Path(path)
         self._max_receive_count = max_receive_count
         self._clock = clock
@@ -154,7 +168,10 @@ class SqliteQueue(MessageQueue):
                 # dead-letter it at the next one. Doing it now spares a local run the wait.
                 self._move_to_dead_letters(conn, seq, self._max_receive_count_reason())
                 return
-            conn.execute("UPDATE queue_messages SET visible_at = ? WHERE seq = ?", (self._clock() + seconds, seq))
+            # Waiting on a timer now, held by nobody: its receiver may end meanwhile.
+            conn.execute(
+                "UPDATE queue_messages SET visible_at = ?, receiver = NULL WHERE seq = ?", (self._clock() + seconds, seq)
+            )
 
     def quarantine(self, message: ReceivedMessage, reason: str) -> None:
         with self._transaction() as conn:
@@ -220,6 +237,7 @@ class SqliteQueue(MessageQueue):
     def _receive_now(self, max_messages: int, visibility_timeout: int) -> list[ReceivedMessage]:
         with self._transaction() as conn:
             now = self._clock()
+            self._make_due_what_gone_receivers_held(conn, now)
             blocked = json.dumps(_groups_in_flight(conn, now))
             received: list[ReceivedMessage] = []
             after = 0
@@ -236,9 +254,24 @@ class SqliteQueue(MessageQueue):
                         # As in SQS: dead-lettered instead of delivered, which unblocks its group.
                         self._move_to_dead_letters(conn, seq, self._max_receive_count_reason())
                         continue
-                    receipt = _deliver(conn, seq, receive_count + 1, visible_at=now + visibility_timeout)
+                    receipt = _deliver(conn, seq, receive_count + 1, visible_at=now + visibility_timeout, receiver=self._receiver)
                     received.append(ReceivedMessage(receipt, body, message_id, group_id, receive_count + 1))
             return received
+
+    def _make_due_what_gone_receivers_held(self, conn: sqlite3.Connection, now: float) -> None:
+        """Messages in flight with a process that is gone (kill -9, a crash, a reboot) are due
+        now: that process will never delete them, and their claims are taken over at once too."""
+        if self._receiver_state is None:
+            return
+        receivers = conn.execute(
+            "SELECT DISTINCT receiver FROM queue_messages WHERE visible_at > ? AND receiver IS NOT NULL", (now,)
+        ).fetchall()
+        for (receiver,) in receivers:
+            if receiver != self._receiver and self._receiver_state(receiver) is HolderState.GONE:
+                conn.execute(
+                    "UPDATE queue_messages SET visible_at = ?, receiver = NULL WHERE receiver = ? AND visible_at > ?",
+                    (now, receiver, now),
+                )
 
     def _move_to_dead_letters(self, conn: sqlite3.Connection, seq: int, reason: str) -> None:
         conn.execute(
@@ -291,6 +324,7 @@ class SqliteQueue(MessageQueue):
                 # WAL: readers (depths) never wait for the writer; the mode is stored in the file.
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+                _add_receiver_column(conn)
             finally:
                 conn.close()
             self._schema_ready = True
@@ -305,17 +339,30 @@ class SqliteQueue(MessageQueue):
             raise QueueUnavailable(f"SQLite queue {self._path}: {explained}", path=self._path) from exc
 
 
+def _add_receiver_column(conn: sqlite3.Connection) -> None:
+    """A file made before the column existed gets it (a version upgrade keeps its queue)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(queue_messages)")}
+        if "receiver" not in columns:
+            conn.execute("ALTER TABLE queue_messages ADD COLUMN receiver TEXT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _groups_in_flight(conn: sqlite3.Connection, now: float) -> list[str]:
     rows = conn.execute("SELECT DISTINCT group_id FROM queue_messages WHERE visible_at > ?", (now,))
     return [group for (group,) in rows]
 
 
-def _deliver(conn: sqlite3.Connection, seq: int, receive_count: int, *, visible_at: float) -> str:
+def _deliver(conn: sqlite3.Connection, seq: int, receive_count: int, *, visible_at: float, receiver: str | None) -> str:
     """Hand the message out under a new receipt, which makes every earlier receipt stale."""
     receipt = secrets.token_urlsafe(24)
     conn.execute(
-        "UPDATE queue_messages SET receipt = ?, receive_count = ?, visible_at = ? WHERE seq = ?",
-        (receipt, receive_count, visible_at, seq),
+        "UPDATE queue_messages SET receipt = ?, receive_count = ?, visible_at = ?, receiver = ? WHERE seq = ?",
+        (receipt, receive_count, visible_at, receiver, seq),
     )
     return receipt
 

@@ -23,9 +23,10 @@ import pytest
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
 from shared.queue.port import MessageQueue, QueueDepths, ReceivedMessage
-from shared.queue.sqlite import SqliteQueue
+from shared.queue.sqlite import SCHEMA, SqliteQueue
 from shared.aws import make_client
 from shared.queue.sqs import SqsQueue, create_fifo_queue_pair
+from shared.state import HolderState
 from tests.fakes.queue import FakeQueue
 from tests.harness.aws import REGION, unique_name
 
@@ -603,3 +604,59 @@ def test_two_processes_never_receive_the_same_in_flight_message(tmp_path):
     everything = [message_id for ids in per_process for message_id in ids]
     assert len(everything) == len(set(everything)) == 300
     assert all(per_process), "one process received nothing: the test did not run them concurrently"
+
+
+# -- the local queue: receivers that are gone ----------------------------------------------------
+
+
+def receivers_judged(states: dict[str, HolderState]) -> Callable[[str], HolderState]:
+    return lambda receiver: states.get(receiver, HolderState.UNKNOWN)
+
+
+def test_sqlite_messages_a_gone_receiver_held_are_due_at_once(tmp_path):
+    # A drain killed with -9 (or a crash, a reboot) told the queue nothing: the rerun must not
+    # sit out the visibility timeout (LEASE_SECONDS) before it sees those messages.
+    path, states = tmp_path / "queue.db", {"killed": HolderState.ALIVE}
+    SqliteQueue(path).send_refs(refs("work", 1, 2))
+    killed = SqliteQueue(path, receiver="killed", receiver_state=receivers_judged(states))
+    assert len(killed.receive(10, visibility_timeout=3600)) == 2
+    rerun = SqliteQueue(path, receiver="rerun", receiver_state=receivers_judged(states))
+    assert rerun.receive(10, visibility_timeout=60) == []  # its receiver is still at work
+
+    states["killed"] = HolderState.GONE
+    again = rerun.receive(10, visibility_timeout=60)
+
+    assert uids_of(again) == [1, 2]
+    assert [m.receive_count for m in again] == [2, 2]
+
+
+def test_sqlite_a_message_waiting_on_a_timer_is_not_taken_from_a_gone_receiver(tmp_path):
+    # A retry delay or a pause (hours, for Gmail's download limit) set by a run that ended: the
+    # wait is the message's own, and ending it early would only spend a receive on it.
+    path, states = tmp_path / "queue.db", {"ended": HolderState.GONE}
+    SqliteQueue(path).send_refs(refs("work", 1))
+    ended = SqliteQueue(path, receiver="ended", receiver_state=receivers_judged(states))
+    (message,) = ended.receive(10, visibility_timeout=60)
+    ended.extend_visibility(message, 3600)
+
+    rerun = SqliteQueue(path, receiver="rerun", receiver_state=receivers_judged(states))
+
+    assert rerun.receive(10, visibility_timeout=60) == []
+    assert rerun.depths() == QueueDepths(visible=0, in_flight=1, dead=0)
+
+
+def test_sqlite_a_queue_file_from_before_receivers_were_recorded_is_upgraded(tmp_path):
+    path = tmp_path / "queue.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        old_schema = re.sub(r",\s*receiver TEXT", "", SCHEMA)
+        assert old_schema != SCHEMA
+        conn.executescript(old_schema)
+        conn.execute(
+            "INSERT INTO queue_messages (message_id, group_id, body, sent_at) VALUES ('m1', 'work', ?, 0)",
+            (refs("work", 7)[0].to_body(),),
+        )
+        conn.commit()
+
+    (message,) = SqliteQueue(path, receiver="new", receiver_state=receivers_judged({})).receive(10, visibility_timeout=60)
+
+    assert uids_of([message]) == [7]
