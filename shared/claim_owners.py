@@ -11,6 +11,7 @@ another host, or named by an earlier version, is judged by its lease alone.
 
 from __future__ import annotations
 
+import re
 import socket
 import uuid
 
@@ -19,6 +20,7 @@ import psutil
 from shared.state import HolderState
 
 _LOCAL = "local"
+_LOCAL_OWNER = re.compile(r"\blocal:[^:\s]+:\d+:[\d.]+:[0-9a-f]+\b")
 # Start times are compared to this precision: psutil's create_time is a float of the same
 # source, but its last digits may differ between reads on some systems.
 _START_PRECISION = 0.01
@@ -64,3 +66,8 @@ def describe_holder(owner: str | None) -> str:
         where = "this host" if parts[1] == socket.gethostname() else f"host {parts[1]}"
         return f"pid {parts[2]} on {where}"
     return owner
+
+
+def readable(text: str) -> str:
+    """`text` with each local owner's name as `describe_holder` gives it."""
+    return _LOCAL_OWNER.sub(lambda found: describe_holder(found.group(0)), text)

@@ -221,6 +221,7 @@ def _consume(app: bootstrap.App, tally: RunTally) -> None:
             visibility_timeout=lease,
             on_result=on_result,
             max_pause_wait=DRAIN_MAX_PAUSE_WAIT_SECONDS,
+            on_wait=progress.waiting,
         )
     finally:
         progress.finish()

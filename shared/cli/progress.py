@@ -8,7 +8,9 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import TextIO
 
+from shared.claim_owners import readable
 from shared.message_ref import UidKey
+from shared.pipeline.consume import Wait
 from shared.pipeline.copier import FOUND_IN_DESTINATION, CopyResult, Outcome
 from shared.pipeline.pauses import describe
 from shared.pipeline.scan import RouteScan
@@ -17,6 +19,8 @@ from shared.state import Pause
 
 # Not on a terminal (cron, CI, a log file): one line this often instead of a redrawn one.
 LOG_EVERY_SECONDS = 10.0
+# While a run waits for the same thing, it says so again this often.
+WAIT_REMINDER_SECONDS = 60.0
 
 
 class Progress:
@@ -28,12 +32,25 @@ class Progress:
         self.counts: Counter[Outcome] = Counter()
         self._last_shown = 0.0
         self._tty = self.stream.isatty()
+        self._wait_shown: tuple | None = None
+        self._wait_shown_at = 0.0
 
     def advance(self, result: CopyResult) -> None:
         self.counts[result.outcome] += 1
         now = self.clock()
         if now - self._last_shown >= (0.2 if self._tty else LOG_EVERY_SECONDS):
             self._show(now)
+
+    def waiting(self, wait: Wait) -> None:
+        """Say what the run waits for: when it starts to wait for something else, and every
+        WAIT_REMINDER_SECONDS while it waits for the same."""
+        now = self.clock()
+        what = (wait.reason, wait.waiting, wait.elsewhere)
+        if what == self._wait_shown and now - self._wait_shown_at < WAIT_REMINDER_SECONDS:
+            return
+        self._wait_shown, self._wait_shown_at = what, now
+        self.stream.write(("\r\033[K" if self._tty else "") + describe_wait(wait) + "\n")
+        self.stream.flush()
 
     def finish(self) -> None:
         if sum(self.counts.values()):
@@ -52,6 +69,37 @@ class Progress:
         )
         self.stream.write(f"\r{line}\033[K" if self._tty else f"{line}\n")
         self.stream.flush()
+
+
+def describe_wait(wait: Wait, now: float | None = None) -> str:
+    """`waiting until 14:05:09 (in 4 min 50 s) for route work UID 7: <why>; 2 more wait, 1 in
+    flight with another run`."""
+    now = time.time() if now is None else now
+    if wait.until is None:
+        line = "waiting"
+    else:
+        clock = time.strftime("%H:%M:%S", time.localtime(wait.until))
+        line = f"waiting until {clock} (in {_duration(wait.until - now)})"
+    if wait.waiting:
+        line += f" for {readable(wait.reason)}"
+        if wait.waiting > 1:
+            line += f"; {wait.waiting - 1} more wait"
+        if wait.elsewhere:
+            line += f"; {wait.elsewhere} in flight with another run"
+    else:
+        line += f": {wait.elsewhere} message(s) in flight with another run (a drain still going, or one that stopped)"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 class RunTally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from shared.pipeline.copier import Copier, CopyResult, Outcome, copy_batch, throttled_visibility
 from shared.queue import MAX_BATCH, MessageQueue, ReceivedMessage
@@ -21,6 +22,17 @@ from shared.queue.port import MAX_VISIBILITY_SECONDS
 MAX_RETRY_DELAY_SECONDS = 60
 # Another process holds the claim and its lease end is unknown: look again after this long.
 BUSY_DELAY_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class Wait:
+    """What a run waits for while nothing is due: for the person watching, who would otherwise
+    see a run sit silently at `101/130 done`."""
+
+    until: float | None  # when the next of this run's waiting messages is due; None: not known
+    reason: str  # why that one waits: its route and UID, and the throttle, holder or error
+    waiting: int  # messages of this run waiting out a delay, a pause or another's claim
+    elsewhere: int  # in flight with another run (a second drain on the same queue)
 
 
 def retry_delay(receive_count: int) -> int:
@@ -42,13 +54,15 @@ def consume_queue(
     visibility_timeout: int,
     on_result: Callable[[CopyResult], None] = lambda result: None,
     max_pause_wait: float | None = None,
+    on_wait: Callable[[Wait], None] = lambda wait: None,
 ) -> int:
     """Copy until nothing is queued or in flight (failed messages either succeed on a retry or
     reach the dead letters first). Messages that wait for a pause longer than `max_pause_wait`
     seconds (Gmail's download limit: hours; a holder stopped past its lease) are not waited for:
     they stay queued, due when the wait ends, and so do those of their routes behind them.
-    Returns how many were left so."""
+    Returns how many were left so. While nothing is due, `on_wait` is told what the run waits for."""
     parked: dict[str, float] = {}  # message id -> when due: waiting longer than max_pause_wait
+    waiting: dict[str, tuple[float, str]] = {}  # message id -> when due, and why it waits
     while True:
         messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout)
         if not messages:
@@ -60,6 +74,9 @@ def consume_queue(
             if not messages and 0 < depths.in_flight <= _waiting_long(queue, parked, max_pause_wait):
                 # All in flight wait long; whatever is visible is of their routes, behind them.
                 return depths.in_flight + depths.visible
+            if not messages:
+                on_wait(_what_it_waits_for(waiting, depths.in_flight))
+                continue
         try:
             results = copy_batch(messages, copier=copier, queue=queue)
         except KeyboardInterrupt:
@@ -67,15 +84,19 @@ def consume_queue(
             raise
         for message, result in results:
             parked.pop(message.message_id, None)
+            waiting.pop(message.message_id, None)
             if result.outcome.moved:
                 pass  # in the dead letters already
             elif result.outcome.acknowledged:
                 queue.delete(message)
             elif result.outcome is Outcome.FAILED:
-                queue.extend_visibility(message, retry_delay(message.receive_count))
+                delay = retry_delay(message.receive_count)
+                queue.extend_visibility(message, delay)
+                waiting[message.message_id] = (time.time() + delay, f"{_named(result)} failed, tried again: {result.detail}")
             elif result.outcome is Outcome.BUSY:
                 delay = busy_delay(result.busy_until, time.time())
                 queue.extend_visibility(message, delay)
+                waiting[message.message_id] = (time.time() + delay, f"{_named(result)} {result.detail}")
                 if max_pause_wait is not None and delay > max_pause_wait:
                     parked[message.message_id] = time.time() + delay
             else:
@@ -83,10 +104,25 @@ def consume_queue(
                 # takes commands again (the server's wait), or as soon as its route allows.
                 waited = throttled_visibility(result)
                 queue.extend_visibility(message, 0 if waited is None else waited)
+                if waited:
+                    waiting[message.message_id] = (time.time() + waited, f"{_named(result)}: {result.detail}")
                 if waited is not None and max_pause_wait is not None and waited > max_pause_wait:
                     parked[message.message_id] = time.time() + waited
             if result.outcome is not Outcome.UNPROCESSED:
                 on_result(result)
+
+
+def _named(result: CopyResult) -> str:
+    return "a message" if result.key is None else f"route {result.key.route} UID {result.key.uid}"
+
+
+def _what_it_waits_for(waiting: dict[str, tuple[float, str]], in_flight: int) -> Wait:
+    now = time.time()
+    ahead = sorted(entry for entry in waiting.values() if entry[0] > now)
+    if not ahead:
+        return Wait(None, "messages in flight with another run", 0, in_flight)
+    until, reason = ahead[0]
+    return Wait(until, reason, len(ahead), max(0, in_flight - len(ahead)))
 
 
 def _make_due_again(queue: MessageQueue, messages: Sequence[ReceivedMessage]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -330,7 +331,10 @@ def test_drain_waits_out_a_bad_throttle_and_its_closed_connection(drain_through,
     assert len(front.refused_at) == 2
     assert front.refused_at[1] - front.refused_at[0] >= 1.5  # the suggested backoff, waited out
     # Each throttle paused the destination; neither counts as a failed attempt of the message.
-    assert done.stderr.count("route work UID 1: destination paused until ") == 2
+    # The log says so once for each, and the run says what it waits for while it waits.
+    assert done.stderr.count("mail_syncer.copy: route work UID 1: destination paused until ") == 2, done.stderr
+    waits = re.findall(r"^waiting until \d\d:\d\d:\d\d \(in \d s\) for route work UID 1: destination paused until ", done.stderr, re.M)
+    assert len(waits) == 2, done.stderr
     assert "failed (attempt" not in done.stderr
     assert "answered BAD Request is throttled. Suggested Backoff Time: 1500 milliseconds" in done.stderr
     # Known not to have landed (the BAD was the APPEND's answer): never looked for as a copy.

@@ -11,7 +11,14 @@ import time
 
 import pytest
 
-from shared.pipeline.consume import BUSY_DELAY_SECONDS, MAX_RETRY_DELAY_SECONDS, busy_delay, consume_queue, retry_delay
+from shared.pipeline.consume import (
+    BUSY_DELAY_SECONDS,
+    MAX_RETRY_DELAY_SECONDS,
+    Wait,
+    busy_delay,
+    consume_queue,
+    retry_delay,
+)
 from shared.pipeline.copier import CopyResult, Outcome
 from shared.queue import QueueDepths
 from shared.queue.port import MAX_VISIBILITY_SECONDS
@@ -217,3 +224,34 @@ def test_skipped_and_already_done_messages_are_acknowledged(world):
     assert [result.outcome for _, result in seen] == [Outcome.ALREADY_DONE, Outcome.SKIPPED]
     assert [call[1] for call in world.queue.calls_to("delete")] == sent_ids(world)
     assert world.queue.depths() == QueueDepths(0, 0, 0)
+
+
+# -- saying what it waits for --------------------------------------------------------------------
+
+
+def test_while_nothing_is_due_the_loop_says_which_message_it_waits_for_and_why(world):
+    ref = world.arrive("work")
+    world.queue.send_refs([ref])
+    world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=2.5)
+    waits = []
+
+    before = time.time()
+    consume_queue(world.queue, world.copier(), visibility_timeout=LEASE_SECONDS, on_wait=waits.append)
+
+    assert waits, "the loop waited without saying for what"
+    wait = waits[0]
+    assert wait.reason.startswith(f"route work UID {ref.uid}: destination paused")
+    assert "throttled by the destination" in wait.reason
+    assert (wait.waiting, wait.elsewhere) == (1, 0)
+    assert before + 4 <= wait.until <= time.time() + 4  # ceil(2.5) + 1 from when it was paused
+
+
+def test_messages_another_run_holds_are_said_to_be_in_flight_elsewhere(world):
+    ref = world.arrive("work")
+    world.queue.send_refs([ref])
+    world.queue.receive(10, visibility_timeout=3)  # another drain took it and is at work on it
+    waits = []
+
+    consume_queue(world.queue, world.copier(), visibility_timeout=LEASE_SECONDS, on_wait=waits.append)
+
+    assert waits[0] == Wait(None, "messages in flight with another run", 0, 1)
