@@ -199,7 +199,13 @@ class ImapSource:
 
     def has_uid(self, uid: int) -> bool:
         with _failures_as_imap_failure(self._account, f"search UID {uid}", self._folder):
-            return uid in self._client.search(["UID", str(uid)])
+            found = self._client.search(["UID", str(uid)])
+            # Only `uid` can match `UID uid` (RFC 3501 6.4.4): an answer naming others is garbled,
+            # and reading it as "not there" would skip the message as gone (found by
+            # tests/integration/test_fuzz_imap_replies.py).
+            if any(other != uid for other in found):
+                raise imaplib.IMAP4.error(f"search answered UIDs not asked for: {sorted(found)[:5]}")
+            return uid in found
 
     def _uid_fetch(self, uid: int, items: bytes) -> dict[bytes, object]:
         """The items of the FETCH responses that carry `uid`'s UID item (RFC 3501 6.4.8: every

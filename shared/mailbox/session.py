@@ -191,6 +191,7 @@ def _connect(account: ImapAccount) -> imapclient.IMAPClient:
         raise _failure(account, "TLS verification", exc.verify_message or str(exc)) from None
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
         raise _failure(account, "connect", _describe(exc), cause=exc) from None
+    _read_literals_in_chunks(client)
     if endpoint.ssl:
         return client
     try:
@@ -208,6 +209,32 @@ def _connect(account: ImapAccount) -> imapclient.IMAPClient:
         close_quietly(client)
         raise
     return client
+
+
+# How much of a literal is asked of the socket at a time.
+LITERAL_READ_CHUNK = 1 << 20
+
+
+def _read_literals_in_chunks(client: imapclient.IMAPClient) -> None:
+    """imaplib before CPython's fix (gh-119511; this venv's 3.11 lacks it) reads a literal with
+    one file.read(size), which allocates `size` up front: a server announcing {10**20} made every
+    FETCH raise a raw OverflowError, {2**62} a MemoryError, before a byte had come (found by
+    tests/integration/test_fuzz_imap_replies.py). Read in chunks, as the fix does, memory follows
+    what arrives, and a literal cut short ends in imaplib's own error at the next line. The
+    greeting and the first CAPABILITY are read before this is in place."""
+    imap = client._imap
+
+    def read(size: int) -> bytes:
+        chunks, left = [], size
+        while left > 0:
+            chunk = imap.file.read(min(left, LITERAL_READ_CHUNK))  # the file STARTTLS puts in place too
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    imap.read = read
 
 
 def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
