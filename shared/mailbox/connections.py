@@ -206,8 +206,8 @@ class MailboxConnections:
 
 
 class ReopeningSource:
-    """The route's source for the consumer: `fetch` on the current session, and on a new one
-    (same folder, same UIDVALIDITY) after a transient failure."""
+    """The route's source for the consumer: `fetch` and `has_uid` on the current session, and on
+    a new one (same folder, same UIDVALIDITY) after a transient failure."""
 
     def __init__(self, connections: MailboxConnections, route: Route, folder: FolderState) -> None:
         self._connections = connections
@@ -215,19 +215,28 @@ class ReopeningSource:
         self._uidvalidity = folder.uidvalidity
 
     def fetch(self, uid: int) -> SourceMessage | None:
-        def attempt() -> SourceMessage | None:
+        return self._call(lambda source: source.fetch(uid), f"fetch UID {uid}")
+
+    def has_uid(self, uid: int) -> bool:
+        return self._call(lambda source: source.has_uid(uid), f"search UID {uid}")
+
+    def _call(self, operation: Callable[[ImapSource], T], what: str) -> T:
+        """`operation` (read-only, so safe to repeat) on the session, and on a new one after a
+        transient failure: only while the folder keeps the UIDVALIDITY the reference was made
+        under, else the UID may name another message now (the copy fails and its retry sees why)."""
+
+        def attempt() -> T:
             source, folder = self._connections._examined_source(self._route)
             if folder.uidvalidity != self._uidvalidity:
-                # The UID may name another message now; the copy fails and the retry sees why.
                 raise ImapFailure(
                     scrub(
                         f"route {self._route.name} source: UIDVALIDITY changed from {self._uidvalidity} "
-                        f"to {folder.uidvalidity} while reconnecting to fetch UID {uid}"
+                        f"to {folder.uidvalidity} while reconnecting to {what}"
                     ),
                     step="examine",
                 )
             try:
-                return source.fetch(uid)
+                return operation(source)
             except ImapFailure as exc:
                 self._connections.drop_source(self._route)  # it may be in the middle of a reply
                 if isinstance(exc, ImapTimedOut):
@@ -235,35 +244,7 @@ class ReopeningSource:
                 raise
 
         try:
-            return retry.call(
-                retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: fetch UID {uid}"
-            )
-        except ImapTimedOut as timed_out:
-            raise self._connections._unless_down(
-                timed_out, lambda: self._connections._examined_source(self._route)
-            ) from None
-
-    def has_uid(self, uid: int) -> bool:
-        # Read-only, so safe to repeat; on a new session only under the same UIDVALIDITY.
-        def attempt() -> bool:
-            source, folder = self._connections._examined_source(self._route)
-            if folder.uidvalidity != self._uidvalidity:
-                raise ImapFailure(
-                    scrub(f"route {self._route.name} source: UIDVALIDITY changed while looking for UID {uid}"),
-                    step="examine",
-                )
-            try:
-                return source.has_uid(uid)
-            except ImapFailure as exc:
-                self._connections.drop_source(self._route)
-                if isinstance(exc, ImapTimedOut):
-                    raise timeout_counted(self._connections._source_account(self._route), exc) from None
-                raise
-
-        try:
-            return retry.call(
-                retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: search UID {uid}"
-            )
+            return retry.call(retry.COMMAND, attempt, retry_on=_transient, what=f"route {self._route.name} source: {what}")
         except ImapTimedOut as timed_out:
             raise self._connections._unless_down(
                 timed_out, lambda: self._connections._examined_source(self._route)

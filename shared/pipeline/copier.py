@@ -127,7 +127,7 @@ class Copier:
     _pauses: dict[str, Pause] | None = field(default=None, init=False, repr=False)
     _lookup_bounds: dict[str, Watermark | None] = field(default_factory=dict, init=False, repr=False)
 
-    def refresh_pauses(self) -> None:
+    def refresh(self) -> None:
         """Read what other processes record (pauses, lookup bounds) again, at the next message:
         once a batch."""
         self._pauses = None
@@ -400,7 +400,7 @@ def copy_batch(
     """Each message with what became of it, in the order given. A message that failed
     `copier.max_attempts` times of its own is moved to the dead letters here; a message held back
     behind one that waits (a throttle) waits as long, so its route's group is due again together."""
-    copier.refresh_pauses()
+    copier.refresh()
     held_back: dict[str, CopyResult] = {}  # FIFO group (route) -> the result that holds it back
     results = []
     for message in messages:
