@@ -24,8 +24,9 @@ class Unusable(Exception):
 
 
 LOST = (
-    "restore it from a backup; if it is truly lost, move it aside and run again (messages already "
-    "copied within each route's window would then be copied again)"
+    "restore it from a backup; if it is truly lost, move it aside and run again: each route's window is "
+    "then looked for in the destination before anything is copied (`reconcile` does it at once), so "
+    "nothing is copied twice"
 )
 
 # What to do, by SQLite's primary result code; {path} is the file.

@@ -123,7 +123,8 @@ def test_a_state_file_emptied_or_damaged_is_refused_and_nothing_is_copied_again(
     assert_stopped_at_the_gate(
         done,
         f"FAIL  state store        SQLite {db}: {what}: restore it from a backup; if it is truly lost, move it "
-        "aside and run again (messages already copied within each route's window would then be copied again)",
+        "aside and run again: each route's window is then looked for in the destination before anything is "
+        "copied (`reconcile` does it at once), so nothing is copied twice",
     )
     # No mailbox was opened (the gate held), and nothing was copied again.
     assert (dovecot_pair.gmail.logins(user), dovecot_pair.outlook.logins(setup.outlook_user)) == logins

@@ -25,8 +25,9 @@ from tests.harness.small_disk import small_disk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOST = (
-    "restore it from a backup; if it is truly lost, move it aside and run again (messages already copied within"
-    " each route's window would then be copied again)"
+    "restore it from a backup; if it is truly lost, move it aside and run again: each route's window is then"
+    " looked for in the destination before anything is copied (`reconcile` does it at once), so nothing is"
+    " copied twice"
 )
 
 
@@ -78,30 +79,27 @@ def test_a_new_file_is_made_with_its_tables_and_nothing_is_left_beside_it(adapte
     assert path.stat().st_size > 0
 
 
-def test_an_emptied_file_is_refused_and_left_as_it_is(adapter, tmp_path):
-    # This program never leaves an empty file (a new one is linked into place with its tables):
-    # one that is empty had records and lost them. Made anew, the window would be copied again.
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        # This program never leaves an empty file (a new one is linked into place with its
+        # tables): one that is empty had records and lost them. Made anew, the window's messages
+        # would have to be looked for again, and whatever else it recorded would be lost.
+        (b"", "the file is empty (0 bytes), which this program never leaves behind, so what it recorded is lost"),
+        (b"this is not SQLite " * 100, "file is not a database: the file is damaged"),
+    ],
+    ids=["emptied", "overwritten"],
+)
+def test_an_emptied_or_overwritten_file_is_refused_and_left_as_it_is(adapter, tmp_path, content, said):
     path = tmp_path / "state.db"
-    path.touch()
+    path.write_bytes(content)
     opened = adapter.make(path)
 
     message = adapter.raised(lambda: adapter.write(opened), path)
 
-    assert message == (
-        f"{adapter.prefix} {path}: the file is empty (0 bytes), which this program never leaves behind, so what it"
-        f" recorded is lost: {LOST}"
-    )
-    assert path.stat().st_size == 0
+    assert message == f"{adapter.prefix} {path}: {said}: {LOST}"
+    assert path.read_bytes() == content
     opened.close()
-
-
-def test_an_overwritten_file_is_refused_as_damaged(adapter, tmp_path):
-    path = tmp_path / "state.db"
-    path.write_bytes(b"this is not SQLite " * 100)
-
-    message = adapter.raised(lambda: adapter.write(adapter.make(path)), path)
-
-    assert message == f"{adapter.prefix} {path}: file is not a database: the file is damaged: {LOST}"
 
 
 def test_a_full_disk_says_to_free_space_and_the_adapter_works_again_once_there_is(adapter, tmp_path):
