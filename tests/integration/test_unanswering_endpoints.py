@@ -68,6 +68,18 @@ def assert_nothing_charged(setup, *, waiting: int, paused: str) -> None:
     assert [pause["mailbox"] for pause in status["pauses"]] == [paused]
 
 
+def assert_paused_by(setup, done, took: float, *, endpoint: str, paused: str, waiting: int = 3) -> None:
+    """The run ended within the bound, exit 6, with one line naming `endpoint` as not answering
+    and the mailbox `paused`; no message was charged an attempt for it."""
+    assert done.returncode == 6, done.stdout + done.stderr
+    assert took < BOUND_SECONDS, (took, done.stdout, done.stderr)
+    line = the_line_naming(endpoint, done.stdout)
+    assert line.strip().startswith(f"{paused} paused until") and "not answering" in line, line
+    assert f"{waiting} message(s) wait in the queue" in done.stdout
+    assert "failed (attempt" not in done.stderr
+    assert_nothing_charged(setup, waiting=waiting, paused=paused)
+
+
 def test_black_holed_destination_pauses_it_within_three_timeouts(sync_env, dovecot_pair, black_hole):
     setup = sync_env()
     hole = black_hole()
@@ -78,15 +90,9 @@ def test_black_holed_destination_pauses_it_within_three_timeouts(sync_env, dovec
     done, took = timed_drain(setup)
 
     print(f"black-holed destination: drain took {took:.1f} s")
-    assert done.returncode == 6, done.stdout + done.stderr
-    assert took < BOUND_SECONDS, (took, done.stdout, done.stderr)
-    line = the_line_naming(f"{hole.host}:{hole.port}", done.stdout)
-    assert line.strip().startswith("destination paused until") and "not answering" in line, line
+    assert_paused_by(setup, done, took, endpoint=f"{hole.host}:{hole.port}", paused="destination")
     assert "route work: 0 copied, 0 skipped, 0 failed," in done.stdout
-    assert "3 message(s) wait in the queue" in done.stdout
-    assert "failed (attempt" not in done.stderr
     assert hole.connections == 3  # three tries, then left alone: no connection per message
-    assert_nothing_charged(setup, waiting=3, paused="destination")
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["accepts-tcp-only", "accepts-tls-never-replies"])
@@ -101,15 +107,9 @@ def test_black_holed_microsoft_authority_pauses_the_destination(sync_env, doveco
     done, took = timed_drain(setup)
 
     print(f"black-holed Microsoft authority ({'tls' if tls else 'tcp'}): drain took {took:.1f} s")
-    assert done.returncode == 6, done.stdout + done.stderr
-    assert took < BOUND_SECONDS, (took, done.stdout, done.stderr)
-    line = the_line_naming(authority, done.stdout)
-    assert line.strip().startswith("destination paused until") and "not answering" in line, line
+    assert_paused_by(setup, done, took, endpoint=authority, paused="destination")
     assert "route work: 0 copied, 0 skipped, 0 failed," in done.stdout
-    assert "3 message(s) wait in the queue" in done.stdout
-    assert "failed (attempt" not in done.stderr
     assert hole.connections <= 4  # three timeouts (a fourth connection at most, cut short by the pause)
-    assert_nothing_charged(setup, waiting=3, paused="destination")
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["accepts-tcp-only", "accepts-tls-never-replies"])
@@ -125,16 +125,10 @@ def test_black_holed_google_token_endpoint_pauses_the_account(sync_env, dovecot_
     done, took = timed_drain(setup)
 
     print(f"black-holed Google token endpoint ({'tls' if tls else 'tcp'}): drain took {took:.1f} s")
-    assert done.returncode == 6, done.stdout + done.stderr
-    assert took < BOUND_SECONDS, (took, done.stdout, done.stderr)
-    line = the_line_naming(token_uri, done.stdout)
-    assert line.strip().startswith(f"source {user} paused until") and "not answering" in line, line
+    assert_paused_by(setup, done, took, endpoint=token_uri, paused=f"source {user}")
     assert "route work: 0 copied, 0 skipped, 0 failed," in done.stdout
     assert "not scanned: its source account is paused" in done.stdout
-    assert "3 message(s) wait in the queue" in done.stdout
-    assert "failed (attempt" not in done.stderr
     assert hole.connections <= 4
-    assert_nothing_charged(setup, waiting=3, paused=f"source {user}")
 
 
 def test_black_holed_gmail_imap_server_pauses_the_account(sync_env, dovecot_pair, black_hole):
@@ -148,14 +142,9 @@ def test_black_holed_gmail_imap_server_pauses_the_account(sync_env, dovecot_pair
     done, took = timed_drain(setup)
 
     print(f"black-holed Gmail IMAP server: drain took {took:.1f} s")
-    assert done.returncode == 6, done.stdout + done.stderr
-    assert took < BOUND_SECONDS, (took, done.stdout, done.stderr)
-    line = the_line_naming(f"{hole.host}:{hole.port}", done.stdout)
-    assert line.strip().startswith(f"source {user} paused until") and "not answering" in line, line
+    assert_paused_by(setup, done, took, endpoint=f"{hole.host}:{hole.port}", paused=f"source {user}")
     assert "not scanned: its source account is paused" in done.stdout
-    assert "failed (attempt" not in done.stderr
     assert hole.connections == 3
-    assert_nothing_charged(setup, waiting=3, paused=f"source {user}")
 
 
 def test_destination_gone_silent_mid_append_is_paused_and_the_message_charged_nothing(
@@ -174,15 +163,9 @@ def test_destination_gone_silent_mid_append_is_paused_and_the_message_charged_no
     done, took = timed_drain(setup)
 
     print(f"destination silent from its second APPEND: drain took {took:.1f} s")
-    assert done.returncode == 6, done.stdout + done.stderr
-    assert took < BOUND_SECONDS, (took, done.stdout, done.stderr)
-    line = the_line_naming(f"127.0.0.1:{proxy.port}", done.stdout)
-    assert line.strip().startswith("destination paused until") and "not answering" in line, line
+    assert_paused_by(setup, done, took, endpoint=f"127.0.0.1:{proxy.port}", paused="destination", waiting=2)
     assert "route work: 1 copied, 0 skipped, 0 failed," in done.stdout
-    assert "2 message(s) wait in the queue" in done.stdout
-    assert "failed (attempt" not in done.stderr
     assert (proxy.sent(b" APPEND "), proxy.unanswered) == (2, 2)  # not repeated; two new connections
-    assert_nothing_charged(setup, waiting=2, paused="destination")
 
 
 # ---- the adapters on their own, in this process -----------------------------------------------
