@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
@@ -109,12 +109,21 @@ mutations = st.one_of(
     st.just(WrongTag()),
     st.just(Dropped()),
 )
-SOURCE_COMMANDS = ["GREETING", "CAPABILITY", "LOGIN", "EXAMINE", "UID FETCH", "UID SEARCH"]
-DESTINATION_COMMANDS = ["GREETING", "CAPABILITY", "LOGIN", "LIST", "CREATE", "SELECT", "EXAMINE", "APPEND", "UID SEARCH", "UID FETCH"]
+# The replies each scenario gets when nothing is spoiled, by command: the fault spoils one of them.
+SOURCE_REPLIES = {"GREETING": 1, "CAPABILITY": 2, "LOGIN": 1, "EXAMINE": 1, "UID FETCH": 2, "UID SEARCH": 2}
+DESTINATION_REPLIES = {
+    **{"GREETING": 1, "CAPABILITY": 2, "LOGIN": 1, "LIST": 2, "CREATE": 2, "SELECT": 1, "APPEND": 1},
+    **{"EXAMINE": 2, "UID SEARCH": 2, "UID FETCH": 2},  # find_copies
+}
+COPY_SOURCE_REPLIES = {"GREETING": 1, "CAPABILITY": 1, "LOGIN": 1, "EXAMINE": 1, "UID FETCH": 3}
+COPY_DESTINATION_REPLIES = {"GREETING": 1, "CAPABILITY": 2, "LOGIN": 1, "LIST": 1, "CREATE": 1, "SELECT": 1, "APPEND": 3}
 
 
-def faults(commands: list[str], occurrences: int) -> st.SearchStrategy[Fault]:
-    return st.builds(Fault, st.sampled_from(commands), st.integers(0, occurrences - 1), mutations)
+def faults(replies: dict[str, int]) -> st.SearchStrategy[Fault]:
+    """One of `replies`, spoiled by one of the mutations."""
+    return st.sampled_from(sorted(replies.items())).flatmap(
+        lambda command: st.builds(Fault, st.just(command[0]), st.integers(0, command[1] - 1), mutations)
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,6 +163,7 @@ def port_error(outcome: dict, label: str) -> MailSyncerError | None:
     error = outcome.get("error")
     if error is None:
         return None
+    event(f"ended in {type(error).__name__}")
     assert isinstance(error, MailSyncerError), f"a raw {type(error).__name__}: {error!r}"
     assert label in str(error), str(error)
     return error
@@ -166,6 +176,8 @@ def scripted(folders, fault: Fault | None):
         yield server
     finally:
         server.close()
+        if fault is not None:
+            event("reply spoiled" if fault.applied else "no reply spoiled (the command came fewer times)")
 
 
 # ---- the adapters, one session each ------------------------------------------------------------------
@@ -174,8 +186,8 @@ def network_settings(max_examples: int) -> settings:
     return settings(max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@network_settings(120)
-@given(fault=faults(SOURCE_COMMANDS, occurrences=2), uid=st.sampled_from([1, 2, 3]))
+@network_settings(100)
+@given(fault=faults(SOURCE_REPLIES), uid=st.sampled_from([1, 2, 3]))
 @example(fault=Fault("UID FETCH", 0, LiteralSize(10**20, CLOSE)), uid=1)
 @example(fault=Fault("UID SEARCH", 0, OtherUid(1)), uid=2)
 @counted
@@ -212,11 +224,12 @@ def test_the_source_answers_right_or_fails_with_a_port_error(fault, uid):
 
 
 def appended(server: ScriptedImapServer, folder: str) -> list[bytes]:
-    return [message.body for message in server.folders.get(folder, None).messages] if folder in server.folders else []
+    """What the server holds in `folder`, in UID order."""
+    return [message.body for message in server.folders[folder].messages] if folder in server.folders else []
 
 
-@network_settings(120)
-@given(fault=faults(DESTINATION_COMMANDS, occurrences=2))
+@network_settings(100)
+@given(fault=faults(DESTINATION_REPLIES))
 @example(fault=Fault("APPEND", 0, Cut(30, CLOSE)))
 @example(fault=Fault("APPEND", 0, Refused(b"NO", b"[UNAVAILABLE] try later")))
 @counted
@@ -290,6 +303,7 @@ def copy_all(source_server: ScriptedImapServer, destination_server: ScriptedImap
 
 
 def assert_each_copied_once(refs, results, state, queue, source: ScriptedImapServer, destination: ScriptedImapServer):
+    event(f"{sum(r.outcome is Outcome.FAILED for r in results)} failed attempts on the way")
     assert not [r for r in results if r.outcome is Outcome.SKIPPED], "skipped a message the source has"
     assert queue.depths().dead == 0 and queue.depths().visible == 0
     assert [state.get_claim(ref.key).status for ref in refs] == [ClaimStatus.DONE] * len(refs)
@@ -297,8 +311,8 @@ def assert_each_copied_once(refs, results, state, queue, source: ScriptedImapSer
     assert appended(destination, "Work") == [m.body for m in source.folders["INBOX"].messages]
 
 
-@network_settings(60)
-@given(fault=faults(SOURCE_COMMANDS, occurrences=3))
+@network_settings(50)
+@given(fault=faults(COPY_SOURCE_REPLIES))
 @example(fault=Fault("UID FETCH", 0, OtherUid(1)))
 @example(fault=Fault("UID FETCH", 1, Cut(60, SILENT)))
 @counted
@@ -313,8 +327,8 @@ def test_copying_from_a_source_with_a_spoiled_reply_copies_each_message_once(fau
             state.close()
 
 
-@network_settings(60)
-@given(fault=faults(DESTINATION_COMMANDS, occurrences=3))
+@network_settings(50)
+@given(fault=faults(COPY_DESTINATION_REPLIES))
 @example(fault=Fault("APPEND", 1, Cut(25, CLOSE)))
 @example(fault=Fault("APPEND", 0, Garbage(b"", SILENT)))
 @counted

@@ -201,7 +201,7 @@ def assert_names_a_changed_place(refused: SettingsInvalid, changed: set[str]) ->
     assert places & changed, (refused.problems, changed)
 
 
-@settings(max_examples=400)
+@settings(max_examples=300)
 @given(
     env=st.fixed_dictionaries({}, optional={**WIRE_ENV, **NUMBER_ENV, **SECRET_ENV}),
     route=st.fixed_dictionaries({}, optional=ROUTE_FIELDS),
