@@ -311,7 +311,7 @@ def assert_each_copied_once(refs, results, state, queue, source: ScriptedImapSer
     assert appended(destination, "Work") == [m.body for m in source.folders["INBOX"].messages]
 
 
-@network_settings(50)
+@network_settings(40)
 @given(fault=faults(COPY_SOURCE_REPLIES))
 @example(fault=Fault("UID FETCH", 0, OtherUid(1)))
 @example(fault=Fault("UID FETCH", 1, Cut(60, SILENT)))
@@ -327,7 +327,7 @@ def test_copying_from_a_source_with_a_spoiled_reply_copies_each_message_once(fau
             state.close()
 
 
-@network_settings(50)
+@network_settings(40)
 @given(fault=faults(COPY_DESTINATION_REPLIES))
 @example(fault=Fault("APPEND", 1, Cut(25, CLOSE)))
 @example(fault=Fault("APPEND", 0, Garbage(b"", SILENT)))
