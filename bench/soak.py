@@ -54,7 +54,7 @@ from tests.harness.tls import make_local_ca  # noqa: E402
 IMAP_TIMEOUT = 3  # seconds: a black hole is noticed within three of these
 LEASE_SECONDS = 20  # a frozen drain is held stopped past this
 RECOVERY_TIMEOUT = 180.0  # seconds to wait for progress after a fault before calling it unrecovered
-HANG_SECONDS = 300.0  # a drain running this long (not stopped by us) counts as hung, and is killed
+HANG_SECONDS = 120.0  # a drain that writes nothing this long (not stopped by us) counts as hung, and is killed
 SOAK_ID = re.compile(rb"<soak-[0-9a-z-]+@soak\.bench>")
 GMAIL_UNAVAILABLE = "NO [UNAVAILABLE] Temporary System Error (Failure)"
 OUTLOOK_UNAVAILABLE = "NO Server Unavailable. 15"
@@ -469,15 +469,19 @@ class Drains:
         return run
 
     def wait(self, run: DrainRun, timeout: float = HANG_SECONDS) -> int:
-        """Wait for ``run`` to end; past ``timeout`` (its stopped time not counted) it is hung:
-        noted, and killed."""
+        """Wait for ``run`` to end. One that writes nothing (no progress line, no log line) for
+        ``timeout`` seconds while not stopped by the soak is hung: noted, and killed."""
+        size, quiet_since = -1, time.monotonic()
         while True:
             try:
-                code = run.proc.wait(timeout=0.2)
+                code = run.proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if time.monotonic() - run.started - run.stopped_for > timeout:
-                    log(f"HANG: {run.label} drain ({run.log_path.name}) ran {timeout:.0f} s; killed")
+                now_size = run.log_path.stat().st_size
+                if now_size != size or run.signalled == "SIGSTOP" and run.stopped_for == 0:
+                    size, quiet_since = now_size, time.monotonic()
+                elif time.monotonic() - quiet_since > timeout:
+                    log(f"HANG: {run.label} drain ({run.log_path.name}) wrote nothing for {timeout:.0f} s; killed")
                     self.hangs.append(run)
                     _signal(run, signal.SIGKILL)
         run.ended, run.code = time.monotonic(), code
