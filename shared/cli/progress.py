@@ -188,8 +188,13 @@ class RunTally:
             )
         if self.waits:
             print(f"{self.left_waiting} message(s) wait in the queue for a later run:", file=stream)
-            for pause in pauses:
-                print(f"  {describe(pause)}", file=stream)
-            for result in self.last.values():
-                if result.outcome is Outcome.BUSY:
-                    print(f"  route {result.key.route} UID {result.key.uid}: {result.detail}", file=stream)
+            reasons = [describe(pause) for pause in pauses]
+            reasons += [
+                f"route {result.key.route} UID {result.key.uid}: {readable(result.detail)}"
+                for result in self.last.values()
+                if result.outcome is Outcome.BUSY
+            ]
+            # Put off by an earlier run, which knew why: this one saw them only in flight.
+            reasons = reasons or ["put off by an earlier run (a claim held by another drain, perhaps a stopped one); `status` shows the claims"]
+            for reason in reasons:
+                print(f"  {reason}", file=stream)

@@ -14,9 +14,10 @@ Every write runs in `BEGIN IMMEDIATE` on a connection of its own, so threads and
 share the file take turns, and two receivers never get the same message while it is in flight.
 A receipt stays current until the message is received again (SQS FIFO also refuses one whose
 visibility timeout ran out; accepting it is safe, nobody else holds the message): a stale one
-changes nothing and raises nothing, in delete, extend_visibility and quarantine alike (see `shared.queue.sqs`; SQS
-cannot check a receipt before its quarantine copies the body to the DLQ, so there a stale
-quarantine leaves a harmless extra copy in the DLQ).
+raises nothing and changes nothing in extend_visibility and quarantine (see `shared.queue.sqs`;
+SQS cannot check a receipt before its quarantine copies the body to the DLQ, so there a stale
+quarantine leaves a harmless extra copy in the DLQ), nor in delete while another receiver holds
+the message in flight.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ class SqliteQueue(MessageQueue):
         in flight is due again only when its visibility timeout ends, as in SQS."""
         if max_receive_count < 1:
             raise ValueError(f"max_receive_count: {max_receive_count}, expected at least 1")
-        self._receiver = receiver
+        # Recorded with every delivery, so that a message held in flight is told from one that
+        # waits on a timer (receiver NULL).
+        self._receiver = receiver or f"unnamed:{uuid.uuid4().hex}"
         self._receiver_state = receiver_state
         self._path = Path(path)
         self._max_receive_count = max_receive_count
@@ -147,10 +150,17 @@ class SqliteQueue(MessageQueue):
             time.sleep(min(POLL_INTERVAL_SECONDS, remaining))
 
     def delete(self, message: ReceivedMessage) -> None:
+        """With a stale receipt too, unless another receiver holds the message in flight now: a
+        message is deleted once its claim is final, and a later look at it (another run that met
+        its holder stopped put it off for 20 minutes) would only find it done, while its route's
+        later messages wait behind it."""
         with self._transaction() as conn:
             conn.execute(
-                "DELETE FROM queue_messages WHERE message_id = ? AND receipt = ?",
-                (message.message_id, message.receipt),
+                """
+                DELETE FROM queue_messages WHERE message_id = :id
+                  AND (receipt = :receipt OR receiver IS NULL OR visible_at <= :now)
+                """,
+                {"id": message.message_id, "receipt": message.receipt, "now": self._clock()},
             )
 
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:

@@ -660,3 +660,36 @@ def test_sqlite_a_queue_file_from_before_receivers_were_recorded_is_upgraded(tmp
     (message,) = SqliteQueue(path, receiver="new", receiver_state=receivers_judged({})).receive(10, visibility_timeout=60)
 
     assert uids_of([message]) == [7]
+
+
+def test_sqlite_a_done_message_another_run_put_off_is_deleted_by_its_first_receiver(tmp_path):
+    # A drain frozen (SIGSTOP) past its visibility timeout; another run received the message
+    # meanwhile, met its claim's holder stopped and put the message off for 20 minutes. The
+    # frozen drain goes on, copies it and deletes it with its now stale receipt: the message is
+    # gone, and the route's next message does not wait the 20 minutes behind it.
+    path, clock = tmp_path / "queue.db", FakeClock()
+    queue = SqliteQueue(path, clock=clock)
+    queue.send_refs(refs("work", 1, 2))
+    [frozen] = queue.receive(1, visibility_timeout=20)
+    clock.advance(21)
+    [again] = queue.receive(1, visibility_timeout=20)
+    queue.extend_visibility(again, 20 * 60)
+
+    queue.delete(frozen)
+
+    assert uids_of(queue.receive(10, visibility_timeout=20)) == [2]
+
+
+def test_sqlite_a_stale_delete_leaves_a_message_another_receiver_holds_now(tmp_path):
+    path, clock = tmp_path / "queue.db", FakeClock()
+    queue = SqliteQueue(path, clock=clock)
+    queue.send_refs(refs("work", 1))
+    [stale] = queue.receive(1, visibility_timeout=20)
+    clock.advance(21)
+    [held] = queue.receive(1, visibility_timeout=20)
+
+    queue.delete(stale)
+
+    assert queue.depths() == QueueDepths(visible=0, in_flight=1, dead=0)
+    queue.delete(held)
+    assert queue.depths() == QueueDepths(visible=0, in_flight=0, dead=0)

@@ -1,13 +1,17 @@
 """What a person watching `drain` reads while it waits: which message, until when, and why; said
-again when that changes, and now and then while it does not."""
+again when that changes, and now and then while it does not. And what the summary says of the
+messages a run leaves waiting."""
 
 from __future__ import annotations
 
 import io
 import time
 
-from shared.cli.progress import WAIT_REMINDER_SECONDS, Progress, describe_wait
+from shared.cli.progress import WAIT_REMINDER_SECONDS, Progress, RunTally, describe_wait
+from shared.message_ref import UidKey
 from shared.pipeline.consume import Wait
+from shared.pipeline.copier import CopyResult, Outcome
+from tests.fakes import make_route
 
 OWNER = "local:laptop:4242:1700000000.12:0a1b2c3d"
 
@@ -55,3 +59,28 @@ def test_the_same_wait_is_said_once_then_again_after_a_while_and_a_new_one_at_on
         "route work UID 7: destination paused",
         "route work UID 8 failed, tried again: timeout",
     ]
+
+
+def test_messages_left_waiting_are_explained_even_when_this_run_only_saw_them_in_flight():
+    tally, out = RunTally(), io.StringIO()
+    tally.left_waiting = 9  # behind their route's first message, put off by another run
+
+    tally.print_summary([make_route("work")], [], stream=out)
+
+    assert out.getvalue().splitlines()[-2:] == [
+        "9 message(s) wait in the queue for a later run:",
+        "  put off by an earlier run (a claim held by another drain, perhaps a stopped one); `status` shows the claims",
+    ]
+
+
+def test_a_busy_message_left_waiting_names_its_holder_by_pid():
+    tally, out = RunTally(), io.StringIO()
+    tally.left_waiting = 1
+    why = f"held by {OWNER}, alive past its lease (stopped?): copied once it goes on or ends"
+    tally.add(CopyResult(Outcome.BUSY, UidKey("work", 7, 2), why))
+
+    tally.print_summary([make_route("work")], [], stream=out)
+
+    assert out.getvalue().splitlines()[-1] == (
+        "  route work UID 2: held by pid 4242 on host laptop, alive past its lease (stopped?): copied once it goes on or ends"
+    )
