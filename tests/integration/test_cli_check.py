@@ -241,5 +241,5 @@ def test_help_lists_only_working_commands(sync_env):
     done = setup.cli("--help")
     assert done.returncode == 0
     # argparse lists each command indented by four spaces under "positional arguments".
-    assert re.findall(r"^    ([a-z][a-z-]*)\s", done.stdout, flags=re.MULTILINE) == ["drain", "run-once", "scan", "consume", "status", "redrive", "check", "auth"]
+    assert re.findall(r"^    ([a-z][a-z-]*)\s", done.stdout, flags=re.MULTILINE) == ["drain", "run-once", "scan", "consume", "status", "redrive", "reconcile", "check", "auth"]
     assert "Exit codes: 0 ok" in " ".join(done.stdout.split())

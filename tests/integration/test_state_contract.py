@@ -739,8 +739,8 @@ def test_sqlite_health_names_a_file_that_is_not_a_database(tmp_path):
 
     assert str(unavailable.value) == (
         f"SQLite {path}: file is not a database: the file is damaged: restore it from a backup; if it is truly"
-        " lost, move it aside and run again (messages already copied within each route's window would then be"
-        " copied again)"
+        " lost, move it aside and run again: each route's window is then looked for in the destination before"
+        " anything is copied (`reconcile` does it at once), so nothing is copied twice"
     )
 
 
