@@ -227,6 +227,7 @@ def _consume(app: bootstrap.App, tally: RunTally) -> None:
         progress.finish()
     # A run never ends as if all were well while messages wait in the dead letters.
     tally.dead_letters = app.queue.depths().dead
+    tally.settle(app.state.get_claim)
 
 
 def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from shared.claim_owners import readable
@@ -15,7 +15,7 @@ from shared.pipeline.copier import FOUND_IN_DESTINATION, CopyResult, Outcome
 from shared.pipeline.pauses import describe
 from shared.pipeline.scan import RouteScan
 from shared.settings import Route
-from shared.state import Pause
+from shared.state import Claim, Pause
 
 # Not on a terminal (cron, CI, a log file): one line this often instead of a redrawn one.
 LOG_EVERY_SECONDS = 10.0
@@ -129,6 +129,15 @@ class RunTally:
             self.quarantined += 1
         else:
             self.last[result.key] = result
+
+    def settle(self, claim_of: Callable[[UidKey], Claim | None]) -> None:
+        """A message whose last attempt here failed may have been finished since by another run
+        on the same queue (a second drain): then it is not a failure of this run."""
+        for key, result in list(self.last.items()):
+            if result.outcome is Outcome.FAILED:
+                claim = claim_of(key)
+                if claim is not None and claim.status.is_final:
+                    self.last[key] = CopyResult(Outcome.ALREADY_DONE, key, f"{claim.status} by another run")
 
     @property
     def copy_failed(self) -> bool:

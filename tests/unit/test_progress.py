@@ -11,6 +11,7 @@ from shared.cli.progress import WAIT_REMINDER_SECONDS, Progress, RunTally, descr
 from shared.message_ref import UidKey
 from shared.pipeline.consume import Wait
 from shared.pipeline.copier import CopyResult, Outcome
+from shared.state import Claim, ClaimStatus
 from tests.fakes import make_route
 
 OWNER = "local:laptop:4242:1700000000.12:0a1b2c3d"
@@ -84,3 +85,22 @@ def test_a_busy_message_left_waiting_names_its_holder_by_pid():
     assert out.getvalue().splitlines()[-1] == (
         "  route work UID 2: held by pid 4242 on host laptop, alive past its lease (stopped?): copied once it goes on or ends"
     )
+
+
+def test_a_failure_another_run_finished_since_is_not_a_failure_of_this_run():
+    # Two drains on one queue: this one's APPEND was refused once (Command Error. 10), the other
+    # took the message next and skipped it for good. This run must not exit 1 for it.
+    failed, still = UidKey("work", 7, 803), UidKey("work", 7, 804)
+    tally, out = RunTally(), io.StringIO()
+    tally.add(CopyResult(Outcome.FAILED, failed, "APPEND answered BAD Command Error. 10"))
+    tally.add(CopyResult(Outcome.FAILED, still, "connection reset"))
+    claims = {failed: Claim(failed, ClaimStatus.SKIPPED, None, 0, 2, reason="rejected by the destination")}
+
+    tally.settle(claims.get)
+    tally.print_summary([make_route("work")], [], stream=out)
+
+    assert out.getvalue().splitlines()[:2] == [
+        "route work: 0 copied, 0 skipped, 1 failed, 1 already done",
+        "  UID 804: connection reset",
+    ]
+    assert tally.copy_failed  # 804 still failed
