@@ -18,8 +18,8 @@ from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
 from shared.mailbox.imap import ImapSource
 from shared.mailbox.session import open_session
 from shared.pipeline.consume import consume_queue
-from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
 from shared.pipeline.copier import CopyResult, lease_for
+from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
 from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
 from shared.redaction import scrub
