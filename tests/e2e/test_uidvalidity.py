@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -23,18 +24,31 @@ def mail(subject: str, message_id: str | None, text: str) -> bytes:
     return f"{header}From: a@example.org\r\nSubject: {subject}\r\n\r\n{text}\r\n".encode()
 
 
+def seconds_ago_today() -> dt.datetime:
+    """A time 6 s ago on the UTC day the drains below run in. Never a future INTERNALDATE: the
+    servers store "now" for one (this test failed at 00:13 UTC with dates at noon). Near midnight
+    it waits for the new day, so the start point ("today") cannot move under the test."""
+    now = dt.datetime.now(UTC)
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if now - midnight < dt.timedelta(seconds=10):
+        time.sleep((midnight + dt.timedelta(seconds=10) - now).total_seconds())
+    elif midnight + dt.timedelta(days=1) - now < dt.timedelta(minutes=2):
+        time.sleep((midnight + dt.timedelta(days=1, seconds=10) - now).total_seconds())
+    return dt.datetime.now(UTC).replace(microsecond=0) - dt.timedelta(seconds=6)
+
+
 def test_after_a_uidvalidity_change_copied_messages_are_skipped_and_new_ones_copied(sync_env, dovecot_pair):
     setup = sync_env()
     # The start point is today (a fallback window of 0 days), so "yesterday" is outside the window.
     setup.env |= {"FALLBACK_SINCE_DAYS": "0", "TZ": "UTC"}
     user = setup.routes[0].gmail_user
-    today = dt.datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    today = seconds_ago_today()
     before_start = (mail("before the start point", "<old@example.org>", "never copied"), (), today - dt.timedelta(days=3))
     first = [
         (mail("one", "<one@example.org>", "hello"), ("\\Seen",), today),
-        (mail("no id", None, "without a Message-ID"), ("\\Flagged",), today + dt.timedelta(minutes=1)),
-        (mail("twin", "<twin@example.org>", "version one"), (), today + dt.timedelta(minutes=2)),
-        (mail("twin", "<twin@example.org>", "version two"), (), today + dt.timedelta(minutes=3)),
+        (mail("no id", None, "without a Message-ID"), ("\\Flagged",), today + dt.timedelta(seconds=1)),
+        (mail("twin", "<twin@example.org>", "version one"), (), today + dt.timedelta(seconds=2)),
+        (mail("twin", "<twin@example.org>", "version two"), (), today + dt.timedelta(seconds=3)),
     ]
     seed(dovecot_pair.gmail, user, "INBOX", [before_start, *first])
     assert setup.cli("drain").returncode == 0
@@ -43,8 +57,8 @@ def test_after_a_uidvalidity_change_copied_messages_are_skipped_and_new_ones_cop
     new_uidvalidity = old_uidvalidity + 1000
     dovecot_pair.gmail.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(new_uidvalidity), "INBOX")
     new = [
-        (mail("two", "<two@example.org>", "new"), (), today + dt.timedelta(minutes=4)),
-        (mail("no id either", None, "new without a Message-ID"), ("\\Seen",), today + dt.timedelta(minutes=5)),
+        (mail("two", "<two@example.org>", "new"), (), today + dt.timedelta(seconds=4)),
+        (mail("no id either", None, "new without a Message-ID"), ("\\Seen",), today + dt.timedelta(seconds=5)),
         # Arrived now with an older date (moved in from another folder): older than the window.
         (mail("late", "<late@example.org>", "dated yesterday"), (), today - dt.timedelta(days=1)),
     ]

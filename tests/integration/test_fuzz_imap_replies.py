@@ -302,6 +302,17 @@ def copy_all(source_server: ScriptedImapServer, destination_server: ScriptedImap
         connections.close(abruptly=True)
 
 
+def copy_and_check_each_copied_once(source_fault: Fault | None, destination_fault: Fault | None) -> None:
+    with tempfile.TemporaryDirectory() as directory, scripted(
+        {"INBOX": SOURCE_MAIL}, source_fault
+    ) as source, scripted({"INBOX": []}, destination_fault) as destination:
+        refs, results, state, queue = copy_all(source, destination, Path(directory))
+        try:
+            assert_each_copied_once(refs, results, state, queue, source, destination)
+        finally:
+            state.close()
+
+
 def assert_each_copied_once(refs, results, state, queue, source: ScriptedImapServer, destination: ScriptedImapServer):
     event(f"{sum(r.outcome is Outcome.FAILED for r in results)} failed attempts on the way")
     assert not [r for r in results if r.outcome is Outcome.SKIPPED], "skipped a message the source has"
@@ -317,14 +328,7 @@ def assert_each_copied_once(refs, results, state, queue, source: ScriptedImapSer
 @example(fault=Fault("UID FETCH", 1, Cut(60, SILENT)))
 @counted
 def test_copying_from_a_source_with_a_spoiled_reply_copies_each_message_once(fault):
-    with tempfile.TemporaryDirectory() as directory, scripted({"INBOX": SOURCE_MAIL}, fault) as source, scripted(
-        {"INBOX": []}, None
-    ) as destination:
-        refs, results, state, queue = copy_all(source, destination, Path(directory))
-        try:
-            assert_each_copied_once(refs, results, state, queue, source, destination)
-        finally:
-            state.close()
+    copy_and_check_each_copied_once(source_fault=fault, destination_fault=None)
 
 
 @network_settings(40)
@@ -333,11 +337,4 @@ def test_copying_from_a_source_with_a_spoiled_reply_copies_each_message_once(fau
 @example(fault=Fault("APPEND", 0, Garbage(b"", SILENT)))
 @counted
 def test_copying_to_a_destination_with_a_spoiled_reply_copies_each_message_once(fault):
-    with tempfile.TemporaryDirectory() as directory, scripted({"INBOX": SOURCE_MAIL}, None) as source, scripted(
-        {"INBOX": []}, fault
-    ) as destination:
-        refs, results, state, queue = copy_all(source, destination, Path(directory))
-        try:
-            assert_each_copied_once(refs, results, state, queue, source, destination)
-        finally:
-            state.close()
+    copy_and_check_each_copied_once(source_fault=None, destination_fault=fault)
