@@ -55,6 +55,8 @@ IMAP_TIMEOUT = 3  # seconds: a black hole is noticed within three of these
 LEASE_SECONDS = 20  # a frozen drain is held stopped past this
 RECOVERY_TIMEOUT = 180.0  # seconds to wait for progress after a fault before calling it unrecovered
 HANG_SECONDS = 120.0  # a drain that writes nothing this long (not stopped by us) counts as hung, and is killed
+# README promises an exit within about 2 s of Ctrl-C or SIGTERM; on a loaded machine allow more.
+INTERRUPT_EXIT_SECONDS = 15.0
 SOAK_ID = re.compile(rb"<soak-[0-9a-z-]+@soak\.bench>")
 GMAIL_UNAVAILABLE = "NO [UNAVAILABLE] Temporary System Error (Failure)"
 OUTLOOK_UNAVAILABLE = "NO Server Unavailable. 15"
@@ -468,17 +470,24 @@ class Drains:
             self.runs.append(run)
         return run
 
-    def wait(self, run: DrainRun, timeout: float = HANG_SECONDS) -> int:
+    def wait(self, run: DrainRun, timeout: float = HANG_SECONDS, exit_within: float | None = None) -> int:
         """Wait for ``run`` to end. One that writes nothing (no progress line, no log line) for
-        ``timeout`` seconds while not stopped by the soak is hung: noted, and killed."""
-        size, quiet_since = -1, time.monotonic()
+        ``timeout`` seconds while not stopped by the soak is hung: noted, and killed. So is one
+        still running ``exit_within`` seconds into the wait (sent SIGINT or SIGTERM)."""
+        size, quiet_since, waited_from = -1, time.monotonic(), time.monotonic()
         while True:
             try:
                 code = run.proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
                 now_size = run.log_path.stat().st_size
-                if now_size != size or run.signalled == "SIGSTOP" and run.stopped_for == 0:
+                if exit_within is not None and time.monotonic() - waited_from > exit_within:
+                    log(f"HANG: {run.label} drain ({run.log_path.name}) still running {exit_within:.0f} s after"
+                        f" {run.signalled}; killed")
+                    self.hangs.append(run)
+                    _signal(run, signal.SIGKILL)
+                    exit_within = None
+                elif now_size != size or run.signalled == "SIGSTOP" and run.stopped_for == 0:
                     size, quiet_since = now_size, time.monotonic()
                 elif time.monotonic() - quiet_since > timeout:
                     log(f"HANG: {run.label} drain ({run.log_path.name}) wrote nothing for {timeout:.0f} s; killed")
@@ -646,7 +655,7 @@ class Soak:
         sent = time.monotonic()
         run.signalled = sig.name
         _signal(run, sig)
-        code = self.drains.wait(run, timeout=60)
+        code = self.drains.wait(run, timeout=60, exit_within=None if sig is signal.SIGKILL else INTERRUPT_EXIT_SECONDS)
         return f"{run.log_path.name} exited {code} {time.monotonic() - sent:.1f} s after {sig.name}"
 
     def kill_drain(self) -> str:
@@ -1061,6 +1070,10 @@ def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so everything is 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    # Started in the background by a shell (`nohup ... &`, cron), a process ignores SIGINT, and an
+    # ignored signal is inherited through exec: the drains would shrug off the "drain SIGINT"
+    # fault (seen: a soak waited on one for minutes). A handler is reset to default in a child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     rng = random.Random(args.seed)
     with ExitStack() as stack:
