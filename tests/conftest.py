@@ -1,8 +1,14 @@
 import pytest
 
+# The harness's asserts rewritten, as pytest_plugins' would be: these imports come before it.
+pytest.register_assert_rewrite("tests.harness")
+
+from tests.harness import fault_matrix, figures, fuzz
+
 pytest_plugins = [
     "tests.harness.aws",
     "tests.harness.fuzz",
+    "tests.harness.gather",
     "tests.harness.gmail_front",
     "tests.harness.imap_proxy",
     "tests.harness.mail",
@@ -20,3 +26,11 @@ def pytest_collection_modifyitems(config, items) -> None:
         parts = item.path.relative_to(config.rootpath).parts
         if len(parts) > 1 and parts[0] == "tests" and parts[1] in FOLDER_MARKS:
             item.add_marker(FOLDER_MARKS[parts[1]])
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    # Here, not beside the tests that fill them: under pytest-xdist the process that prints runs
+    # no test and loads no conftest.py below this one (tests/harness/gather.py brings the rows).
+    figures.write_table(terminalreporter)
+    fault_matrix.write_table(terminalreporter)
+    fuzz.write_table(terminalreporter)

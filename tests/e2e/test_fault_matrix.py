@@ -12,7 +12,7 @@ the local queue, inside its one send transaction with a row written and not comm
 
 Also: the destination Dovecot killed and restarted under a running `drain`, and moto's server
 stopped under one (a clear error and exit code; nothing lost once it is back). The matrix is
-printed at the end of the session (tests/e2e/conftest.py).
+printed at the end of the session (tests/harness/fault_matrix.py).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from moto.server import ThreadedMotoServer
 from shared.queue.sqs import create_fifo_queue_pair
 from shared.state.dynamodb import create_state_table
 from tests.harness.aws import REGION, unique_name
+from tests.harness.fault_matrix import MATRIX, Row
 from tests.harness.mail import DovecotServer, read_folder, seed, wait_for
 
 UTC = dt.timezone.utc
@@ -46,24 +47,6 @@ SHARED_ID_SECOND_UID = 4
 # A claim left by a killed run expires after this; the local queue's visibility timeout is the same.
 LEASE_SECONDS = "2"
 PARALLEL_SCENARIOS = 4
-
-
-@dataclass(frozen=True)
-class Row:
-    path: str  # "drain" or "lambda"
-    point: str
-    server: str  # the destination: "dovecot", or "outlook" (the Outlook.com front before Dovecot)
-    lost: int  # source messages not in the destination
-    duplicated: int  # extra copies of source messages
-    foreign: int  # destination messages matching no source message (bytes, flags or date changed)
-
-    @property
-    def clean(self) -> bool:
-        return self.lost == self.duplicated == self.foreign == 0
-
-
-# Read by tests/e2e/conftest.py to print the matrix after the run.
-MATRIX: list[Row] = []
 
 MESSAGE_POINTS = [
     ("after claim", "after-claim", SHARED_ID_SECOND_UID),

@@ -1,6 +1,6 @@
 """What `drain` did in each drain-level test of a server behaviour (the Gmail and Outlook.com
-fronts): one row per test, kept in BEHAVIOURS and printed after the run by
-tests/integration/conftest.py. Every figure comes from the run: the messages the test seeded,
+fronts): one row per test, kept in BEHAVIOURS and printed after the run (`write_table`, which
+tests/conftest.py calls). Every figure comes from the run: the messages the test seeded,
 what Dovecot behind the destination holds (its bytes are exactly what was APPENDed), drain's
 summary lines, and the APPENDs the Outlook front received.
 """
@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tests.harness.gather import gathered_rows
 from tests.harness.mail import DovecotServer, uidnext
 
 # drain's line per route (shared/cli/progress.py): "route NAME: C copied, S skipped (REASON: n,
@@ -41,8 +42,7 @@ class Row:
         return self.lost == self.duplicated == 0
 
 
-# Read by tests/integration/conftest.py to print the table after the run.
-BEHAVIOURS: list[Row] = []
+BEHAVIOURS: list[Row] = gathered_rows("server behaviours", Row)
 
 
 def record(
@@ -95,3 +95,27 @@ def record(
 def stored_appends(server: DovecotServer, user: str, folders: Sequence[str]) -> int:
     """APPENDs Dovecot stored into `folders`, new ones: the UIDs used (one per message saved)."""
     return sum(uidnext(server, user, folder) - 1 for folder in folders)
+
+
+def write_table(terminalreporter) -> None:
+    if not BEHAVIOURS:
+        return
+    terminalreporter.write_sep("=", "server behaviours: what drain did through the Gmail and Outlook.com fronts")
+    terminalreporter.write_line(
+        f"{'behaviour':<48} {'front':<11} {'msgs':>4} {'copied':>6} {'skipped':>7} {'lost':>4} {'duplicated':>10}"
+        f" {'failed':>6} {'dead':>4} {'APPENDs':>7} {'per msg':>7} {'most':>4}  skipped because"
+    )
+    for row in BEHAVIOURS:
+        appends = f"{row.appends}{'' if row.most is not None else '*'}"
+        per_message = f"{row.appends / row.messages:.2f}" if row.messages else "-"
+        most = "-" if row.most is None else str(row.most)
+        mark = "" if row.clean else "   <-- LOST OR DUPLICATED"
+        terminalreporter.write_line(
+            f"{row.behaviour:<48} {row.front:<11} {row.messages:>4} {row.copied:>6} {row.skipped:>7} {row.lost:>4}"
+            f" {row.duplicated:>10} {row.failed:>6} {row.dead:>4} {appends:>7} {per_message:>7} {most:>4}"
+            f"  {row.reasons or '-'}{mark}"
+        )
+    if any(row.most is None for row in BEHAVIOURS):
+        terminalreporter.write_line(
+            "* no Outlook front: the APPENDs Dovecot stored (UIDs used); a refused one is not seen"
+        )

@@ -1,9 +1,11 @@
 """The fuzz suite's Hypothesis settings, and how many inputs each of its properties tried.
 
-A pytest plugin (tests/conftest.py lists it). The profile makes every run try the same inputs
+tests/conftest.py loads it for every run. The profile makes every run try the same inputs
 (derandomize: CI cannot fail on a draw a rerun would not make) and keeps no example database in
 the work tree. Each property counts the inputs it was run on (`counted`), shrinking included,
-and the run ends with a line per property: the closing note of issue 13 quotes these numbers.
+and the run ends with a line per property (`write_table`; under pytest-xdist the counts are
+summed over the workers, tests/harness/gather.py): the closing note of issue 13 quotes these
+numbers.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from collections import Counter
 
 from hypothesis import settings
 
+from tests.harness.gather import gathered_counts
+
 # Derandomized and without a database: the same inputs on every machine and every run.
 settings.register_profile("mail_syncer", derandomize=True, database=None, print_blob=False)
 settings.load_profile("mail_syncer")
 
-INPUTS_TRIED: Counter[str] = Counter()
+INPUTS_TRIED: Counter[str] = gathered_counts("fuzz inputs")
 
 
 def counted(test):
@@ -31,7 +35,7 @@ def counted(test):
     return run
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
+def write_table(terminalreporter) -> None:
     if not INPUTS_TRIED:
         return
     terminalreporter.write_sep("=", "fuzz: inputs tried per property")

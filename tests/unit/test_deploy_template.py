@@ -10,6 +10,7 @@ checks everything. Needs Node.js 20.19+ for npx; no AWS account.
 from __future__ import annotations
 
 import email
+import fcntl
 import json
 import os
 import re
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,29 +90,45 @@ def _newer_than(path: Path, *sources: Path) -> bool:
     return path.exists() and all(path.stat().st_mtime >= source.stat().st_mtime for source in sources)
 
 
+@contextmanager
+def _one_worker_at_a_time(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """Held by one pytest-xdist worker of this run at a time; yields a folder they all share
+    (the run's own folder without xdist). What is made in it once serves every worker."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield shared
+
+
 @pytest.fixture(scope="session")
-def lambda_zip() -> Path:
+def lambda_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The code package, built unless one newer than its recipe is there."""
-    if not _newer_than(LAMBDA_ZIP, ROOT / "infra" / "build_package.py", ROOT / "pyproject.toml", LOCK):
-        subprocess.run([sys.executable, str(ROOT / "infra" / "build_package.py")], check=True, cwd=ROOT)
+    with _one_worker_at_a_time(tmp_path_factory, "lambda-zip"):
+        if not _newer_than(LAMBDA_ZIP, ROOT / "infra" / "build_package.py", ROOT / "pyproject.toml", LOCK):
+            subprocess.run([sys.executable, str(ROOT / "infra" / "build_package.py")], check=True, cwd=ROOT)
     return LAMBDA_ZIP
 
 
 @pytest.fixture(scope="session")
 def template_path(lambda_zip: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    made = ROOT / ".serverless" / TEMPLATE_NAME
-    if _newer_than(made, ROOT / "serverless.yml") and _stage_of(made) == STAGE:
-        return made
-    # A folder of our own: other runs may be packaging into .serverless/ at the same time.
-    out = tmp_path_factory.mktemp("serverless")
-    subprocess.run(
-        ["bash", str(ROOT / "infra" / "osls.sh"), "package", "--stage", STAGE, "--package", str(out)],
-        check=True,
-        cwd=ROOT,
-        timeout=600,
-        # No AWS credentials are needed to package; make sure none are used.
-        env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"AWS_REGION": "eu-west-1"},
-    )
+    # osls packages through ROOT/.serverless whatever --package says (it empties it first, then
+    # moves what it made): two at once in this checkout break each other, and one packaging
+    # fills it for a while, so one worker looks and packages for all of them.
+    with _one_worker_at_a_time(tmp_path_factory, "serverless") as shared:
+        made = ROOT / ".serverless" / TEMPLATE_NAME
+        if _newer_than(made, ROOT / "serverless.yml") and _stage_of(made) == STAGE:
+            return made
+        out = shared / "serverless"
+        if not (out / TEMPLATE_NAME).exists():
+            subprocess.run(
+                ["bash", str(ROOT / "infra" / "osls.sh"), "package", "--stage", STAGE, "--package", str(out)],
+                check=True,
+                cwd=ROOT,
+                timeout=600,
+                # No AWS credentials are needed to package; make sure none are used.
+                env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"AWS_REGION": "eu-west-1"},
+            )
     return out / TEMPLATE_NAME
 
 
