@@ -29,7 +29,8 @@ LOCK_ARGS ?= --upgrade
 # pytest-xdist workers for `make test`, apart from PYTEST_ARGS so that passing options keeps them
 # (PYTEST_WORKERS=0: one process). Most tests wait on servers, subprocesses and timeouts, so twice
 # the cores, at least 4: on 2 cores the suite took 13.5 min in one process, 5.6 with 4 or 6
-# workers, and longer with 8 (the CPU is the limit there).
+# workers, and longer with 8 (the CPU is the limit there). --dist worksteal: an idle worker takes
+# tests queued for a busy one, so a few long e2e tests do not leave the others waiting at the end.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 2 ? 2 * n : 4 )))
 
 .PHONY: test unit check drain system-packages package template lock lock-check
@@ -62,7 +63,7 @@ system-packages:
 
 test: system-packages $(SYNCED)
 	$(PY) -m ruff check --quiet .
-	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The use cases on fakes, settings, message refs and the deploy template: no Dovecot, no moto.
 unit: $(SYNCED)
