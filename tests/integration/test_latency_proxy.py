@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness.latency import DelayProxy, DelayProxyProcess, median_noop
+from tests.harness.latency import DelayProxy, DelayProxyProcess, median_noop, noop_round_trips
 
 # The bench refuses a proxy more than 3 ms plus the loopback time off; a test shares two CPUs
 # with a full suite, so it allows more. A proxy that did not delay, delayed twice, or waited a
@@ -28,8 +28,11 @@ def test_imap_noops_through_the_proxy_take_the_asked_round_trip(dovecot_pair, pr
     loopback = median_noop(server.host, server.imaps_port, server.ssl_context(), user, server.password)
     with proxy_class(server.host, server.imaps_port, rtt) as proxy:
         # IMAPS through the proxy: the TLS handshake is Dovecot's, verified against the test CA.
-        measured = median_noop(proxy.host, proxy.port, server.ssl_context(), user, server.password)
-    assert rtt <= measured <= rtt + loopback + SLACK, f"asked {rtt * 1000:.1f} ms, measured {measured * 1000:.2f} ms"
+        trips = noop_round_trips(proxy.host, proxy.port, server.ssl_context(), user, server.password, 20)
+    # The fastest trip: a busy CPU (make test's other xdist workers) only ever adds to a trip, and
+    # one that did not delay, delayed twice or per chunk has no trip within the bound.
+    fastest = min(trips)
+    assert rtt <= fastest <= rtt + loopback + SLACK, f"asked {rtt * 1000:.1f} ms, fastest {fastest * 1000:.2f} ms"
 
 
 class _Exchange:
