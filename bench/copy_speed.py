@@ -484,18 +484,7 @@ def copy_mbsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) ->
     )
     rc.chmod(0o600)
     log = run_dir / "mbsync.log"
-    with open(log, "wb") as out:
-        done = subprocess.run(
-            ["mbsync", "-c", str(rc), "bench"],
-            cwd=run_dir,
-            env={"PATH": os.environ.get("PATH", ""), "HOME": str(run_dir)},
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            timeout=3600,
-        )
-    if done.returncode != 0:
-        raise CopyFailed(f"exit code {done.returncode}; last output:\n{tail(log)}")
+    run_logged(["mbsync", "-c", str(rc), "bench"], run_dir, log)
     skipped = re.findall(
         r"message (\d+) from far side has incomplete header; skipping", log.read_text(errors="replace")
     )
@@ -506,16 +495,26 @@ def copy_imapsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) 
     """imapsync (when installed: it is not packaged for Debian 12) copying the source INBOX into
     the destination INBOX over IMAPS, the certificate checked against the test CA."""
     run_dir = Path(tempfile.mkdtemp(prefix="imapsync-", dir=servers.workdir))
-    log = run_dir / "imapsync.log"
     args = ["imapsync", "--nolog", "--noreleasecheck", "--nofoldersizes", "--folder", FOLDER]
     args += ["--tmpdir", str(run_dir), "--pidfile", str(run_dir / "imapsync.pid")]
     for n, server, port, user in (
         ("1", servers.source, link.source_port, seeded.user),
         ("2", servers.dest, link.dest_port, dest_user),
     ):
+        # From a file, not the command line, where every process listing shows it.
+        passfile = run_dir / f"password{n}"
+        passfile.write_text(server.password)
+        passfile.chmod(0o600)
         args += [f"--host{n}", "localhost", f"--port{n}", str(port), f"--ssl{n}", f"--user{n}", user]
-        args += [f"--password{n}", server.password, f"--sslargs{n}", f"SSL_ca_file={servers.ca_bundle}"]
+        args += [f"--passfile{n}", str(passfile), f"--sslargs{n}", f"SSL_ca_file={servers.ca_bundle}"]
         args += [f"--sslargs{n}", "SSL_verify_mode=1"]
+    run_logged(args, run_dir, run_dir / "imapsync.log")
+    return set()
+
+
+def run_logged(args: list[str], run_dir: Path, log: Path) -> None:
+    """Run another copier in `run_dir` (its HOME: no user configuration), its output in `log`;
+    CopyFailed with the log's last lines unless it exits 0."""
     with open(log, "wb") as out:
         done = subprocess.run(
             args,
@@ -528,7 +527,6 @@ def copy_imapsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) 
         )
     if done.returncode != 0:
         raise CopyFailed(f"exit code {done.returncode}; last output:\n{tail(log)}")
-    return set()
 
 
 def tail(path: Path, lines: int = 15) -> str:
