@@ -1,4 +1,12 @@
+import signal
+
 import pytest
+
+# A suite started in the background (`make test &` in a script, cron) ignores SIGINT, and an
+# ignored signal is inherited through exec: the drains the Ctrl-C tests start would shrug it off
+# (seen: both failed in such a run). A handler, unlike SIG_IGN, is reset to default in a child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The harness's asserts rewritten, as pytest_plugins' would be: these imports come before it.
 pytest.register_assert_rewrite("tests.harness")
