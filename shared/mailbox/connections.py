@@ -24,9 +24,9 @@ import logging
 import select
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import imapclient
@@ -34,7 +34,7 @@ import imapclient
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.imap import ImapDestination, ImapSource
-from shared.mailbox.port import AppendRejected, EndpointDown, FolderState, ListedMessage, SourceMessage, UidFloor
+from shared.mailbox.port import AppendAnswer, AppendRejected, EndpointDown, FolderState, ListedMessage, SourceMessage, UidFloor
 from shared.mailbox.session import (
     ImapAccount,
     ImapTimedOut,
@@ -220,6 +220,9 @@ class ReopeningSource:
     def has_uid(self, uid: int) -> bool:
         return self._call(lambda source: source.has_uid(uid), f"search UID {uid}")
 
+    def fetch_many(self, uids: Sequence[int]) -> dict[int, SourceMessage]:
+        return self._call(lambda source: source.fetch_many(uids), f"fetch {len(uids)} UIDs")
+
     def _call(self, operation: Callable[[ImapSource], T], what: str) -> T:
         """`operation` (read-only, so safe to repeat) on the session, and on a new one after a
         transient failure: only while the folder keeps the UIDVALIDITY the reference was made
@@ -284,6 +287,50 @@ class ReopeningDestination:
             f"APPEND of source UID {message.uid} to {folder!r}",
         )
 
+    def append_many(self, folder: str, messages: Sequence[SourceMessage]) -> list[AppendAnswer]:
+        """Each message's answer. Those that certainly did not land (a transient refusal such as
+        [UNAVAILABLE], or not sent before the session was lost) are sent again on a new session
+        under retry.COMMAND; one sent without an answer is not: it may have landed. A timeout
+        counts against the server, which may be found down (the answer's failure says so)."""
+        answers: dict[int, AppendAnswer] = {}
+        pending = list(range(len(messages)))
+
+        def attempt() -> None:
+            nonlocal pending
+            batch = [messages[index] for index in pending]
+            try:
+                got = self._call(lambda destination: destination.append_many(folder, batch), _transient, "APPEND")
+            except Exception as exc:  # noqa: BLE001 - before anything was sent (session, SELECT)
+                answers.update((index, AppendAnswer(failed=exc, sent=False)) for index in pending)
+                raise
+            if any(answer.failed is not None for answer in got):
+                self._connections.drop_destination()  # lost midway: it may be in the middle of a reply
+            answers.update(zip(pending, got))
+            pending = [index for index, answer in zip(pending, got) if _append_worth_resending(answer)]
+            if pending:
+                answer = answers[pending[0]]
+                raise answer.refused or answer.failed  # type: ignore[misc]
+
+        what = f"APPEND of {len(messages)} messages to {folder!r}"
+        try:
+            retry.call(retry.COMMAND, attempt, retry_on=_append_certainly_not_landed, what=f"destination: {what}")
+        except Exception:  # noqa: BLE001 - the answers say what became of each
+            pass
+        # Timeouts of the APPENDs themselves (those before them were counted by _call).
+        timed_out = [
+            index
+            for index, answer in answers.items()
+            if isinstance(answer.failed, ImapTimedOut) and answer.failed.step == "append"
+        ]
+        if timed_out:
+            account = self._connections._destination_account()
+            counted = timeout_counted(account, answers[timed_out[0]].failed)  # type: ignore[arg-type]
+            if isinstance(counted, ImapTimedOut):
+                counted = self._connections._unless_down(counted, self._connections._destination_adapter)
+            for index in timed_out:
+                answers[index] = replace(answers[index], failed=counted)
+        return [answers[index] for index in range(len(messages))]
+
     def _call(self, operation: Callable[[ImapDestination], T], retry_on: Callable[[BaseException], bool], what: str) -> T:
         def attempt() -> T:
             destination = self._connections._destination_adapter()
@@ -314,6 +361,12 @@ def _append_certainly_not_landed(error: BaseException) -> bool:
     # Lost before the APPEND went out (capability, select). Once it was sent, whether it landed is
     # unknown: the copy fails and the next try looks in the destination first.
     return isinstance(error, TransientImapFailure) and error.step != "append"
+
+
+def _append_worth_resending(answer: AppendAnswer) -> bool:
+    if answer.refused is not None:
+        return _append_certainly_not_landed(answer.refused)
+    return answer.failed is not None and not answer.sent and isinstance(answer.failed, TransientImapFailure)
 
 
 def _has_unread_input(client: imapclient.IMAPClient) -> bool:

@@ -34,6 +34,7 @@ from shared.mailbox.identity import FIELDS as IDENTITY_FIELDS
 from shared.mailbox.identity import Identity, header_block
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
+    AppendAnswer,
     AppendRejected,
     FolderState,
     ListedMessage,
@@ -184,18 +185,26 @@ class ImapSource:
 
     def fetch(self, uid: int) -> SourceMessage | None:
         with _failures_as_imap_failure(self._account, f"fetch UID {uid}", self._folder):
-            data = self._uid_fetch(uid, b"(BODY.PEEK[] FLAGS INTERNALDATE)")
-        body, internaldate = data.get(b"BODY[]"), data.get(b"INTERNALDATE")
-        # No answer for this UID, or Dovecot's "BODY[] NIL" for a message another session expunged
-        # ([EXPUNGEISSUED]), or a server's slip: only has_uid in a new session tells them apart.
-        if not isinstance(body, bytes) or internaldate is None:
-            return None
-        return SourceMessage(
-            uid=uid,
-            body=body,
-            flags=tuple(flag.decode("utf-8", "replace") for flag in data.get(b"FLAGS", ())),
-            internaldate=internaldate,
-        )
+            return self._fetched([uid]).get(uid)
+
+    def fetch_many(self, uids: Sequence[int]) -> dict[int, SourceMessage]:
+        what = f"fetch UIDs {_uid_set(uids)[:60]}"
+        with _failures_as_imap_failure(self._account, what, self._folder):
+            return self._fetched(uids)
+
+    def _fetched(self, uids: Sequence[int]) -> dict[int, SourceMessage]:
+        """One `UID FETCH` of the whole set: the messages served in full, by UID."""
+        messages = {}
+        for uid, data in self._uid_fetch(uids, b"(BODY.PEEK[] FLAGS INTERNALDATE)").items():
+            body, internaldate = data.get(b"BODY[]"), data.get(b"INTERNALDATE")
+            # No answer for this UID, or Dovecot's "BODY[] NIL" for a message another session
+            # expunged ([EXPUNGEISSUED]), or a server's slip: left out; only has_uid in a new
+            # session tells them apart.
+            if not isinstance(body, bytes) or internaldate is None:
+                continue
+            flags = tuple(flag.decode("utf-8", "replace") for flag in data.get(b"FLAGS", ()))
+            messages[uid] = SourceMessage(uid=uid, body=body, flags=flags, internaldate=internaldate)
+        return messages
 
     def has_uid(self, uid: int) -> bool:
         with _failures_as_imap_failure(self._account, f"search UID {uid}", self._folder):
@@ -207,18 +216,23 @@ class ImapSource:
                 raise imaplib.IMAP4.error(f"search answered UIDs not asked for: {sorted(found)[:5]}")
             return uid in found
 
-    def _uid_fetch(self, uid: int, items: bytes) -> dict[bytes, object]:
-        """The items of the FETCH responses that carry `uid`'s UID item (RFC 3501 6.4.8: every
-        response to a UID command has one). A response without it is someone else's: imapclient
-        would key it by its sequence number and could take it, or merge it, for `uid`'s."""
-        status, data = self._client._imap.uid("FETCH", str(uid), items.decode("ascii"))
+    def _uid_fetch(self, uids: Sequence[int], items: bytes) -> dict[int, dict[bytes, object]]:
+        """By UID asked for, the items of the FETCH responses that carry it as their UID item
+        (RFC 3501 6.4.8: every response to a UID command has one). A response without it, or
+        with a UID not asked for, is someone else's: imapclient would key it by its sequence
+        number and could take it, or merge it, for another's."""
+        asked = set(uids)
+        status, data = self._client._imap.uid("FETCH", _uid_set(uids), items.decode("ascii"))
         if status != "OK":
             text = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else str(data)
             raise imaplib.IMAP4.error(f"fetch failed: {text}")  # as imapclient says it
-        found: dict[bytes, object] = {}
+        found: dict[int, dict[bytes, object]] = {}
+        # parse_fetch_response keys by sequence number: a message answered in two responses
+        # (its flags apart) is merged under it, and both carry the UID.
         for response in parse_fetch_response(data, self._client.normalise_times, uid_is_key=False).values():
-            if response.get(b"UID") == uid:
-                found.update(response)
+            uid = response.get(b"UID")
+            if uid in asked:
+                found.setdefault(uid, {}).update(response)
         return found
 
 
@@ -327,52 +341,108 @@ class ImapDestination:
 
     # ---- append ------------------------------------------------------------------------------
     def append(self, folder: str, message: SourceMessage) -> int | None:
-        body = message.body
+        (answer,) = self.append_many(folder, [message])
+        if answer.failed is not None:
+            raise answer.failed
+        if answer.refused is not None:
+            raise answer.refused
+        return answer.uid
+
+    def append_many(self, folder: str, messages: Sequence[SourceMessage]) -> list[AppendAnswer]:
         capabilities = self._capabilities()
-        binary = b"\0" in body
-        if binary and b"BINARY" not in capabilities:
-            raise AppendRejected(
+        facts = self._facts(folder)  # a failure up to here is before anything was sent
+        answers: list[AppendAnswer | None] = [None] * len(messages)
+        sendable = []
+        for index, message in enumerate(messages):
+            refused = self._refused_unsent(folder, message, capabilities, facts)
+            if refused is not None:
+                answers[index] = AppendAnswer(refused=refused)
+            else:
+                sendable.append(index)
+        replies = self._send_appends(folder, [messages[index] for index in sendable], facts, capabilities)
+        refused_with_no = [k for k, reply in enumerate(replies) if isinstance(reply, tuple) and reply[0] == "NO"]
+        if refused_with_no and self._made_again(folder, replies[refused_with_no[0]][1]):
+            # Deleted or renamed by its owner mid-run: refused APPENDs did not land, so they are
+            # sent again at once, into the folder made again.
+            again = [messages[sendable[k]] for k in refused_with_no]
+            for k, reply in zip(refused_with_no, self._send_appends(folder, again, self._facts(folder), capabilities)):
+                replies[k] = reply
+        for k, reply in enumerate(replies):
+            answers[sendable[k]] = self._answer(folder, messages[sendable[k]], reply)
+        assert all(answer is not None for answer in answers)
+        return answers  # type: ignore[return-value]
+
+    def _refused_unsent(
+        self, folder: str, message: SourceMessage, capabilities: Sequence[bytes], facts: _FolderFacts
+    ) -> AppendRejected | None:
+        """The refusal of a message the server cannot take, known without sending it."""
+        body = message.body
+        if b"\0" in body and b"BINARY" not in capabilities:
+            return AppendRejected(
                 self._text(f"APPEND to {folder!r}: UID {message.uid} contains NUL bytes; the server has no BINARY"),
                 permanent=True,
                 reason="contains NUL bytes and the destination has no BINARY extension",
             )
-        facts = self._facts(folder)
         limit = _global_append_limit(capabilities)
         if limit is None:
             limit = facts.append_limit
         if limit is not None and len(body) > limit:
-            raise AppendRejected(
+            return AppendRejected(
                 self._text(f"APPEND to {folder!r}: {len(body)} bytes is above the server's APPENDLIMIT of {limit}"),
                 permanent=True,
                 reason=_TOO_LARGE,
             )
+        return None
 
-        status, text = self._send_append(folder, message, facts, binary=binary)
-        if status == "NO" and self._made_again(folder, text):
-            # Deleted or renamed by its owner mid-run: a refused APPEND did not land, so it is
-            # sent again at once, into the folder made again.
-            status, text = self._send_append(folder, message, self._facts(folder), binary=binary)
-        if status == "OK":
-            appended = _APPENDUID.search(text)
-            if appended is None:
-                return None
-            uidvalidity, uid = int(appended.group(1)), int(appended.group(2))
-            self._floors[self._key(folder)] = UidFloor(uidvalidity, uid + 1)
-            return uid
-        refusal = _refusal(self._text(f"APPEND to {folder!r} ({len(body)} bytes)"), status, text)
-        if status == "BAD" and refusal.retry_after is not None:
-            self.closing = True
-        raise refusal
+    def _send_appends(
+        self, folder: str, messages: Sequence[SourceMessage], facts: _FolderFacts, capabilities: Sequence[bytes]
+    ) -> list[tuple[str, bytes] | _NoAnswer]:
+        """Each message's tagged (status, text), or why it has none. With non-synchronising
+        literals for all, every APPEND goes out before the first answer is read (one round trip
+        for the lot); else one after the other, each waiting for the server's "+"."""
+        commands = [(self._append_command(folder, message, facts), message.body) for message in messages]
+        if all(_non_synchronising(capabilities, len(body)) for _, body in commands):
+            replies = _run_pipelined(self._client, commands)
+        else:
+            replies = []
+            for command, body in commands:
+                try:
+                    replies.append(_run_with_literal(self._client, command, body, binary=b"\0" in body))
+                except _IMAP_ERRORS as exc:
+                    replies.append(_NoAnswer(exc, sent=True))
+                    break
+        if len(replies) < len(commands) or any(isinstance(reply, _NoAnswer) for reply in replies):
+            cause = next(reply.cause for reply in replies if isinstance(reply, _NoAnswer))
+            failure = _imap_failure(self._account, "append", folder, cause)
+            replies = [_NoAnswer(failure, reply.sent) if isinstance(reply, _NoAnswer) else reply for reply in replies]
+            replies += [_NoAnswer(failure, sent=False)] * (len(commands) - len(replies))
+        return replies
 
-    def _send_append(self, folder: str, message: SourceMessage, facts: _FolderFacts, *, binary: bool) -> tuple[str, bytes]:
+    def _append_command(self, folder: str, message: SourceMessage, facts: _FolderFacts) -> bytes:
         flags = _flags_to_copy(message.flags, facts)
-        command = b'APPEND %s (%s) "%s"' % (
+        return b'APPEND %s (%s) "%s"' % (
             _quoted_mailbox(folder),
             " ".join(flags).encode("ascii"),
             datetime_to_INTERNALDATE(message.internaldate).encode("ascii"),
         )
-        with _failures_as_imap_failure(self._account, "append", folder):
-            return _run_with_literal(self._client, command, message.body, binary=binary)
+
+    def _answer(self, folder: str, message: SourceMessage, reply: tuple[str, bytes] | _NoAnswer) -> AppendAnswer:
+        if isinstance(reply, _NoAnswer):
+            return AppendAnswer(failed=reply.cause, sent=reply.sent)
+        status, text = reply
+        if status == "OK":
+            appended = _APPENDUID.search(text)
+            if appended is None:
+                return AppendAnswer(landed=True)
+            uidvalidity, uid = int(appended.group(1)), int(appended.group(2))
+            floor = self._floors.get(self._key(folder))
+            if floor is None or floor.uidvalidity != uidvalidity or uid + 1 > floor.uid:
+                self._floors[self._key(folder)] = UidFloor(uidvalidity, uid + 1)
+            return AppendAnswer(landed=True, uid=uid)
+        refusal = _refusal(self._text(f"APPEND to {folder!r} ({len(message.body)} bytes)"), status, text)
+        if status == "BAD" and refusal.retry_after is not None:
+            self.closing = True
+        return AppendAnswer(refused=refusal)
 
     def _made_again(self, folder: str, refusal: bytes) -> bool:
         """After an APPEND refused with NO: whether the folder had gone (`[TRYCREATE]`, RFC 3501
@@ -495,13 +565,39 @@ def _failures_as_imap_failure(account: ImapAccount, step: str, folder: str | Non
     try:
         yield
     except _IMAP_ERRORS as exc:
-        where = f" {folder!r}" if folder is not None else ""
-        detail = str(exc).strip() or type(exc).__name__
-        # Transient or throttled as the cause says: shared.mailbox.connections retries the former on a
-        # new session and the queue waits out the latter.
-        raise classified_failure(
-            scrub(f"{account.label} at {account.endpoint}: {step}{where} failed: {detail[:300]}"), step=step, cause=exc
-        ) from None
+        raise _imap_failure(account, step, folder, exc) from None
+
+
+def _imap_failure(account: ImapAccount, step: str, folder: str | None, cause: BaseException) -> ImapFailure:
+    where = f" {folder!r}" if folder is not None else ""
+    detail = str(cause).strip() or type(cause).__name__
+    # Transient or throttled as the cause says: shared.mailbox.connections retries the former on a
+    # new session and the queue waits out the latter.
+    return classified_failure(
+        scrub(f"{account.label} at {account.endpoint}: {step}{where} failed: {detail[:300]}"), step=step, cause=cause
+    )
+
+
+@dataclass(frozen=True)
+class _NoAnswer:
+    """An APPEND the session failed before answering: `sent` whether it went out."""
+
+    cause: BaseException
+    sent: bool
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """`uids` as an IMAP sequence set, runs written as ranges: "3:7,9,12:13"."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise ValueError("no UIDs")
+    runs: list[list[int]] = []
+    for uid in ordered:
+        if runs and uid == runs[-1][1] + 1:
+            runs[-1][1] = uid
+        else:
+            runs.append([uid, uid])
+    return ",".join(str(first) if first == last else f"{first}:{last}" for first, last in runs)
 
 
 def _inbox_normalised(folder: str) -> str:
@@ -605,6 +701,53 @@ def _refusal(context: str, status: str, text: bytes) -> AppendRejected:
     )
 
 
+def _non_synchronising(capabilities: Sequence[bytes], size: int) -> bool:
+    """Whether a literal of `size` bytes may be sent without waiting for "+" (RFC 7888)."""
+    return b"LITERAL+" in capabilities or (b"LITERAL-" in capabilities and size <= LITERAL_MINUS_MAX)
+
+
+def _run_pipelined(client: IMAPClient, commands: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, bytes] | _NoAnswer]:
+    """Send every `<tag> <command> {n+}` with its literal, then read the tagged answers, matched
+    to their commands by tag (RFC 3501 2.2.1: a client may send commands without waiting for
+    the answers of earlier ones). When the session fails midway, the commands answered by then
+    keep their answers; the rest have none, `sent` or not."""
+    imap = client._imap
+    tags: list[bytes] = []
+    failure: BaseException | None = None
+    try:
+        for command, literal in commands:
+            binary = b"\0" in literal
+            tag = imap._new_tag()
+            tags.append(tag)
+            imap.send(b"%s %s %s{%d+}\r\n%s\r\n" % (tag, command, b"~" if binary else b"", len(literal), literal))
+        while any(imap.tagged_commands.get(tag) is None for tag in tags):
+            imap._get_response()
+    except _IMAP_ERRORS as exc:
+        failure = exc
+    replies: list[tuple[str, bytes] | _NoAnswer] = []
+    for tag in tags:
+        answered = imap.tagged_commands.pop(tag, None)
+        if answered is None:
+            assert failure is not None
+            replies.append(_NoAnswer(failure, sent=True))
+            continue
+        status, (text,) = answered
+        _forget_append_responses(imap, text)
+        replies.append((status, text))
+    if failure is not None:
+        replies += [_NoAnswer(failure, sent=False)] * (len(commands) - len(tags))
+    return replies
+
+
+def _forget_append_responses(imap: imaplib.IMAP4, tagged_text: bytes) -> None:
+    """imaplib files untagged data by name and only a SELECT clears it: drop what an APPEND
+    brings (EXISTS and RECENT of a selected folder, the response code imaplib copies out of the
+    tagged line) so that a long session does not pile it up."""
+    response_code = _RESPONSE_CODE.match(tagged_text.decode("ascii", "replace"))
+    for name in ("EXISTS", "RECENT", response_code.group(1).upper() if response_code else None):
+        imap.untagged_responses.pop(name, None)
+
+
 def _run_with_literal(client: IMAPClient, command: bytes, literal: bytes, *, binary: bool) -> tuple[str, bytes]:
     """Send `<tag> <command> {n}` and `literal` byte for byte; return the tagged (status, text).
 
@@ -619,9 +762,7 @@ def _run_with_literal(client: IMAPClient, command: bytes, literal: bytes, *, bin
     the tagged one under `tagged_commands[tag]`.
     """
     capabilities = client.capabilities()  # cached; it cannot be asked in the middle of a command
-    non_synchronising = b"LITERAL+" in capabilities or (
-        b"LITERAL-" in capabilities and len(literal) <= LITERAL_MINUS_MAX
-    )
+    non_synchronising = _non_synchronising(capabilities, len(literal))
     imap = client._imap
     tag = imap._new_tag()
     announcement = b"%s{%d%s}" % (b"~" if binary else b"", len(literal), b"+" if non_synchronising else b"")
@@ -637,10 +778,5 @@ def _run_with_literal(client: IMAPClient, command: bytes, literal: bytes, *, bin
     while imap.tagged_commands[tag] is None:
         imap._get_response()
     status, (text,) = imap.tagged_commands.pop(tag)
-    # imaplib files untagged data by name and only a SELECT clears it: drop what an APPEND
-    # brings (EXISTS and RECENT of a selected folder, the response code imaplib copies out of
-    # the tagged line) so that a long session does not pile it up.
-    response_code = _RESPONSE_CODE.match(text.decode("ascii", "replace"))
-    for name in ("EXISTS", "RECENT", response_code.group(1).upper() if response_code else None):
-        imap.untagged_responses.pop(name, None)
+    _forget_append_responses(imap, text)
     return status, text

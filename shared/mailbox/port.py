@@ -102,6 +102,19 @@ class AppendRejected(MailSyncerError):
         super().__init__(message)
 
 
+@dataclass(frozen=True)
+class AppendAnswer:
+    """What became of one APPEND of a batch (DestinationMailbox.append_many): it landed (at
+    `uid`, where the server says), or was `refused` (certainly not stored), or got no answer:
+    `failed` is why, and `sent` whether it went out (then it may have landed)."""
+
+    landed: bool = False
+    uid: int | None = None
+    refused: AppendRejected | None = None
+    failed: Exception | None = None
+    sent: bool = True
+
+
 class MailboxThrottled(MailSyncerError):
     """The server asked to be left alone (Outlook's "Request is throttled", Gmail's bandwidth
     limits): not retried at once; the queue keeps the message away at least `retry_after` seconds."""
@@ -138,6 +151,10 @@ class SourceReader(Protocol):
     def has_uid(self, uid: int) -> bool:
         """`UID SEARCH UID uid`: whether the folder holds the message, as this session sees it."""
 
+    def fetch_many(self, uids: Sequence[int]) -> dict[int, SourceMessage]:
+        """One `UID FETCH` of all `uids` (BODY.PEEK[] FLAGS INTERNALDATE): the messages served in
+        full, by UID. A UID left out proves nothing, as with `fetch`."""
+
 
 class SourceMailbox(SourceReader, Protocol):
     def examine(self, folder: str) -> FolderState:
@@ -164,6 +181,12 @@ class DestinationMailbox(Protocol):
     def append(self, folder: str, message: SourceMessage) -> int | None:
         """APPEND the exact bytes with the copied flags and INTERNALDATE; the new UID from
         APPENDUID, or None when the server has no UIDPLUS. Raises AppendRejected."""
+
+    def append_many(self, folder: str, messages: Sequence[SourceMessage]) -> list[AppendAnswer]:
+        """APPEND each message as `append` does, in order, without waiting for one answer before
+        sending the next where the server allows it (LITERAL+): one answer per message, in the
+        order given. Never raises for one message's fate: a refusal or a session lost midway is
+        in its answer, and messages not sent after a loss are answered `sent=False`."""
 
     def uid_floor(self, folder: str) -> UidFloor | None:
         """Where an APPEND into `folder` made now lands at the earliest; None when the server does

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TypeVar
 
 from shared.errors import (
     ClaimLost,
@@ -32,7 +33,9 @@ from shared.errors import (
     UidNotAssigned,
 )
 from shared.mailbox.port import (
+    AppendAnswer,
     AppendRejected,
+    DestinationMailbox,
     Mailboxes,
     MailboxThrottled,
     SourceMessage,
@@ -49,12 +52,17 @@ from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, Holder
 
 log = logging.getLogger("mail_syncer.copy")
 
+T = TypeVar("T")
+
 # A lease is renewed at least this far apart during a long APPEND.
 MIN_RENEW_SECONDS = 0.5
 # The detail of a copy found in the destination instead of appended (Outcome.COPIED).
 FOUND_IN_DESTINATION = "found in the destination"
 # A message held by a process alive past its lease (stopped) is looked at again after this long.
 STOPPED_HOLDER_WAIT_SECONDS = 20 * 60
+# The bodies of one batch held in memory at once, by the sizes the source gave (a larger message
+# goes alone): bounds memory while a batch is fetched and appended.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
 THROTTLE_MARGIN_SECONDS = 1
 
@@ -142,20 +150,54 @@ class Copier:
         return bound is not None and bound.uidvalidity == ref.uidvalidity and ref.uid <= bound.last_uid
 
     def copy_message(self, ref: MessageRef) -> CopyResult:
-        try:
-            return self._copy_message(ref)
-        except ClaimLost as lost:
-            # Our lease ran out midway and another consumer took the claim: the message is its
-            # now. Not a failure of the message (nothing is recorded); the queue brings it back,
-            # by when the claim is final or free again.
-            holder = self.state.get_claim(ref.key)
-            live = holder is not None and not holder.status.is_final
-            log.warning("route %s UID %d: claim taken over midway: %s", ref.route, ref.uid, scrub(str(lost)))
-            return CopyResult(Outcome.BUSY, ref.key, str(lost), busy_until=holder.lease_until if live else None)
+        return self.copy_messages([ref])[0]
 
-    def _copy_message(self, ref: MessageRef) -> CopyResult:
-        route = self.routes[ref.route]
-        key = ref.key
+    def copy_messages(self, refs: Sequence[MessageRef]) -> list[CopyResult]:
+        """Copy messages of one route, in their queue order: one result each.
+
+        The path of a batch, top to bottom: claim each and weed out what needs no copy; fetch the
+        rest in one FETCH; look in the destination for those that may be there already; mark
+        the rest APPENDING, all before the first APPEND byte; send their APPENDs one after the
+        other without waiting (LITERAL+); finalize each by its own answer. A message that has to
+        wait (held by another process, paused, failed before its APPEND) stops the batch there:
+        the messages behind it are let go unprocessed, so that the route keeps its order."""
+        route = self.routes[refs[0].route]
+        if any(ref.route != route.name for ref in refs):
+            raise ValueError("copy_messages: one route at a time")
+        batch = _Batch(refs, _source_pause_name(route))
+        try:
+            self._claim_each(route, batch)
+            self._fetch_claimed(route, batch)
+            self._append_fetched(route, batch)
+        except KeyboardInterrupt:
+            # Stopped by the user (Ctrl-C, SIGTERM): let the claims go now, so that the next run
+            # need not wait out their leases; an APPEND cut off may have landed, and is looked for.
+            for step in batch.open_steps():
+                self._let_go(step.ref, append_outcome_unknown=step.appending or step.resuming_append)
+            raise
+        batch.let_go_rest(self)
+        return batch.results()
+
+    # -- 1. claim, and weed out what needs no copy ----------------------------------------------
+    def _claim_each(self, route: Route, batch: _Batch) -> None:
+        for step in batch.steps:
+            if step.fingerprint_seen_before(batch):
+                # Its twin is ahead of it in this batch, not yet copied: it is taken up again once
+                # the twin is final, and skipped then as its duplicate.
+                batch.stop(CopyResult(Outcome.UNPROCESSED, retry_after=0))
+                return
+            result = self._guarded(route, step, self._claim_and_check, route, step)
+            if result is not None:
+                step.result = result
+                if not result.outcome.acknowledged:
+                    batch.stop(result)
+                    return
+            else:
+                batch.claimed.append(step)
+
+    def _claim_and_check(self, route: Route, step: _Step) -> CopyResult | None:
+        """None when the message is claimed and still to be fetched; else what became of it."""
+        ref, key = step.ref, step.ref.key
         paused = self._pause_over(route)
         if paused is not None:
             # Its mailbox asked to be left alone: a command now would only be refused again.
@@ -171,115 +213,245 @@ class Copier:
                 why = f"held by {holder.owner}, alive past its lease (stopped?): copied once it goes on or ends"
                 return CopyResult(Outcome.BUSY, key, why, busy_until=self.clock() + STOPPED_HOLDER_WAIT_SECONDS)
             return CopyResult(Outcome.BUSY, key, f"claimed by {holder.owner}", busy_until=holder.lease_until)
-        resuming_append = claimed.claim.status is ClaimStatus.APPENDING
+        step.claimed = True
+        step.resuming_append = claimed.claim.status is ClaimStatus.APPENDING
         # An earlier APPEND of this message may have landed (a process died after sending it):
         # look in the destination first, from where that APPEND was to land.
-        look_first, look_from = resuming_append, _floor_of(claimed.claim)
+        step.look_first, step.look_from = step.resuming_append, _floor_of(claimed.claim)
         # Copied perhaps before this state store knew of the route: looked for everywhere.
-        unrecorded = not resuming_append and self._maybe_copied_unrecorded(ref)
-        look_first = look_first or unrecorded
-        appending = False
-        mailbox = _source_pause_name(route)  # whose throttle a failure is: the source's until the fetch is done
-        try:
-            if ref.fingerprint and not resuming_append:
-                twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
-                if twin is not None and not twin.unresolved:
-                    return self._skip(ref, f"duplicate of route {twin.route} UID {twin.uid}")
-                if twin is not None:
-                    # Its APPEND under the UID it had before the source was renumbered was
-                    # interrupted, and is looked for now that the message is back.
-                    look_first, look_from = True, _floor_of(twin)
-            if not resuming_append and (too_large := self._over_size_limit(ref)) is not None:
-                return self._skip(ref, too_large)
-            source, folder = self.mailboxes.source(route)
-            if folder.uidvalidity != ref.uidvalidity:
-                # The UID names another message now; the producer rescans the renumbered folder
-                # and fingerprints recognise what was copied already, or (an interrupted APPEND)
-                # where to look for it.
-                reason = f"UIDVALIDITY changed to {folder.uidvalidity} since it was queued"
-                if resuming_append:
-                    reason += "; its interrupted APPEND is looked for when it is queued again"
-                return self._skip(ref, reason, append_unresolved=resuming_append)
-            budget_left = self._reserve_download(route, ref)
-            if budget_left is not None:
-                return self._pause(ref, mailbox, budget_left, append_outcome_unknown=resuming_append)
+        step.unrecorded = not step.resuming_append and self._maybe_copied_unrecorded(ref)
+        step.look_first = step.look_first or step.unrecorded
+        if ref.fingerprint and not step.resuming_append:
+            twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
+            if twin is not None and not twin.unresolved:
+                return self._skip(ref, f"duplicate of route {twin.route} UID {twin.uid}")
+            if twin is not None:
+                # Its APPEND under the UID it had before the source was renumbered was
+                # interrupted, and is looked for now that the message is back.
+                step.look_first, step.look_from = True, _floor_of(twin)
+        if not step.resuming_append and (too_large := self._over_size_limit(ref)) is not None:
+            return self._skip(ref, too_large)
+        _, folder = self.mailboxes.source(route)
+        if folder.uidvalidity != ref.uidvalidity:
+            # The UID names another message now; the producer rescans the renumbered folder
+            # and fingerprints recognise what was copied already, or (an interrupted APPEND)
+            # where to look for it.
+            reason = f"UIDVALIDITY changed to {folder.uidvalidity} since it was queued"
+            if step.resuming_append:
+                reason += "; its interrupted APPEND is looked for when it is queued again"
+            return self._skip(ref, reason, append_unresolved=step.resuming_append)
+        budget_left = self._reserve_download(route, ref)
+        if budget_left is not None:
+            return self._pause(ref, step.mailbox, budget_left, append_outcome_unknown=step.resuming_append)
+        return None
+
+    # -- 2. fetch, and look for copies made before ----------------------------------------------
+    def _fetch_claimed(self, route: Route, batch: _Batch) -> None:
+        claimed = batch.claimed
+        if not claimed:
+            return
+        fetched: dict[int, SourceMessage] | None = None
+        if len(claimed) > 1:
+            try:
+                source, _ = self.mailboxes.source(route)
+                fetched = source.fetch_many([step.ref.uid for step in claimed])
+            except MailboxThrottled as throttled:
+                # The account's limit: every claimed message waits for it (none is charged).
+                for step in claimed:
+                    step.result = self._after_error(route, step, throttled)
+                batch.stop(claimed[0].result)
+                return
+            except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
+                raise
+            except Exception as exc:  # noqa: BLE001 - looked at message by message below
+                # One message the server cannot serve fails the whole FETCH: each is fetched on
+                # its own, so that only that one fails. (A lost session fails the first again.)
+                log.info("route %s: batch FETCH failed, fetching one by one: %s", route.name, scrub(str(exc)))
+                self.mailboxes.drop_source(route)
+        for step in claimed:
+            result = self._guarded(route, step, self._fetch_one, route, step, fetched)
+            if result is not None:
+                step.result = result
+                if not result.outcome.acknowledged:
+                    batch.stop(result)
+                    return
+            else:
+                batch.fetched.append(step)
+
+    def _fetch_one(self, route: Route, step: _Step, fetched: dict[int, SourceMessage] | None) -> CopyResult | None:
+        """None when the message is fetched and to be appended; else what became of it."""
+        ref = step.ref
+        if fetched is not None:
+            message = fetched.get(ref.uid)
+        else:
+            source, _ = self.mailboxes.source(route)
             message = source.fetch(ref.uid)
-            self._settle_download(route, ref, message)
-            if message is None or message.uid != ref.uid:
-                self._confirm_gone(route, ref)
-                return self._skip(ref, "gone from the source")
-            mailbox = DESTINATION
-            destination = self.mailboxes.destination()
-            if look_first:
-                found = destination.find_copies(route.outlook_folder, message, look_from)
-                if found:
-                    how = "copied before the state store knew of it" if unrecorded else "after an interrupted APPEND"
-                    return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}")
-            destination.ensure_folder(route.outlook_folder)
-            floor = destination.uid_floor(route.outlook_folder)
-            self.state.mark_appending(
-                key,
-                self.owner,
-                dest_uidvalidity=floor.uidvalidity if floor else None,
-                dest_uid_floor=floor.uid if floor else None,
-            )
-            appending = True
-            with self._lease_renewed(key):
-                dest_uid = destination.append(route.outlook_folder, message)
-            return self._done(ref, dest_uid)
-        except AppendRejected as rejected:
-            if rejected.permanent:
-                return self._skip(ref, rejected.reason)
-            if rejected.retry_after is not None:
-                # Refused by a throttle: nothing landed; the whole destination waits.
-                until = self.clock() + rejected.retry_after
-                return self._pause(ref, DESTINATION, (until, scrub(str(rejected))), append_outcome_unknown=False)
-            if rejected.final_after is not None and self._failed_before(key) + 1 >= rejected.final_after:
-                # Refused as often as it takes to be sure it is about the message, not a glitch.
-                return self._skip(ref, rejected.reason)
-            # A refusal (not a lost connection): the APPEND certainly did not land.
-            return self._fail(ref, rejected, append_outcome_unknown=False)
-        except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
-            raise
+        self._settle_download(route, ref, message)
+        if message is None or message.uid != ref.uid:
+            self._confirm_gone(route, ref)
+            return self._skip(ref, "gone from the source")
+        step.message = message
+        step.mailbox = DESTINATION  # whose throttle a failure is from here on
+        if step.look_first:
+            found = self.mailboxes.destination().find_copies(route.outlook_folder, message, step.look_from)
+            if found:
+                how = "copied before the state store knew of it" if step.unrecorded else "after an interrupted APPEND"
+                return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}")
+        return None
+
+    # -- 3. mark appending, APPEND, finalize -----------------------------------------------------
+    def _append_fetched(self, route: Route, batch: _Batch) -> None:
+        steps = batch.fetched
+        if not steps:
+            return
+        ready = self._guarded(route, steps[0], self._destination_ready, route)
+        if isinstance(ready, CopyResult):
+            steps[0].result = ready
+            batch.stop(ready)
+            return
+        destination, floor = ready
+        # Every message of the batch APPENDING, with where its APPEND lands at the earliest,
+        # before the first APPEND byte goes out.
+        for index, step in enumerate(steps):
+            result = self._guarded(route, step, self._mark_appending, step, floor)
+            if result is not None:
+                step.result = result
+                batch.stop(result)
+                steps = steps[:index]
+                break
+        if not steps:
+            return
+        with self._leases_renewed([step.ref.key for step in steps]):
+            try:
+                answers = destination.append_many(route.outlook_folder, [step.message for step in steps])
+            except Exception as exc:  # noqa: BLE001 - the port answers each; whatever slips through, unknown
+                answers = [AppendAnswer(failed=exc, sent=True)] * len(steps)
+        throttled: CopyResult | None = None  # the first APPEND of the batch a throttle answered
+        answered = False  # the session answered an APPEND of the batch
+        for step, answer in zip(steps, answers, strict=True):
+            step.appending = answer.failed is not None and answer.sent
+            if answer.landed:
+                answered = True
+                step.result = self._guarded(route, step, self._done, step.ref, answer.uid)
+            elif answered and throttled is None and step.appending and not isinstance(answer.failed, MailboxThrottled):
+                # The session ended after answering an earlier APPEND of the batch (Outlook.com
+                # ends one when its token expires): not this message's failure, so no attempt is
+                # charged; whether it landed is unknown, so it is looked for first. (A message
+                # that ends every session is charged: first in its next batch.)
+                log.info("route %s UID %d: its APPEND was left unanswered by a session that ended", route.name, step.ref.uid)
+                self._let_go(step.ref, append_outcome_unknown=True)
+                step.result = CopyResult(Outcome.UNPROCESSED)
+            elif throttled is not None and answer.failed is not None:
+                # Sent behind a throttled one, and the session ended unanswered (Outlook's BAD
+                # throttle closes it): part of the throttle, not a failure of its own; whether
+                # it landed is unknown, so it is looked for first.
+                until_why = (self.clock() + (throttled.retry_after or 0), throttled.detail)
+                step.result = self._guarded(
+                    route, step, self._pause, step.ref, DESTINATION, until_why, append_outcome_unknown=step.appending
+                )
+            else:
+                answered = answered or answer.refused is not None
+                step.result = self._after_error(route, step, answer.refused or answer.failed)
+                if throttled is None and step.result.outcome is Outcome.PAUSED and step.mailbox == DESTINATION:
+                    throttled = step.result
+
+    def _destination_ready(self, route: Route) -> tuple[DestinationMailbox, UidFloor | None]:
+        """The destination with the route's folder made, and where an APPEND lands at the earliest."""
+        destination = self.mailboxes.destination()
+        destination.ensure_folder(route.outlook_folder)
+        return destination, destination.uid_floor(route.outlook_folder)
+
+    def _mark_appending(self, step: _Step, floor: UidFloor | None) -> None:
+        self.state.mark_appending(
+            step.ref.key,
+            self.owner,
+            dest_uidvalidity=floor.uidvalidity if floor else None,
+            dest_uid_floor=floor.uid if floor else None,
+        )
+        step.appending = True
+
+    # -- what an error makes of a message -------------------------------------------------------
+    def _guarded(
+        self, route: Route, step: _Step, operation: Callable[..., T], *args: object, **kwargs: object
+    ) -> T | CopyResult:
+        try:
+            return operation(*args, **kwargs)
         except KeyboardInterrupt:
-            # Stopped by the user (Ctrl-C, SIGTERM): let the claim go now, so that the next run
-            # need not wait out its lease; an APPEND cut off may have landed, and is looked for.
-            self._let_go(ref, append_outcome_unknown=appending or resuming_append)
             raise
-        except MailboxThrottled as throttled:
-            # A throttled session is closed or closing on the server's side.
+        except ClaimLost as lost:
+            return self._lost(step, lost)
+        except Exception as exc:  # noqa: BLE001 - what it makes of the message is decided below
+            return self._after_error(route, step, exc)
+
+    def _after_error(self, route: Route, step: _Step, error: BaseException) -> CopyResult:
+        ref, key = step.ref, step.ref.key
+        append_outcome_unknown = step.appending or step.resuming_append
+        try:
+            if isinstance(error, AppendRejected):
+                if error.permanent:
+                    return self._skip(ref, error.reason)
+                if error.retry_after is not None:
+                    # Refused by a throttle: nothing landed; the whole destination waits.
+                    until = self.clock() + error.retry_after
+                    return self._pause(ref, DESTINATION, (until, scrub(str(error))), append_outcome_unknown=False)
+                if error.final_after is not None and self._failed_before(key) + 1 >= error.final_after:
+                    # Refused as often as it takes to be sure it is about the message, not a glitch.
+                    return self._skip(ref, error.reason)
+                # A refusal (not a lost connection): the APPEND certainly did not land.
+                return self._fail(ref, error, append_outcome_unknown=False)
+            if isinstance(error, (StateStoreUnavailable, QueueUnavailable, ClaimLost)):
+                raise error
+            if isinstance(error, MailboxThrottled):
+                # A throttled session is closed or closing on the server's side.
+                self.mailboxes.drop_source(route)
+                self.mailboxes.drop_destination()
+                until_why = throttle_pause(
+                    error,
+                    account=route.gmail_user,
+                    size=ref.size or 0,
+                    budget=self.download_budget if step.mailbox != DESTINATION else None,
+                    now=self.clock(),
+                )
+                return self._pause(ref, step.mailbox, until_why, append_outcome_unknown=append_outcome_unknown)
+            if not isinstance(error, Exception):
+                raise error
             self.mailboxes.drop_source(route)
             self.mailboxes.drop_destination()
-            until_why = throttle_pause(
-                throttled,
-                account=route.gmail_user,
-                size=ref.size or 0,
-                budget=self.download_budget if mailbox != DESTINATION else None,
-                now=self.clock(),
-            )
-            return self._pause(ref, mailbox, until_why, append_outcome_unknown=appending or resuming_append)
-        except Exception as exc:  # noqa: BLE001 - recorded and retried by the queue
-            self.mailboxes.drop_source(route)
-            self.mailboxes.drop_destination()
-            return self._fail(ref, exc, append_outcome_unknown=appending or resuming_append)
+            return self._fail(ref, error, append_outcome_unknown=append_outcome_unknown)
+        except ClaimLost as lost:
+            return self._lost(step, lost)
+
+    def _lost(self, step: _Step, lost: ClaimLost) -> CopyResult:
+        """Our lease ran out midway and another consumer took the claim: the message is its now.
+        Not a failure of the message (nothing is recorded); the queue brings it back, by when
+        the claim is final or free again."""
+        ref = step.ref
+        step.claimed = False
+        holder = self.state.get_claim(ref.key)
+        live = holder is not None and not holder.status.is_final
+        log.warning("route %s UID %d: claim taken over midway: %s", ref.route, ref.uid, scrub(str(lost)))
+        return CopyResult(Outcome.BUSY, ref.key, str(lost), busy_until=holder.lease_until if live else None)
 
     @contextmanager
-    def _lease_renewed(self, key: UidKey) -> Iterator[None]:
-        """An APPEND can outlast the lease (a large message on a slow link). Another process
-        would then take the claim over, find no copy yet and append its own: so the lease is
-        renewed, from a thread, every third of its length until the APPEND returns."""
+    def _leases_renewed(self, keys: Sequence[UidKey]) -> Iterator[None]:
+        """APPENDs can outlast the lease (large messages on a slow link). Another process would
+        then take a claim over, find no copy yet and append its own: so the leases are renewed,
+        from one thread, every third of their length until the APPENDs are answered."""
         every = max(MIN_RENEW_SECONDS, (self.lease_until() - time.time()) / 3)
         done = threading.Event()
 
         def renew() -> None:
             while not done.wait(every):
-                try:
-                    self.state.extend_lease(key, self.owner, self.lease_until())
-                except Exception as exc:  # noqa: BLE001 - finalize will find out; the APPEND goes on
-                    log.warning("route %s UID %d: lease not renewed during APPEND: %s", key.route, key.uid, scrub(str(exc)))
-                    return
+                for key in keys:
+                    try:
+                        self.state.extend_lease(key, self.owner, self.lease_until())
+                    except Exception as exc:  # noqa: BLE001 - finalize will find out; the APPEND goes on
+                        log.warning(
+                            "route %s UID %d: lease not renewed during APPEND: %s", key.route, key.uid, scrub(str(exc))
+                        )
+                        return
 
-        renewer = threading.Thread(target=renew, name=f"lease-{key.route}-{key.uid}", daemon=True)
+        renewer = threading.Thread(target=renew, name=f"lease-{keys[0].route}-{keys[0].uid}", daemon=True)
         renewer.start()
         try:
             yield
@@ -394,27 +566,104 @@ class Copier:
         return CopyResult(Outcome.FAILED, ref.key, text, attempts=attempts)
 
 
+@dataclass(eq=False)
+class _Step:
+    """One message on its way through a batch (Copier.copy_messages)."""
+
+    ref: MessageRef
+    mailbox: str  # whose throttle a failure is: the source account's until the fetch is done
+    claimed: bool = False
+    resuming_append: bool = False  # claimed APPENDING: an earlier APPEND of it may have landed
+    look_first: bool = False  # look in the destination before appending
+    look_from: UidFloor | None = None
+    unrecorded: bool = False  # perhaps copied before this state store knew of the route
+    message: SourceMessage | None = None
+    appending: bool = False  # marked APPENDING in this batch
+    result: CopyResult | None = None
+
+    def fingerprint_seen_before(self, batch: _Batch) -> bool:
+        fingerprint = self.ref.fingerprint
+        return bool(fingerprint) and any(
+            step.ref.fingerprint == fingerprint and step.result is None for step in batch.claimed
+        )
+
+
+class _Batch:
+    def __init__(self, refs: Sequence[MessageRef], source_mailbox: str) -> None:
+        self.steps = [_Step(ref, source_mailbox) for ref in refs]
+        self.claimed: list[_Step] = []  # claimed, to be fetched
+        self.fetched: list[_Step] = []  # fetched, to be appended
+        self.blocking: CopyResult | None = None  # the first result that stopped the batch
+
+    def stop(self, result: CopyResult | None) -> None:
+        if self.blocking is None:
+            self.blocking = result
+
+    def open_steps(self) -> list[_Step]:
+        """Claimed, and not yet finalized, released or failed."""
+        return [step for step in self.steps if step.claimed and step.result is None]
+
+    def let_go_rest(self, copier: Copier) -> None:
+        """The messages behind the one that stopped the batch: their claims let go, each left
+        unprocessed, due again when the one ahead of them is."""
+        retry_after = self.blocking.retry_after if self.blocking is not None else None
+        for step in self.steps:
+            if step.result is not None:
+                continue
+            if step.claimed:
+                copier._let_go(step.ref, append_outcome_unknown=step.resuming_append)
+            step.result = CopyResult(Outcome.UNPROCESSED, retry_after=retry_after)
+
+    def results(self) -> list[CopyResult]:
+        return [step.result for step in self.steps if step.result is not None]
+
+
 def copy_batch(
     messages: Sequence[ReceivedMessage], *, copier: Copier, queue: MessageQueue
 ) -> list[tuple[ReceivedMessage, CopyResult]]:
-    """Each message with what became of it, in the order given. A message that failed
-    `copier.max_attempts` times of its own is moved to the dead letters here; a message held back
-    behind one that waits (a throttle) waits as long, so its route's group is due again together."""
+    """Each message with what became of it, in the order given. The messages of a route are
+    copied together (Copier.copy_messages), in runs bounded by MAX_BATCH_BYTES; after one that
+    is not acknowledged, the rest of its route wait as long, so its group is due again together.
+    A message that failed `copier.max_attempts` times of its own is moved to the dead letters."""
     copier.refresh()
-    held_back: dict[str, CopyResult] = {}  # FIFO group (route) -> the result that holds it back
-    results = []
-    for message in messages:
-        blocking = held_back.get(message.group_id)
-        if blocking is not None:
-            results.append((message, CopyResult(Outcome.UNPROCESSED, retry_after=blocking.retry_after)))
-            continue
-        result = _copy_received(message, copier=copier, queue=queue)
-        if result.outcome is Outcome.FAILED and copier.max_attempts and result.attempts >= copier.max_attempts:
-            result = _give_up(message, result, queue)
-        if not result.outcome.acknowledged:
-            held_back[message.group_id] = result
-        results.append((message, result))
-    return results
+    results: dict[int, CopyResult] = {}
+    routes: dict[str, list[tuple[int, MessageRef]]] = {}  # FIFO group (route) -> its messages, in order
+    for index, message in enumerate(messages):
+        ref = _reference(message, copier=copier, queue=queue)
+        if isinstance(ref, CopyResult):
+            results[index] = ref
+        else:
+            routes.setdefault(message.group_id, []).append((index, ref))
+    for group in routes.values():
+        blocking: CopyResult | None = None
+        for run in _runs_by_size(group):
+            if blocking is not None:
+                for index, _ in run:
+                    results[index] = CopyResult(Outcome.UNPROCESSED, retry_after=blocking.retry_after)
+                continue
+            for (index, _), result in zip(run, copier.copy_messages([ref for _, ref in run]), strict=True):
+                if result.outcome is Outcome.FAILED and copier.max_attempts and result.attempts >= copier.max_attempts:
+                    result = _give_up(messages[index], result, queue)
+                if blocking is None and not result.outcome.acknowledged:
+                    blocking = result
+                results[index] = result
+    return [(message, results[index]) for index, message in enumerate(messages)]
+
+
+def _runs_by_size(group: list[tuple[int, MessageRef]]) -> Iterator[list[tuple[int, MessageRef]]]:
+    """A route's messages in runs of at most MAX_BATCH_BYTES by their sizes (a message above it
+    alone): the bodies of a run are held in memory together."""
+    run: list[tuple[int, MessageRef]] = []
+    size = 0
+    for entry in group:
+        entry_size = entry[1].size or 0
+        if run and size + entry_size > MAX_BATCH_BYTES:
+            yield run
+            run, size = [], 0
+        run.append(entry)
+        size += entry_size
+    if run:
+        yield run
 
 
 def _give_up(message: ReceivedMessage, failed: CopyResult, queue: MessageQueue) -> CopyResult:
@@ -427,14 +676,15 @@ def _give_up(message: ReceivedMessage, failed: CopyResult, queue: MessageQueue) 
     return replace(failed, outcome=Outcome.DEAD_LETTERED, detail=reason)
 
 
-def _copy_received(message: ReceivedMessage, *, copier: Copier, queue: MessageQueue) -> CopyResult:
+def _reference(message: ReceivedMessage, *, copier: Copier, queue: MessageQueue) -> MessageRef | CopyResult:
+    """The message reference a queue message carries; one that is not, quarantined."""
     try:
         ref = MessageRef.from_body(message.body)
     except MalformedMessageRef as exc:
         return _quarantine(message, str(exc), queue)
     if ref.route not in copier.routes:
         return _quarantine(message, f"queue body.route: unknown route {ref.route!r}", queue)
-    return copier.copy_message(ref)
+    return ref
 
 
 def _quarantine(message: ReceivedMessage, reason: str, queue: MessageQueue) -> CopyResult:

@@ -33,8 +33,10 @@ from shared.errors import MailSyncerError
 from shared.mailbox.identity import Identity, header_block
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
+    AppendAnswer,
     AppendRejected,
     DownloadQuotaSpent,
+    EndpointDown,
     FolderState,
     ListedMessage,
     MailboxThrottled,
@@ -153,6 +155,7 @@ class _Account:
         self.script = FaultScript(SOURCE_OPERATIONS)
         self.calls: list[tuple] = []
         self.sessions = 0
+        self.unreadable: set[int] = set()  # UIDs whose FETCH fails (make_unreadable)
         self.lock = threading.RLock()
         self._uidvalidities = itertools.count(1001)
         self._gmail_msgids = itertools.count(1_700_000_000_000_000_001)
@@ -261,6 +264,14 @@ class FakeSource:
         """E.g. `answer_next("has_uid", True)`: the operation returns `value` instead."""
         self._account.script.answer(operation, value, times)
 
+    def make_unreadable(self, uid: int) -> None:
+        """Every FETCH of `uid` fails, as for a message file the server cannot read; a FETCH of
+        several that includes it fails as a whole."""
+        self._account.unreadable.add(uid)
+
+    def make_readable(self, uid: int) -> None:
+        self._account.unreadable.discard(uid)
+
     def fetch_answers_without_body(self, times: int = 1) -> None:
         """The next FETCHes are answered OK without the body (no data, or "BODY[] NIL"), whether
         or not the message is still there."""
@@ -325,9 +336,19 @@ class FakeSource:
         answer = self._begin("fetch", uid)
         if answer is not None:
             return answer.value
+        if uid in self._account.unreadable:
+            raise FakeMailboxError(f"{self.user}: UID FETCH {uid} answered NO [SERVERBUG] Internal error")
         with self._account.lock:
             message = self._selected().messages.get(uid)
             return message.as_source_message() if message is not None else None
+
+    def fetch_many(self, uids: Sequence[int]) -> dict[int, SourceMessage]:
+        """As one FETCH of them all: a fault scripted for "fetch" of any one fails the lot."""
+        answer = self._begin("fetch_many", tuple(uids))
+        if answer is not None:
+            return answer.value
+        fetched = {uid: self.fetch(uid) for uid in uids}
+        return {uid: message for uid, message in fetched.items() if message is not None}
 
     def has_uid(self, uid: int) -> bool:
         answer = self._begin("has_uid", uid)
@@ -491,6 +512,26 @@ class FakeDestination:
         if after is not None:
             after()
         return uid if self.uidplus else None
+
+    def append_many(self, folder: str, messages: Sequence[SourceMessage]) -> list[AppendAnswer]:
+        """As pipelined APPENDs: each answered by its own fate; after a lost connection the rest
+        were sent (pipelined) and have no answer."""
+        answers: list[AppendAnswer] = []
+        for message in messages:
+            if answers and answers[-1].failed is not None and not isinstance(answers[-1].failed, MailboxThrottled):
+                answers.append(AppendAnswer(failed=answers[-1].failed, sent=True))
+                continue
+            try:
+                answers.append(AppendAnswer(landed=True, uid=self.append(folder, message)))
+            except AppendRejected as refused:
+                answers.append(AppendAnswer(refused=refused))
+            except EndpointDown as down:  # timed out: it may have landed
+                answers.append(AppendAnswer(failed=down, sent=True))
+            except MailboxThrottled as throttled:
+                answers.append(AppendAnswer(failed=throttled, sent=False))
+            except Exception as lost:  # noqa: BLE001 - the session's end, as the port reports it
+                answers.append(AppendAnswer(failed=lost, sent=True))
+        return answers
 
     def uid_floor(self, folder: str) -> UidFloor | None:
         answer = self._begin("uid_floor", folder)

@@ -34,21 +34,25 @@ def searches_for(proxy, uid: int) -> int:
     return sum(line.upper().endswith(b" UID SEARCH UID %d" % uid) for line in proxy.commands)
 
 
-def fetch_of(uid: int) -> bytes:
-    return b"FETCH %d (BODY.PEEK[]" % uid
+def fetch_of(uids: str) -> bytes:
+    """The consumer's FETCH of the UID set `uids` ("2" for one message, "2:4" for a batch)."""
+    return b"FETCH %s (BODY.PEEK[]" % uids.encode()
 
 
-def arm(proxy, fault: str, uid: int, other: int) -> None:
+def arm(proxy, fault: str, uids: list[int]) -> None:
+    """Spoil the answer to the batch FETCH of UIDs 2, 3, 4 for its first message, UID 2."""
+    batch = f"{uids[0]}:{uids[-1]}"
     if fault == "ok-without-the-body":
-        proxy.rewrite_fetch(fetch_of(uid), without_body)
+        proxy.rewrite_fetch(fetch_of(batch), without_body)
     elif fault == "ok-with-no-data":
-        proxy.rewrite_fetch(fetch_of(uid), lambda response: b"")
+        proxy.rewrite_fetch(fetch_of(batch), lambda response: b"")
     elif fault == "another-uids-data":
-        proxy.rewrite_command(fetch_of(uid), lambda line: line.replace(fetch_of(uid), fetch_of(other)))
+        others = f"{uids[1]}:{uids[-1]}"
+        proxy.rewrite_command(fetch_of(batch), lambda line: line.replace(fetch_of(batch), fetch_of(others)))
     elif fault == "by-sequence-number":
-        # A server that takes UID FETCH n for FETCH n: sequence number n is another message,
-        # answered without a UID item.
-        proxy.rewrite_command(fetch_of(uid), lambda line: line.replace(b" UID FETCH ", b" FETCH "))
+        # A server that takes UID FETCH for FETCH: sequence numbers 1 to 3 are UIDs 2 to 4 here,
+        # answered without their UID items.
+        proxy.rewrite_command(fetch_of(batch), lambda line: line.replace(b" UID " + fetch_of(batch), b" " + fetch_of("1:3")))
     else:
         raise ValueError(fault)
 
@@ -64,7 +68,7 @@ def test_a_fetch_not_answered_with_the_message_is_retried_and_every_message_copi
     uids = seeded_with_a_gap(dovecot_pair.gmail, user)
     source = read_folder(dovecot_pair.gmail, user, "INBOX")
     assert [m.uid for m in source] == uids
-    arm(proxy, fault, uids[0], uids[1])
+    arm(proxy, fault, uids)
 
     done = setup.cli("drain")
 
@@ -112,11 +116,12 @@ def test_fetch_never_takes_another_messages_answer_for_the_uid_asked(dovecot_pai
     proxy = imap_proxy(gmail)
     source = source_at(proxy.host, proxy.port, gmail, user)
     try:
-        proxy.rewrite_command(fetch_of(uids[0]), lambda line: line.replace(b" UID FETCH ", b" FETCH "))
+        first, second = str(uids[0]), str(uids[1])
+        proxy.rewrite_command(fetch_of(first), lambda line: line.replace(b" UID FETCH ", b" FETCH "))
         assert source.fetch(uids[0]) is None  # sequence number 2 is UID 3, answered without its UID
-        proxy.rewrite_command(fetch_of(uids[0]), lambda line: line.replace(fetch_of(uids[0]), fetch_of(uids[1])))
+        proxy.rewrite_command(fetch_of(first), lambda line: line.replace(fetch_of(first), fetch_of(second)))
         assert source.fetch(uids[0]) is None
-        proxy.rewrite_fetch(fetch_of(uids[0]), without_body)
+        proxy.rewrite_fetch(fetch_of(first), without_body)
         assert source.fetch(uids[0]) is None
         assert source.fetch(uids[0]).body == read_folder(gmail, user, "INBOX")[0].body
     finally:

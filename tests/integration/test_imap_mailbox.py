@@ -22,7 +22,7 @@ from shared.mailbox.connections import MailboxConnections
 from shared.mailbox.imap import SUMMARY_CHUNK, ImapDestination, ImapSource
 from shared.mailbox.port import AppendRejected, SourceMessage, UidFloor, fingerprint
 from shared.mailbox.session import ImapAccount, ImapEndpoint, open_session
-from tests.harness.mail import connect, corpus, read_folder, seed
+from tests.harness.mail import connect, corpus, expunge, read_folder, seed
 
 CORPUS = corpus()
 UTC = dt.timezone.utc
@@ -128,6 +128,43 @@ def test_corpus_copied_byte_for_byte_with_flags_and_dates(dovecot_pair, source_o
     # The source was only read: no \Seen (or anything else) added.
     assert [s.flags for s in after] == [s.flags for s in before]
     assert [s.body for s in after] == [s.body for s in before]
+
+
+def test_the_corpus_fetched_in_batches_and_appended_pipelined_byte_for_byte(dovecot_pair, source_of, destination_of):
+    """The batched copy path's two commands (fetch_many, append_many) keep every byte, flag and
+    date, and each answer is the one of its own message."""
+    gmail, outlook = dovecot_pair.gmail, dovecot_pair.outlook
+    user = gmail.new_user("batched")
+    base = dt.datetime(2021, 3, 1, 8, 0, 0, tzinfo=UTC)
+    seeds = [(m.bytes, FLAG_SETS[i % len(FLAG_SETS)], base + dt.timedelta(hours=i)) for i, m in enumerate(CORPUS)]
+    source_uids = seed(gmail, user, "INBOX", seeds)
+    source = source_of(gmail, user)
+    dest_user = outlook.new_user("batched")
+    destination = destination_of(outlook, dest_user)
+    destination.ensure_folder("Batched")
+
+    answers = []
+    for start in range(0, len(source_uids), 25):
+        uids = source_uids[start : start + 25]
+        fetched = source.fetch_many(uids)
+        assert sorted(fetched) == uids
+        answers += destination.append_many("Batched", [fetched[uid] for uid in uids])
+
+    copied = read_folder(outlook, dest_user, "Batched")
+    assert [answer.landed for answer in answers] == [True] * len(CORPUS)
+    assert [answer.uid for answer in answers] == [copy.uid for copy in copied]
+    originals = read_folder(gmail, user, "INBOX")
+    for original, copy, m in zip(originals, copied, CORPUS, strict=True):
+        assert (copy.body, copy.flags, copy.internaldate) == (original.body, original.flags, original.internaldate), m.name
+
+
+def test_fetch_many_leaves_out_what_is_not_there(dovecot_pair, source_of):
+    gmail = dovecot_pair.gmail
+    user = gmail.new_user("fetchmany")
+    uids = seed(gmail, user, "INBOX", [(message(f"m{i}"), (), WHEN) for i in range(4)])
+    expunge(gmail, user, uids[1])
+    source = source_of(gmail, user)
+    assert sorted(source.fetch_many([*uids, 999])) == [uids[0], uids[2], uids[3]]
 
 
 def test_nul_bytes_go_as_a_binary_literal_where_the_server_has_binary(dovecot_pair, destination_of):
@@ -618,6 +655,46 @@ def test_a_connection_lost_during_append_is_an_imap_failure(scripted_imap):
         ImapDestination(*server.login()).append("INBOX", SourceMessage(1, message("a"), (), WHEN))
     assert failure.value.step == "append"
     assert str(failure.value).startswith("fake account at 127.0.0.1:")
+
+
+def test_pipelined_appends_go_out_without_waiting_and_each_answer_is_its_own(scripted_imap):
+    server = scripted_imap()
+    server.replies["APPEND"] = ["OK [APPENDUID 9 5] done", "NO [UNAVAILABLE] try later", "OK [APPENDUID 9 6] done"]
+    bodies = [message(f"m{i}") for i in range(3)]
+    destination = ImapDestination(*server.login())
+
+    answers = destination.append_many("INBOX", [SourceMessage(i, body, (), WHEN) for i, body in enumerate(bodies)])
+
+    assert [(answer.landed, answer.uid) for answer in answers] == [(True, 5), (False, None), (True, 6)]
+    refused = answers[1].refused
+    assert refused is not None and not refused.permanent and "[UNAVAILABLE] try later" in str(refused)
+    assert [literal for line, literal in server.received if b" APPEND " in line] == bodies
+    assert server.continuations_sent == 0  # LITERAL+: no command waited for a "+"
+
+
+def test_a_session_lost_midway_through_pipelined_appends_leaves_the_rest_unanswered(scripted_imap):
+    server = scripted_imap()
+    server.replies["APPEND"] = ["OK [APPENDUID 9 5] done", "DISCONNECT"]
+    destination = ImapDestination(*server.login())
+
+    answers = destination.append_many("INBOX", [SourceMessage(i, message(f"m{i}"), (), WHEN) for i in range(3)])
+
+    assert answers[0].landed and answers[0].uid == 5
+    # Sent, and the server may have stored them before it went: unknown, not refused.
+    assert [(answer.landed, answer.refused, answer.sent) for answer in answers[1:]] == [(False, None, True)] * 2
+    assert all(isinstance(answer.failed, ImapFailure) and answer.failed.step == "append" for answer in answers[1:])
+
+
+def test_without_literal_plus_appends_go_one_by_one_and_a_loss_leaves_the_rest_unsent(scripted_imap):
+    server = scripted_imap(capabilities="IMAP4rev1 UIDPLUS")
+    server.replies["APPEND"] = ["OK [APPENDUID 9 5] done", "DISCONNECT"]
+    destination = ImapDestination(*server.login())
+
+    answers = destination.append_many("INBOX", [SourceMessage(i, message(f"m{i}"), (), WHEN) for i in range(3)])
+
+    assert answers[0].uid == 5
+    assert [(answer.landed, answer.sent) for answer in answers[1:]] == [(False, True), (False, False)]
+    assert server.continuations_sent == 2
 
 
 def test_a_long_session_does_not_pile_up_what_appends_answer(dovecot_pair, sessions):

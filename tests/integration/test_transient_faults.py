@@ -102,10 +102,11 @@ def test_throttled_append_waits_the_suggested_time_then_is_copied_once(
 
     (refused_at,) = proxy.refused_at
     first_uid = source[0].uid
+    # The second APPEND went out with the first (pipelined), and its own answer stands.
     assert [(r.outcome, r.key.uid) for r in results] == [
         (Outcome.PAUSED, first_uid),
-        (Outcome.COPIED, first_uid),
         (Outcome.COPIED, source[1].uid),
+        (Outcome.COPIED, first_uid),
     ]
     assert results[0].retry_after == pytest.approx(2.5, abs=0.1)  # the destination's pause, from now
     assert "throttled" in results[0].detail
@@ -217,7 +218,7 @@ def test_consumer_handler_makes_a_throttled_message_wait_the_suggested_time(
     [
         pytest.param("source", lambda proxy: proxy.cut_response(b"BODY[] {"), id="connection-cut-mid-fetch"),
         pytest.param(
-            "source", lambda proxy: proxy.drop_connection(BODY_FETCH, nth=2), id="connection-dropped-at-fetch"
+            "source", lambda proxy: proxy.drop_connection(BODY_FETCH), id="connection-dropped-at-fetch"
         ),
         pytest.param("source", lambda proxy: proxy.stall(BODY_FETCH, 6), id="fetch-reply-slower-than-imap-timeout"),
         pytest.param(
@@ -301,9 +302,9 @@ def test_access_token_expired_mid_run_is_refreshed(sync_env, dovecot_pair, imap_
     user = setup.routes[0].gmail_user
     seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(3))
     source = read_folder(dovecot_pair.gmail, user, "INBOX")
-    # At the second message's FETCH every access token stops working and the connection drops,
-    # so the source must log in again, with a token it has to refresh first.
-    proxy.drop_connection(BODY_FETCH, nth=2, before=oauth_server.expire_access_tokens)
+    # At the FETCH of the batch every access token stops working and the connection drops, so
+    # the source must log in again, with a token it has to refresh first.
+    proxy.drop_connection(BODY_FETCH, before=oauth_server.expire_access_tokens)
     refreshes = oauth_server.refresh_count("google")
 
     done = setup.cli("drain")

@@ -101,7 +101,7 @@ def test_the_loop_ends_at_once_on_an_empty_queue(world):
     assert world.state.calls == []
 
 
-def test_a_failed_message_waits_its_retry_delay_and_its_routes_next_message_waits_behind_it(world):
+def test_a_failed_message_waits_its_retry_delay_and_its_routes_next_message_waits_behind_it(world, one_message_per_batch):
     first, second = world.arrive("work"), world.arrive("work")
     world.queue.send_refs([first, second])
     first_id, second_id = sent_ids(world)

@@ -33,7 +33,7 @@ def outcomes(results: list[tuple[ReceivedMessage, CopyResult]]) -> list[tuple[st
     return [(message.group_id, result.outcome) for message, result in results]
 
 
-def test_after_a_message_that_is_not_acknowledged_the_rest_of_its_route_waits_and_other_routes_go_on(world):
+def test_after_a_message_that_is_not_acknowledged_the_rest_of_its_route_waits_and_other_routes_go_on(world, one_message_per_batch):
     work_1, work_2 = world.arrive("work"), world.arrive("work")
     news_1 = world.arrive("news")
     work_3 = world.arrive("work")
@@ -176,7 +176,7 @@ def test_throttles_never_count_as_attempts(tmp_path):
     world.close()
 
 
-def test_messages_held_back_behind_a_paused_one_wait_as_long_as_it(world):
+def test_messages_held_back_behind_a_paused_one_wait_as_long_as_it(world, one_message_per_batch):
     first, second = world.arrive("work"), world.arrive("work")
     world.queue.send_refs([first, second])
     world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=300)

@@ -1,0 +1,116 @@
+"""A route's messages copied as one batch (Copier.copy_messages): one FETCH, every claim marked
+APPENDING before the first APPEND, the APPENDs sent together, each message finalized by its own
+answer; and what a refusal, a lost session, an unreadable message or twins do to the rest."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.mailbox.port import AppendRejected
+from shared.pipeline.copier import FOUND_IN_DESTINATION, Outcome, copy_batch
+from shared.state import ClaimStatus
+from tests.fakes import FakeWorld
+from tests.fakes.mailbox import ConnectionLost
+
+
+@pytest.fixture
+def world(tmp_path):
+    world = FakeWorld.build(tmp_path)
+    yield world
+    world.close()
+
+
+def copy_queued(world: FakeWorld, refs, copier=None) -> list[tuple[int, Outcome]]:
+    world.queue.send_refs(refs)
+    batch = world.queue.receive(10, visibility_timeout=60)
+    results = copy_batch(batch, copier=copier or world.copier(), queue=world.queue)
+    for message, result in results:
+        if result.outcome.acknowledged:
+            world.queue.delete(message)
+        else:
+            world.queue.extend_visibility(message, 0)
+    return [(result.key.uid if result.key else None, result.outcome) for _, result in results]
+
+
+def bodies(world: FakeWorld, refs) -> list[bytes]:
+    return [world.source_of("work").message("INBOX", ref.uid).body for ref in refs]
+
+
+def test_a_routes_messages_are_fetched_at_once_and_all_marked_appending_before_the_first_append(world):
+    refs = [world.arrive("work") for _ in range(3)]
+    at_first_append = []
+    world.destination.before_next("append", lambda: at_first_append.extend(world.claim(ref).status for ref in refs))
+
+    assert copy_queued(world, refs) == [(ref.uid, Outcome.COPIED) for ref in refs]
+
+    assert at_first_append == [ClaimStatus.APPENDING] * 3
+    assert len(world.source_of("work").calls_to("fetch_many")) == 1
+    assert world.destination.bodies("Work") == bodies(world, refs)
+    assert [world.claim(ref).status for ref in refs] == [ClaimStatus.DONE] * 3
+
+
+def test_a_refusal_in_mid_batch_fails_only_the_message_it_concerns(world):
+    refs = [world.arrive("work") for _ in range(3)]
+    refusal = AppendRejected("APPEND answered NO [UNAVAILABLE]", permanent=False, reason="refused for now")
+    world.destination.fail_next("append", refusal, after=1)
+
+    assert copy_queued(world, refs) == [(refs[0].uid, Outcome.COPIED), (refs[1].uid, Outcome.FAILED), (refs[2].uid, Outcome.COPIED)]
+    assert world.failure(refs[1]).attempts == 1 and world.failure(refs[2]) is None
+    # Refused: it certainly did not land, so its retry appends without looking first.
+    assert world.claim(refs[1]).status is ClaimStatus.FAILED
+    assert copy_queued(world, []) == [(refs[1].uid, Outcome.COPIED)]
+    assert world.destination.calls_to("find_copies") == []
+    assert sorted(world.destination.bodies("Work")) == sorted(bodies(world, refs))
+
+
+def test_a_session_lost_after_the_first_append_leaves_the_rest_looked_for_before_appending(world):
+    refs = [world.arrive("work") for _ in range(3)]
+    world.destination.fail_next("append", ConnectionLost("destination: connection lost"), after=1)
+
+    assert copy_queued(world, refs) == [(refs[0].uid, Outcome.COPIED), (None, Outcome.UNPROCESSED), (None, Outcome.UNPROCESSED)]
+    # Sent without an answer: they may have landed. The session ended after answering the
+    # first: not their failure, so no attempt is charged.
+    assert [world.claim(ref).status for ref in refs[1:]] == [ClaimStatus.APPENDING] * 2
+    assert world.failure(refs[1]) is None and world.failure(refs[2]) is None
+
+    assert copy_queued(world, []) == [(refs[1].uid, Outcome.COPIED), (refs[2].uid, Outcome.COPIED)]
+    assert len(world.destination.calls_to("find_copies")) == 2
+    assert world.destination.bodies("Work") == bodies(world, refs)  # each once
+
+
+def test_a_session_lost_after_an_append_landed_unanswered_copies_it_once(world):
+    refs = [world.arrive("work") for _ in range(2)]
+    world.destination.lose_connection_in_next_append(landed=True)
+
+    assert copy_queued(world, refs) == [(refs[0].uid, Outcome.FAILED), (refs[1].uid, Outcome.FAILED)]
+    results = copy_batch(world.queue.receive(10, visibility_timeout=60), copier=world.copier(), queue=world.queue)
+
+    assert [(result.outcome, result.detail.startswith(FOUND_IN_DESTINATION)) for _, result in results] == [
+        (Outcome.COPIED, True), (Outcome.COPIED, False)
+    ]
+    assert world.destination.bodies("Work") == bodies(world, refs)
+
+
+def test_a_message_the_source_cannot_serve_fails_alone_and_the_rest_are_not_charged(world):
+    refs = [world.arrive("work") for _ in range(3)]
+    source = world.source_of("work")
+    source.make_unreadable(refs[1].uid)  # the batch FETCH fails for it, and so does its own
+
+    assert copy_queued(world, refs) == [(refs[0].uid, Outcome.COPIED), (refs[1].uid, Outcome.FAILED), (None, Outcome.UNPROCESSED)]
+    assert len(source.calls_to("fetch_many")) == 1
+    assert world.failure(refs[1]).attempts == 1
+    assert world.failure(refs[0]) is None and world.failure(refs[2]) is None
+    source.make_readable(refs[1].uid)
+    assert copy_queued(world, []) == [(refs[1].uid, Outcome.COPIED), (refs[2].uid, Outcome.COPIED)]
+    assert world.destination.bodies("Work") == bodies(world, refs)
+
+
+def test_twins_in_one_batch_are_copied_once(world):
+    twin = b"Message-ID: <twin@example.org>\r\nSubject: twin\r\n\r\nsame\r\n"
+    first, second = world.arrive("work", twin), world.arrive("work", twin)
+    assert first.fingerprint == second.fingerprint
+
+    assert copy_queued(world, [first, second]) == [(first.uid, Outcome.COPIED), (None, Outcome.UNPROCESSED)]
+    assert world.claim(second) is None  # not claimed: taken up once its twin is final
+    assert copy_queued(world, []) == [(second.uid, Outcome.SKIPPED)]
+    assert world.destination.bodies("Work") == [twin]
