@@ -31,7 +31,7 @@ from imapclient.response_parser import parse_fetch_response
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.identity import FIELDS as IDENTITY_FIELDS
-from shared.mailbox.identity import Identity, header_block
+from shared.mailbox.identity import Identity
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendAnswer,
@@ -41,6 +41,7 @@ from shared.mailbox.port import (
     MessageSummary,
     SourceMessage,
     UidFloor,
+    copies_in,
 )
 from shared.mailbox.session import ImapAccount, classified_failure
 from shared.redaction import scrub
@@ -506,7 +507,6 @@ class ImapDestination:
         internaldate = message.internaldate
         if internaldate.tzinfo is None:
             raise ValueError("find_copies needs a timezone-aware internaldate")
-        wanted = Identity.of(header_block(message.body))
         with _failures_as_imap_failure(self._account, "find copies", folder):
             selected = self._examined_if_exists(folder)
             if selected is None:
@@ -520,7 +520,7 @@ class ImapDestination:
                 day = internaldate.date()
                 candidates = self._client.search(["SINCE", day - dt.timedelta(days=1), "BEFORE", day + dt.timedelta(days=2)])
             listed = _listed(self._client, candidates)
-        return [copy.uid for copy in listed if copy.internaldate == internaldate and wanted.same_as(copy.identity)]
+        return copies_in(listed, message)
 
     def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
         with _failures_as_imap_failure(self._account, "list messages", folder):

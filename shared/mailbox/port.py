@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from shared.errors import MailSyncerError
-from shared.mailbox.identity import Identity
+from shared.mailbox.identity import Identity, header_block
 from shared.settings import Route
 
 # The flags copied to the destination. \Recent belongs to a session and \Deleted would hide the
@@ -63,6 +63,16 @@ class ListedMessage:
     uid: int
     internaldate: dt.datetime  # timezone-aware
     identity: Identity
+
+
+def copies_in(listed: Iterable[ListedMessage], message: SourceMessage) -> list[int]:
+    """UIDs of the `listed` messages that are copies of `message`: the same INTERNALDATE (the
+    instant its APPEND gave) and the same identity headers."""
+    same_instant = [copy for copy in listed if copy.internaldate == message.internaldate]
+    if not same_instant:
+        return []
+    wanted = Identity.of(header_block(message.body))
+    return [copy.uid for copy in same_instant if wanted.same_as(copy.identity)]
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ route is not acknowledged, the rest of that route's messages in the batch are le
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import threading
@@ -36,10 +37,12 @@ from shared.mailbox.port import (
     AppendAnswer,
     AppendRejected,
     DestinationMailbox,
+    ListedMessage,
     Mailboxes,
     MailboxThrottled,
     SourceMessage,
     UidFloor,
+    copies_in,
 )
 from shared.message_ref import MessageRef, UidKey
 from shared.pipeline.budget import DownloadBudget, in_megabytes
@@ -134,6 +137,9 @@ class Copier:
     # a batch: None until then) and met here since.
     _pauses: dict[str, Pause] | None = field(default=None, init=False, repr=False)
     _lookup_bounds: dict[str, Watermark | None] = field(default_factory=dict, init=False, repr=False)
+    # Destination folders as listed for the messages a route's first scan found (folder -> the
+    # day listed from, and its messages): see _copies_made_before.
+    _listings: dict[str, tuple[dt.date, list[ListedMessage]]] = field(default_factory=dict, init=False, repr=False)
 
     def refresh(self) -> None:
         """Read what other processes record (pauses, lookup bounds) again, at the next message:
@@ -186,7 +192,11 @@ class Copier:
                 # the twin is final, and skipped then as its duplicate.
                 batch.stop(CopyResult(Outcome.UNPROCESSED, retry_after=0))
                 return
-            result = self._guarded(route, step, self._claim_and_check, route, step)
+            # Unguarded: a claim that cannot be taken is no failure of the message's (none can
+            # be recorded without it); what raises here ends the batch.
+            result = self._claim(route, step)
+            if result is None:
+                result = self._guarded(route, step, self._check_claimed, route, step)
             if result is not None:
                 step.result = result
                 if not result.outcome.acknowledged:
@@ -195,9 +205,9 @@ class Copier:
             else:
                 batch.claimed.append(step)
 
-    def _claim_and_check(self, route: Route, step: _Step) -> CopyResult | None:
-        """None when the message is claimed and still to be fetched; else what became of it."""
-        ref, key = step.ref, step.ref.key
+    def _claim(self, route: Route, step: _Step) -> CopyResult | None:
+        """None when the message is claimed; else why it waits."""
+        key = step.ref.key
         paused = self._pause_over(route)
         if paused is not None:
             # Its mailbox asked to be left alone: a command now would only be refused again.
@@ -219,8 +229,13 @@ class Copier:
         # look in the destination first, from where that APPEND was to land.
         step.look_first, step.look_from = step.resuming_append, _floor_of(claimed.claim)
         # Copied perhaps before this state store knew of the route: looked for everywhere.
-        step.unrecorded = not step.resuming_append and self._maybe_copied_unrecorded(ref)
+        step.unrecorded = not step.resuming_append and self._maybe_copied_unrecorded(step.ref)
         step.look_first = step.look_first or step.unrecorded
+        return None
+
+    def _check_claimed(self, route: Route, step: _Step) -> CopyResult | None:
+        """None when the claimed message is still to be fetched; else what became of it."""
+        ref = step.ref
         if ref.fingerprint and not step.resuming_append:
             twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
             if twin is not None and not twin.unresolved:
@@ -293,11 +308,28 @@ class Copier:
         step.message = message
         step.mailbox = DESTINATION  # whose throttle a failure is from here on
         if step.look_first:
-            found = self.mailboxes.destination().find_copies(route.outlook_folder, message, step.look_from)
+            found = self._copies_made_before(route, step)
             if found:
                 how = "copied before the state store knew of it" if step.unrecorded else "after an interrupted APPEND"
                 return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}")
         return None
+
+    def _copies_made_before(self, route: Route, step: _Step) -> list[int]:
+        destination = self.mailboxes.destination()
+        if not (step.unrecorded and step.look_from is None):
+            # After an interrupted APPEND: looked at now, from where that APPEND was to land.
+            return destination.find_copies(route.outlook_folder, step.message, step.look_from)
+        # Found by the route's first scan, maybe copied before this state store knew of it: any
+        # such copy was there before the scan, so the folder is listed once a run from the
+        # earliest day needed (servers differ in the zone they take SEARCH dates in) and each
+        # message is matched in the listing, not looked for with a SEARCH and FETCH of its own
+        # (which made a new route's first run take about six round trips a message).
+        day = step.message.internaldate.date() - dt.timedelta(days=1)
+        listed_from, listing = self._listings.get(route.outlook_folder, (None, []))
+        if listed_from is None or day < listed_from:
+            listing = destination.identities_since(route.outlook_folder, day)
+            self._listings[route.outlook_folder] = (day, listing)
+        return copies_in(listing, step.message)
 
     # -- 3. mark appending, APPEND, finalize -----------------------------------------------------
     def _append_fetched(self, route: Route, batch: _Batch) -> None:
@@ -329,7 +361,9 @@ class Copier:
         throttled: CopyResult | None = None  # the first APPEND of the batch a throttle answered
         answered = False  # the session answered an APPEND of the batch
         for step, answer in zip(steps, answers, strict=True):
-            step.appending = answer.failed is not None and answer.sent
+            # Until finalized, whether a copy may be in the destination (landed, or sent and
+            # unanswered): a claim let go before then must be looked for first.
+            step.appending = answer.landed or (answer.failed is not None and answer.sent)
             if answer.landed:
                 answered = True
                 step.result = self._guarded(route, step, self._done, step.ref, answer.uid)

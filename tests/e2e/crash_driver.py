@@ -94,10 +94,9 @@ def install(point: str, uid: int, action: Signal) -> None:
             _after(store, "claim_uid", claimed_it, action)
     elif point == "after-fetch":
         _after(ImapSource, "fetch", lambda fetched, asked: asked == uid and fetched is not None, action)
-    elif point == "during-append":
-        _during_append(uid, action)
-    elif point == "after-append":
-        _after(ImapDestination, "append", lambda _, folder, message: message.uid == uid, action)
+        _after(ImapSource, "fetch_many", lambda fetched, asked: uid in asked and uid in fetched, action)
+    elif point in ("during-append", "after-append", "appends-sent"):
+        _watch_appends(point, uid, action)
     elif point == "after-finalize":
         for store in STATE_STORES:
             _after(store, "finalize", lambda _, key, *__: key.uid == uid, action)
@@ -134,29 +133,57 @@ def _before(cls: type, name: str, should_fire: Callable[..., bool], action: Sign
     setattr(cls, name, patched)
 
 
-def _during_append(uid: int, action: Signal) -> None:
-    """The APPEND of `uid` writes its command and half its literal, then `action`; if the process
-    goes on (SIGCONT after SIGSTOP), the rest follows on the same socket."""
-    original = ImapDestination.append
+def _watch_appends(point: str, uid: int, action: Signal) -> None:
+    """Points in the APPENDs of the batch holding `uid` (ImapDestination.append_many; `append`
+    is one of those), seen on its session's socket:
+
+    - during-append: `uid`'s APPEND has its command and half its literal written, then `action`;
+      if the process goes on (SIGCONT after SIGSTOP), the rest follows on the same socket;
+    - after-append: `uid`'s tagged answer has been read (and those before it), not the later
+      ones of its batch: a kill then leaves k of B APPENDs answered and not finalized;
+    - appends-sent: the batch's last APPEND has been written, no answer read yet."""
+    original = ImapDestination.append_many
 
     @functools.wraps(original)
-    def append(self, folder, message):
-        if message.uid == uid and not action.sent:
-            imap = self._client._imap
-            real_send = imap.send
+    def append_many(self, folder, messages):
+        body = next((message.body for message in messages if message.uid == uid), None)
+        if body is None or action.sent:
+            return original(self, folder, messages)
+        imap = self._client._imap
+        real_send, real_new_tag, real_get_response = imap.send, imap._new_tag, imap._get_response
+        tags = {"last": None, "watched": None}
 
-            def send(data: bytes) -> None:
-                imap.send = real_send  # once
-                head = data.index(b"}\r\n") + 3  # the command line with its literal's announcement
-                half = head + (len(data) - head) // 2
+        def new_tag():
+            tags["last"] = real_new_tag()
+            return tags["last"]
+
+        def send(data: bytes) -> None:
+            if point == "during-append" and body in data and not action.sent:
+                half = data.index(body) + len(body) // 2
                 real_send(data[:half])
                 action()
                 real_send(data[half:])
+                return
+            real_send(data)
+            if body in data:
+                tags["watched"] = tags["last"]  # the literal's command took the newest tag
+            if point == "appends-sent" and messages[-1].body in data:
+                action()
 
-            imap.send = send
-        return original(self, folder, message)
+        def get_response():
+            answer = real_get_response()
+            watched = tags["watched"]
+            if point == "after-append" and watched is not None and imap.tagged_commands.get(watched) is not None:
+                action()
+            return answer
 
-    ImapDestination.append = append
+        imap.send, imap._new_tag, imap._get_response = send, new_tag, get_response
+        try:
+            return original(self, folder, messages)
+        finally:
+            del imap.send, imap._new_tag, imap._get_response
+
+    ImapDestination.append_many = append_many
 
 
 # ---- the runs --------------------------------------------------------------------------------

@@ -99,7 +99,9 @@ def test_a_drain_killed_after_an_append_then_the_source_renumbered_copies_each_m
     crash = [sys.executable, "-m", "tests.e2e.crash_driver", "drain", "--kill-at", "after-append", "--uid", "2"]
     killed = subprocess.run(crash, env=setup.env, cwd=setup.workdir, capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == 2  # UID 1, and UID 2 unrecorded
+    # UID 1, and UID 2 unrecorded; the batch's later APPENDs were sent with them, unanswered
+    # when it was killed, and may have landed too.
+    assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) >= 2
 
     status = dovecot_pair.gmail.doveadm("mailbox", "status", "-u", user, "uidvalidity", "INBOX").stdout
     renumbered = int(status.strip().split("=")[1]) + 1000

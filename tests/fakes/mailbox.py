@@ -43,6 +43,7 @@ from shared.mailbox.port import (
     MessageSummary,
     SourceMessage,
     UidFloor,
+    copies_in,
 )
 from shared.settings import Route
 from tests.fakes.faults import Answer, FaultScript
@@ -550,17 +551,11 @@ class FakeDestination:
             return answer.value
         if message.internaldate.tzinfo is None:
             raise ValueError("find_copies needs a timezone-aware internaldate")
-        wanted = Identity.of(header_block(message.body))
         with self._lock:
             found = self.folders.get(folder)
             lowest = since.uid if since is not None and found is not None and found.uidvalidity == since.uidvalidity else 1
-        return [
-            stored.uid
-            for stored in self.messages(folder)
-            if stored.uid >= lowest
-            and stored.internaldate == message.internaldate  # the same instant
-            and wanted.same_as(Identity.of(header_block(self.served(stored.body))))
-        ]
+        listed = [stored.listed(self.served(stored.body)) for stored in self.messages(folder) if stored.uid >= lowest]
+        return copies_in(listed, message)
 
     def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
         answer = self._begin("identities_since", (folder, day))

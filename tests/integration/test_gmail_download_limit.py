@@ -25,9 +25,9 @@ BODY_LINES = 3800  # 78 bytes a line: about 300,000 bytes a message
 def big_message(n: int) -> bytes:
     head = (
         f"From: Alice <alice@example.org>\r\nTo: Bob <bob@example.org>\r\nSubject: Report {n}\r\n"
-        f"Message-ID: <report-{n}@example.org>\r\nDate: Mon, 6 May 2024 07:08:0{n} +0200\r\n\r\n"
+        f"Message-ID: <report-{n}@example.org>\r\nDate: Mon, 6 May 2024 07:08:{n:02d} +0200\r\n\r\n"
     )
-    return head.encode() + (f"{n}" * 76 + "\r\n").encode() * BODY_LINES
+    return head.encode() + (f"{n % 10}" * 76 + "\r\n").encode() * BODY_LINES
 
 
 def a_day_passes(state_db: str) -> None:
@@ -119,21 +119,23 @@ def test_overquota_pauses_the_account_for_its_window_then_the_rest_is_copied_onc
     front = gmail_front(dovecot_pair.gmail, download_budget=700_000)
     setup.env |= {"GMAIL_IMAP_HOST": front.host, "GMAIL_IMAP_PORT": str(front.port)}
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", [big_message(n) for n in range(1, 6)])
+    # Twelve: the drain fetches a batch of ten with one FETCH, which crosses the limit and is
+    # served; the next batch's FETCH is refused.
+    seed(dovecot_pair.gmail, user, "INBOX", [big_message(n) for n in range(1, 13)])
     source = read_folder(dovecot_pair.gmail, user, "INBOX")
 
     done = setup.cli("drain", timeout=300)
 
     # The front serves the FETCH that crosses its limit, then answers [OVERQUOTA] to everything.
     assert done.returncode == 6, done.stdout + done.stderr
-    assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
+    assert "route work: 10 copied, 0 skipped, 0 failed" in done.stdout
     assert "[OVERQUOTA] Account exceeded command or bandwidth limits" in done.stdout
     assert "waits for the daily download window" in done.stdout
     # Nothing of ours is in the window but this hour's: it waits the whole window.
     assert 23 < hours_from_now(pause_ends(done.stdout, user)) <= 24
     status = json.loads(setup.cli("status", "--json").stdout)
     (route,) = status["routes"]
-    assert route["failures"] == {} and route["claims"].get("failed", 0) <= 1  # released, never failed
+    assert route["failures"] == {} and route["claims"].get("failed", 0) <= 2  # released, never failed
     assert [pause["mailbox"] for pause in status["pauses"]] == [f"source {user}"]
     assert status["downloads"] == [{"account": user, "last_24_hours_bytes": 2_000_000_000, "budget_bytes": 2_000_000_000}]
 

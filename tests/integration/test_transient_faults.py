@@ -288,9 +288,10 @@ def test_session_the_server_closed_between_messages_is_reopened_before_the_next_
     assert done.returncode == 0, done.stdout + done.stderr
     assert "route work: 3 copied, 0 skipped, 0 failed" in done.stdout
     assert proxy.connections == 2
-    # Noticed before the next APPEND was sent, so that one was not left in doubt and retried.
+    # The APPENDs sent with the first (pipelined) were left unanswered by the ended session: no
+    # failure of theirs, so not retried through the queue; looked for, and appended if missing,
+    # in the batch that follows on the new session.
     assert no_queue_retry(done), done.stderr
-    assert proxy.sent(b" APPEND ") == 3
     assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, "Work"))
 
 

@@ -114,3 +114,47 @@ def test_twins_in_one_batch_are_copied_once(world):
     assert world.claim(second) is None  # not claimed: taken up once its twin is final
     assert copy_queued(world, []) == [(second.uid, Outcome.SKIPPED)]
     assert world.destination.bodies("Work") == [twin]
+
+
+def test_ctrl_c_while_finalizing_leaves_the_landed_copies_to_be_found_not_appended_again(world):
+    refs = [world.arrive("work") for _ in range(3)]
+    world.state.fail("finalize", after=1, times=1, error=KeyboardInterrupt())
+    world.queue.send_refs(refs)
+    batch = world.queue.receive(10, visibility_timeout=60)
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_batch(batch, copier=world.copier(), queue=world.queue)
+
+    # All three landed; the first is final; the others, let go unfinalized, stay APPENDING (a
+    # claim let go as failed would be appended again without a look: a second copy).
+    assert [world.claim(ref).status for ref in refs] == [ClaimStatus.DONE, ClaimStatus.APPENDING, ClaimStatus.APPENDING]
+    assert [world.claim(ref).owner for ref in refs[1:]] == [None, None]
+    again = copy_batch(batch, copier=world.copier("consumer-2"), queue=world.queue)
+    assert [(result.outcome, result.detail) for _, result in again] == [
+        (Outcome.ALREADY_DONE, ""),
+        (Outcome.COPIED, f"{FOUND_IN_DESTINATION} after an interrupted APPEND"),
+        (Outcome.COPIED, f"{FOUND_IN_DESTINATION} after an interrupted APPEND"),
+    ]
+    assert world.destination.bodies("Work") == bodies(world, refs)
+
+
+def test_a_new_routes_first_messages_are_matched_in_one_listing_of_the_destination(world):
+    """Found by a route's first scan (the state store knew nothing of it): each may have been
+    copied before. The destination folder is listed once a run, not searched per message (six
+    round trips a message made a new route's first run slow at any latency)."""
+    refs = [world.arrive("work") for _ in range(4)]
+    world.destination.create_folder("Work")
+    for ref in refs[:2]:  # copied by an earlier run whose state was lost
+        world.destination.append("Work", world.source_of("work").message("INBOX", ref.uid).as_source_message())
+    world.state.set_lookup_bound("work", refs[0].uidvalidity, refs[-1].uid)
+    world.destination.calls.clear()
+
+    copier = world.copier()  # one a drain run
+    first = copy_queued(world, refs[:3], copier)
+    second = copy_queued(world, refs[3:], copier)
+
+    assert first + second == [(ref.uid, Outcome.COPIED) for ref in refs]
+    assert world.destination.bodies("Work") == bodies(world, refs)  # each once
+    operations = [operation for operation, _ in world.destination.calls]
+    assert operations.count("identities_since") == 1
+    assert "find_copies" not in operations
