@@ -720,10 +720,16 @@ def _run_pipelined(client: IMAPClient, commands: Sequence[tuple[bytes, bytes]]) 
             tag = imap._new_tag()
             tags.append(tag)
             imap.send(b"%s %s %s{%d+}\r\n%s\r\n" % (tag, command, b"~" if binary else b"", len(literal), literal))
+    except _IMAP_ERRORS as exc:
+        failure = exc
+    # Read the answers, also after a failed send: a server that ends the session after answering
+    # an APPEND (Outlook.com when a token expires) makes the next send fail, and the answers
+    # given before it are still to be read.
+    try:
         while any(imap.tagged_commands.get(tag) is None for tag in tags):
             imap._get_response()
     except _IMAP_ERRORS as exc:
-        failure = exc
+        failure = failure or exc
     replies: list[tuple[str, bytes] | _NoAnswer] = []
     for tag in tags:
         answered = imap.tagged_commands.pop(tag, None)
