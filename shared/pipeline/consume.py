@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shared.pipeline.copier import Copier, CopyResult, Outcome, copy_batch, throttled_visibility
-from shared.queue import MAX_BATCH, MessageQueue, ReceivedMessage
+from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 
 # A failed message waits 2, 4, 8 ... seconds before its next try, at most this long.
@@ -64,13 +64,13 @@ def consume_queue(
     parked: dict[str, float] = {}  # message id -> when due: waiting longer than max_pause_wait
     waiting: dict[str, tuple[float, str]] = {}  # message id -> when due, and why it waits
     while True:
-        messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout)
+        messages = queue.receive(queue.max_receive, visibility_timeout=visibility_timeout)
         if not messages:
             depths = queue.depths()
             if depths.visible == 0 and depths.in_flight == 0:
                 return 0
             # Messages are waiting out a retry delay: long-poll until one is back.
-            messages = queue.receive(MAX_BATCH, visibility_timeout=visibility_timeout, wait_seconds=2)
+            messages = queue.receive(queue.max_receive, visibility_timeout=visibility_timeout, wait_seconds=2)
             if not messages and 0 < depths.in_flight <= _waiting_long(queue, parked, max_pause_wait):
                 # All in flight wait long; whatever is visible is of their routes, behind them.
                 return depths.in_flight + depths.visible
@@ -82,13 +82,13 @@ def consume_queue(
         except KeyboardInterrupt:
             _make_due_again(queue, messages)
             raise
+        done = [message for message, result in results if result.outcome.acknowledged and not result.outcome.moved]
+        queue.delete_many(done)  # one commit for the batch
         for message, result in results:
             parked.pop(message.message_id, None)
             waiting.pop(message.message_id, None)
-            if result.outcome.moved:
-                pass  # in the dead letters already
-            elif result.outcome.acknowledged:
-                queue.delete(message)
+            if result.outcome.moved or result.outcome.acknowledged:
+                pass  # in the dead letters already, or deleted above
             elif result.outcome is Outcome.FAILED:
                 delay = retry_delay(message.receive_count)
                 queue.extend_visibility(message, delay)

@@ -186,24 +186,34 @@ class Copier:
 
     # -- 1. claim, and weed out what needs no copy ----------------------------------------------
     def _claim_each(self, route: Route, batch: _Batch) -> None:
-        for step in batch.steps:
-            if step.fingerprint_seen_before(batch):
-                # Its twin is ahead of it in this batch, not yet copied: it is taken up again once
-                # the twin is final, and skipped then as its duplicate.
-                batch.stop(CopyResult(Outcome.UNPROCESSED, retry_after=0))
-                return
-            # Unguarded: a claim that cannot be taken is no failure of the message's (none can
-            # be recorded without it); what raises here ends the batch.
-            result = self._claim(route, step)
-            if result is None:
-                result = self._guarded(route, step, self._check_claimed, route, step)
-            if result is not None:
+        claimed: list[_Step] = []
+        # Every claim of the batch in one commit, before anything is fetched. A claim that cannot
+        # be taken is no failure of the message's (none can be recorded without it): what raises
+        # here ends the batch.
+        with self.state.batched():
+            for step in batch.steps:
+                if step.fingerprint_seen_before(claimed):
+                    # Its twin is ahead of it in this batch, not yet copied: it is taken up again
+                    # once the twin is final, and skipped then as its duplicate.
+                    batch.stop(CopyResult(Outcome.UNPROCESSED, retry_after=0))
+                    break
+                result = self._claim(route, step)
+                if result is None:
+                    claimed.append(step)
+                    continue
                 step.result = result
                 if not result.outcome.acknowledged:
                     batch.stop(result)
-                    return
-            else:
+                    break
+        for step in claimed:
+            result = self._guarded(route, step, self._check_claimed, route, step)
+            if result is None:
                 batch.claimed.append(step)
+                continue
+            step.result = result
+            if not result.outcome.acknowledged:
+                batch.stop(result)
+                return
 
     def _claim(self, route: Route, step: _Step) -> CopyResult | None:
         """None when the message is claimed; else why it waits."""
@@ -342,15 +352,16 @@ class Copier:
             batch.stop(ready)
             return
         destination, floor = ready
-        # Every message of the batch APPENDING, with where its APPEND lands at the earliest,
-        # before the first APPEND byte goes out.
-        for index, step in enumerate(steps):
-            result = self._guarded(route, step, self._mark_appending, step, floor)
-            if result is not None:
-                step.result = result
-                batch.stop(result)
-                steps = steps[:index]
-                break
+        # Every message of the batch APPENDING, with where its APPEND lands at the earliest, in
+        # one commit before the first APPEND byte goes out.
+        with self.state.batched():
+            for index, step in enumerate(steps):
+                result = self._guarded(route, step, self._mark_appending, step, floor)
+                if result is not None:
+                    step.result = result
+                    batch.stop(result)
+                    steps = steps[:index]
+                    break
         if not steps:
             return
         with self._leases_renewed([step.ref.key for step in steps]):
@@ -358,8 +369,14 @@ class Copier:
                 answers = destination.append_many(route.outlook_folder, [step.message for step in steps])
             except Exception as exc:  # noqa: BLE001 - the port answers each; whatever slips through, unknown
                 answers = [AppendAnswer(failed=exc, sent=True)] * len(steps)
+        # The results of the batch in one commit.
+        with self.state.batched():
+            self._finalize_each(route, steps, answers)
+
+    def _finalize_each(self, route: Route, steps: Sequence[_Step], answers: Sequence[AppendAnswer]) -> None:
         throttled: CopyResult | None = None  # the first APPEND of the batch a throttle answered
         answered = False  # the session answered an APPEND of the batch
+        charged = False  # the session's failure was charged to an earlier message of the batch
         for step, answer in zip(steps, answers, strict=True):
             # Until finalized, whether a copy may be in the destination (landed, or sent and
             # unanswered): a claim let go before then must be looked for first.
@@ -367,13 +384,20 @@ class Copier:
             if answer.landed:
                 answered = True
                 step.result = self._guarded(route, step, self._done, step.ref, answer.uid)
-            elif answered and throttled is None and step.appending and not isinstance(answer.failed, MailboxThrottled):
+            elif (
+                (answered or charged)
+                and throttled is None
+                and answer.failed is not None
+                and not isinstance(answer.failed, MailboxThrottled)
+            ):
                 # The session ended after answering an earlier APPEND of the batch (Outlook.com
-                # ends one when its token expires): not this message's failure, so no attempt is
-                # charged; whether it landed is unknown, so it is looked for first. (A message
-                # that ends every session is charged: first in its next batch.)
-                log.info("route %s UID %d: its APPEND was left unanswered by a session that ended", route.name, step.ref.uid)
-                self._let_go(step.ref, append_outcome_unknown=True)
+                # ends one when its token expires), or failed with an earlier one, charged for it:
+                # not this message's failure, so no attempt is charged. Sent, whether it landed
+                # is unknown, so it is looked for first. (A message that ends every session is
+                # charged: first in its next batch.)
+                how = "left unanswered by" if answer.sent else "not sent, for"
+                log.info("route %s UID %d: its APPEND was %s a session that ended", route.name, step.ref.uid, how)
+                self._let_go(step.ref, append_outcome_unknown=step.appending)
                 step.result = CopyResult(Outcome.UNPROCESSED)
             elif throttled is not None and answer.failed is not None:
                 # Sent behind a throttled one, and the session ended unanswered (Outlook's BAD
@@ -385,6 +409,7 @@ class Copier:
                 )
             else:
                 answered = answered or answer.refused is not None
+                charged = charged or answer.failed is not None
                 step.result = self._after_error(route, step, answer.refused or answer.failed)
                 if throttled is None and step.result.outcome is Outcome.PAUSED and step.mailbox == DESTINATION:
                     throttled = step.result
@@ -615,11 +640,9 @@ class _Step:
     appending: bool = False  # marked APPENDING in this batch
     result: CopyResult | None = None
 
-    def fingerprint_seen_before(self, batch: _Batch) -> bool:
+    def fingerprint_seen_before(self, ahead: Sequence[_Step]) -> bool:
         fingerprint = self.ref.fingerprint
-        return bool(fingerprint) and any(
-            step.ref.fingerprint == fingerprint and step.result is None for step in batch.claimed
-        )
+        return bool(fingerprint) and any(step.ref.fingerprint == fingerprint for step in ahead)
 
 
 class _Batch:

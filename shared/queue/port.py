@@ -72,15 +72,24 @@ class MessageQueue(abc.ABC):
         only when every ref was accepted; otherwise raises QueueUnavailable naming how many
         failed (some may have been sent: dedup and the UID claim make a resend harmless)."""
 
+    # The most one receive gives: SQS's 10; the local queue gives more (one process copies them,
+    # a batch's FETCH and APPENDs each one round trip however many it holds).
+    max_receive: int = MAX_BATCH
+
     @abc.abstractmethod
     def receive(
         self, max_messages: int = MAX_BATCH, visibility_timeout: int = 60, wait_seconds: int = 0
     ) -> list[ReceivedMessage]:
-        """Up to `max_messages` (<= MAX_BATCH), invisible for `visibility_timeout` seconds."""
+        """Up to `max_messages` (<= max_receive), invisible for `visibility_timeout` seconds."""
 
     @abc.abstractmethod
     def delete(self, message: ReceivedMessage) -> None:
         """Acknowledge. A stale receipt (the message was received again since) deletes nothing."""
+
+    def delete_many(self, messages: Sequence[ReceivedMessage]) -> None:
+        """`delete` each; an adapter that can does it in one request or transaction."""
+        for message in messages:
+            self.delete(message)
 
     @abc.abstractmethod
     def extend_visibility(self, message: ReceivedMessage, seconds: int) -> None:
@@ -124,9 +133,9 @@ class MessageQueue(abc.ABC):
         """Release connections."""
 
 
-def check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int) -> None:
-    if not 1 <= max_messages <= MAX_BATCH:
-        raise ValueError(f"max_messages: {max_messages}, expected 1 to {MAX_BATCH}")
+def check_receive_arguments(max_messages: int, visibility_timeout: int, wait_seconds: int, most: int = MAX_BATCH) -> None:
+    if not 1 <= max_messages <= most:
+        raise ValueError(f"max_messages: {max_messages}, expected 1 to {most}")
     if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
         raise ValueError(f"wait_seconds: {wait_seconds}, expected 0 to {MAX_WAIT_SECONDS}")
     check_visibility(visibility_timeout)

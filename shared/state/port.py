@@ -10,7 +10,8 @@ Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlit
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -273,6 +274,14 @@ class StateStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional for adapters
         """Release connections."""
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """The writes made inside are committed together when it ends, also when it ends with an
+        exception (each write stays all or nothing, and a failed one is undone alone): a batch's
+        claims, its APPENDING marks, its results, each a single commit. An adapter that cannot
+        (DynamoDB) writes each at once, as outside."""
+        yield
 
     # -- token problems (a refused refresh token, for `status`) ----------------------------
     # The rotated tokens themselves are never in state: see shared.tokens.store.TokenFile.

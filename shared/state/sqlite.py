@@ -143,7 +143,8 @@ class SqliteStateStore(StateStore):
     def __init__(self, path: str | os.PathLike, *, clock: Callable[[], float] = time.time):
         self._path = Path(path)
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._batch_open = False  # within batched(): each transaction is a savepoint in its one
         # Opened on first use, so a bad path surfaces in check_health (the gate), not here.
         self._db: sqlite3.Connection | None = None
 
@@ -403,16 +404,40 @@ class SqliteStateStore(StateStore):
             yield db
 
     @contextmanager
+    def batched(self) -> Iterator[None]:
+        # One commit (and one fsync) for a batch's writes instead of one each. The write lock is
+        # taken at the start and held to the end: other processes wait meanwhile, so the copier
+        # makes no network call inside.
+        with self._lock:
+            if self._batch_open:
+                yield  # part of the batch already open
+                return
+            with self._translated_errors():
+                db = self._connection()
+                db.execute("BEGIN IMMEDIATE")
+            self._batch_open = True
+            try:
+                yield
+            finally:
+                self._batch_open = False
+                with self._translated_errors():
+                    if db.in_transaction:  # SQLite may have rolled back already (a full disk does)
+                        db.execute("COMMIT")
+
+    @contextmanager
     def _transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
         with self._lock, self._translated_errors():
             db = self._connection()
-            db.execute(begin)
+            # Holding the lock while a batch is open means being inside it (it holds the lock).
+            end, undo = ("RELEASE one", ("ROLLBACK TO one", "RELEASE one")) if self._batch_open else ("COMMIT", ("ROLLBACK",))
+            db.execute("SAVEPOINT one" if self._batch_open else begin)
             try:
                 yield db
-                db.execute("COMMIT")
+                db.execute(end)
             except BaseException:
                 if db.in_transaction:
-                    db.execute("ROLLBACK")
+                    for statement in undo:
+                        db.execute(statement)
                 raise
 
     @contextmanager

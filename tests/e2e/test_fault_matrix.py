@@ -253,8 +253,12 @@ def test_destination_dovecot_killed_and_restarted_during_append(sync_env, doveco
     row = Row("drain", "destination Dovecot killed and restarted during APPEND", "dovecot", *faults(source, destination))
     MATRIX.append(row)
     assert returncode == 0, running.output()
-    # The outage was met (UID 4's APPEND failed), and then got over.
-    assert f"UID {SHARED_ID_SECOND_UID} failed (attempt 1)" in running.err.read_text(), running.output()
+    # The outage was met at UID 4's APPEND, half sent before the kill: a failure of its own, or,
+    # when the answers to the APPENDs sent before it were read (they are, from the socket's
+    # buffer), one of the session that ended; and then got over.
+    err = running.err.read_text()
+    met = (f"UID {SHARED_ID_SECOND_UID} failed (attempt 1)", f"UID {SHARED_ID_SECOND_UID}: its APPEND was left unanswered")
+    assert any(line in err for line in met), running.output()
     assert "route restart: 12 copied, 0 skipped, 0 failed" in running.out.read_text(), running.output()
     assert row.clean, row
 

@@ -87,6 +87,9 @@ class FailingStateStore(StateStore):
                 raise outage.error or StateStoreUnavailable(f"{self.inner.describe()}: {method}: backend unreachable (fake outage)")
 
     # -- StateStore, delegated --------------------------------------------------------------------
+    def batched(self):
+        return self.inner.batched()
+
     def read_watermark(self, route: str) -> Watermark | None:
         self._enter("read_watermark")
         return self.inner.read_watermark(route)

@@ -222,6 +222,29 @@ def test_delete_acknowledges(queue):
     assert queue.receive() == []
 
 
+def test_a_receive_gives_up_to_its_backends_most_and_refuses_to_be_asked_more(queue):
+    assert queue.max_receive >= 10
+    queue.send_refs(refs("alpha", *range(1, queue.max_receive + 3)))
+    with pytest.raises(ValueError, match=f"max_messages: {queue.max_receive + 1}, expected 1 to {queue.max_receive}"):
+        queue.receive(queue.max_receive + 1)
+
+    assert len(queue.receive(queue.max_receive)) == queue.max_receive
+
+
+def test_delete_many_acknowledges_those_given_and_no_other(queue):
+    queue.send_refs(refs("alpha", 1, 2, 3) + refs("beta", 1))
+    received = queue.receive()
+    assert len(received) == 4
+
+    queue.delete_many([received[0], received[2]])
+    queue.delete_many([])
+
+    assert queue.depths() == QueueDepths(visible=0, in_flight=2, dead=0)
+    for message in (received[1], received[3]):
+        queue.extend_visibility(message, 0)
+    assert sorted(m.body for m in queue.receive()) == sorted([received[1].body, received[3].body])
+
+
 def test_extend_visibility_to_zero_makes_the_message_visible_at_once(backend):
     queue = backend.queue
     queue.send_refs(refs("alpha", 1))

@@ -830,3 +830,39 @@ def test_a_lookup_bound_is_kept_once_per_route(store):
     bound = store.read_lookup_bound(ROUTE)
     assert (bound.uidvalidity, bound.last_uid) == (7, 40)
     assert (store.read_lookup_bound("other").uidvalidity, store.read_lookup_bound("other").last_uid) == (3, 5)
+
+
+# -- batched writes ------------------------------------------------------------------------------
+def test_writes_in_a_batch_all_hold_after_it_and_a_refused_one_is_undone_alone(store, clock):
+    first, second = uid_key(1), uid_key(2)
+    with pytest.raises(RuntimeError, match="the batch ends with an error"):
+        with store.batched():
+            assert claim(store, first, "a", clock).outcome is ClaimOutcome.CLAIMED
+            with pytest.raises(ClaimLost):
+                store.mark_appending(second, "a")  # never claimed: refused, and nothing written
+            assert claim(store, second, "a", clock).outcome is ClaimOutcome.CLAIMED
+            store.mark_appending(second, "a")
+            assert store.get_claim(second).status is ClaimStatus.APPENDING  # read back inside
+            raise RuntimeError("the batch ends with an error")
+    # Each write that was made holds (as it would have outside a batch); the refused one left none.
+    assert (store.get_claim(first).status, store.get_claim(first).owner) == (ClaimStatus.IN_PROGRESS, "a")
+    assert (store.get_claim(second).status, store.get_claim(second).owner) == (ClaimStatus.APPENDING, "a")
+    assert claim(store, first, "b", clock).outcome is ClaimOutcome.HELD
+
+
+def test_a_sqlite_batch_is_one_commit_that_other_processes_see_whole(tmp_path, clock):
+    path = tmp_path / "state.db"
+    store, other = SqliteStateStore(path, clock=clock), SqliteStateStore(path, clock=clock)
+    try:
+        store.check_health()
+        keys = [uid_key(uid) for uid in range(1, 4)]
+        with store.batched():
+            for key in keys:
+                claim(store, key, "a", clock)
+            # Not committed yet: another connection sees none of them (WAL readers see the last commit).
+            with sqlite3.connect(path) as reader:
+                assert reader.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+        assert [other.get_claim(key).owner for key in keys] == ["a", "a", "a"]
+    finally:
+        store.close()
+        other.close()
