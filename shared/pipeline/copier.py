@@ -63,9 +63,14 @@ MIN_RENEW_SECONDS = 0.5
 FOUND_IN_DESTINATION = "found in the destination"
 # A message held by a process alive past its lease (stopped) is looked at again after this long.
 STOPPED_HOLDER_WAIT_SECONDS = 20 * 60
-# The bodies of one batch held in memory at once, by the sizes the source gave (a larger message
-# goes alone): bounds memory while a batch is fetched and appended.
-MAX_BATCH_BYTES = 16 * 1024 * 1024
+# The sizes (as the source gave them) of the messages one batch claims at once (a larger message
+# goes alone): bounds how long a batch takes, not memory (see CHUNK_BYTES).
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+# A batch is fetched and appended in chunks, the next one's FETCH overlapping this one's APPENDs:
+# the bodies of two chunks at most are in memory at once. Each chunk costs a round trip or two,
+# so chunks are large: at 40 to 100 ms, chunks of 25 made a batch of 100 slower than one chunk.
+CHUNK_MESSAGES = 250
+CHUNK_BYTES = 8 * 1024 * 1024
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
 THROTTLE_MARGIN_SECONDS = 1
 
@@ -161,20 +166,21 @@ class Copier:
     def copy_messages(self, refs: Sequence[MessageRef]) -> list[CopyResult]:
         """Copy messages of one route, in their queue order: one result each.
 
-        The path of a batch, top to bottom: claim each and weed out what needs no copy; fetch the
-        rest in one FETCH; look in the destination for those that may be there already; mark
-        the rest APPENDING, all before the first APPEND byte; send their APPENDs one after the
-        other without waiting (LITERAL+); finalize each by its own answer. A message that has to
-        wait (held by another process, paused, failed before its APPEND) stops the batch there:
-        the messages behind it are let go unprocessed, so that the route keeps its order."""
+        The path of a batch, top to bottom: claim each (one commit) and weed out what needs no
+        copy; then, a chunk at a time, fetch the chunk in one FETCH; look in the destination for
+        those that may be there already; mark the rest APPENDING (one commit) before the first
+        APPEND byte; send their APPENDs one after the other without waiting (LITERAL+), while
+        the next chunk's FETCH goes on; finalize each by its own answer (one commit). A message
+        that has to wait (held by another process, paused, failed before its APPEND) stops the
+        batch there: the messages behind it are let go unprocessed, so that the route keeps
+        its order."""
         route = self.routes[refs[0].route]
         if any(ref.route != route.name for ref in refs):
             raise ValueError("copy_messages: one route at a time")
         batch = _Batch(refs, _source_pause_name(route))
         try:
             self._claim_each(route, batch)
-            self._fetch_claimed(route, batch)
-            self._append_fetched(route, batch)
+            self._copy_claimed(route, batch)
         except KeyboardInterrupt:
             # Stopped by the user (Ctrl-C, SIGTERM): let the claims go now, so that the next run
             # need not wait out their leases; an APPEND cut off may have landed, and is looked for.
@@ -205,15 +211,24 @@ class Copier:
                 if not result.outcome.acknowledged:
                     batch.stop(result)
                     break
-        for step in claimed:
-            result = self._guarded(route, step, self._check_claimed, route, step)
-            if result is None:
-                batch.claimed.append(step)
-                continue
-            step.result = result
-            if not result.outcome.acknowledged:
-                batch.stop(result)
-                return
+        if not claimed:
+            return
+        # The source's session opened first: the checks below (one commit) make no network call.
+        opened = self._guarded(route, claimed[0], self.mailboxes.source, route)
+        if isinstance(opened, CopyResult):
+            claimed[0].result = opened
+            batch.stop(opened)
+            return
+        with self.state.batched():
+            for step in claimed:
+                result = self._guarded(route, step, self._check_claimed, route, step)
+                if result is None:
+                    batch.claimed.append(step)
+                    continue
+                step.result = result
+                if not result.outcome.acknowledged:
+                    batch.stop(result)
+                    return
 
     def _claim(self, route: Route, step: _Step) -> CopyResult | None:
         """None when the message is claimed; else why it waits."""
@@ -271,37 +286,74 @@ class Copier:
         return None
 
     # -- 2. fetch, and look for copies made before ----------------------------------------------
-    def _fetch_claimed(self, route: Route, batch: _Batch) -> None:
-        claimed = batch.claimed
-        if not claimed:
+    def _copy_claimed(self, route: Route, batch: _Batch) -> None:
+        """The claimed messages fetched and appended a chunk at a time, the next chunk's FETCH
+        going on (on the source's session, from a thread) while this chunk's APPENDs go out (on
+        the destination's), so that the round trips of one hide those of the other. Each
+        session is used by one thread at a time: errors are handled once both are done."""
+        if not batch.claimed:
             return
-        fetched: dict[int, SourceMessage] | None = None
-        if len(claimed) > 1:
+        with self._leases_renewed(batch):
+            self._copy_in_chunks(route, batch)
+
+    def _copy_in_chunks(self, route: Route, batch: _Batch) -> None:
+        chunks = _chunks(batch.claimed)
+        fetching = self._fetch_chunk(route, chunks[0], background=False)
+        for index, chunk in enumerate(chunks):
+            assert fetching is not None
+            ready, go_on = self._take_fetched(route, batch, chunk, fetching.outcome())
+            following = chunks[index + 1] if go_on and index + 1 < len(chunks) else None
+            fetching = self._fetch_chunk(route, following, background=True) if following else None
             try:
-                source, _ = self.mailboxes.source(route)
-                fetched = source.fetch_many([step.ref.uid for step in claimed])
-            except MailboxThrottled as throttled:
-                # The account's limit: every claimed message waits for it (none is charged).
-                for step in claimed:
-                    step.result = self._after_error(route, step, throttled)
-                batch.stop(claimed[0].result)
+                go_on = self._append_fetched(route, batch, ready, meanwhile=fetching) and go_on
+            finally:
+                if fetching is not None:
+                    fetching.wait()
+            if not go_on:
                 return
-            except (StateStoreUnavailable, QueueUnavailable, ClaimLost):
-                raise
-            except Exception as exc:  # noqa: BLE001 - looked at message by message below
-                # One message the server cannot serve fails the whole FETCH: each is fetched on
-                # its own, so that only that one fails. (A lost session fails the first again.)
-                log.info("route %s: batch FETCH failed, fetching one by one: %s", route.name, scrub(str(exc)))
-                self.mailboxes.drop_source(route)
-        for step in claimed:
+
+    # -- 2. fetch, and look for copies made before ----------------------------------------------
+    def _fetch_chunk(self, route: Route, steps: Sequence[_Step], *, background: bool) -> _Fetching:
+        """One FETCH of the chunk's messages (a single message is fetched on its own, later)."""
+        if len(steps) == 1:
+            return _Fetching.done(None)
+        try:
+            source, _ = self.mailboxes.source(route)
+        except Exception as exc:  # noqa: BLE001 - looked at in _take_fetched, as a FETCH failure
+            return _Fetching.done(exc)
+        return _Fetching(lambda: source.fetch_many([step.ref.uid for step in steps]), background=background)
+
+    def _take_fetched(
+        self, route: Route, batch: _Batch, steps: Sequence[_Step], fetched: dict[int, SourceMessage] | BaseException | None
+    ) -> tuple[list[_Step], bool]:
+        """The chunk's messages to append, and whether the batch goes on after them."""
+        if isinstance(fetched, MailboxThrottled):
+            # The account's limit: every claimed message waits for it (none is charged).
+            for step in steps:
+                step.result = self._after_error(route, step, fetched)
+            batch.stop(steps[0].result)
+            return [], False
+        if isinstance(fetched, (StateStoreUnavailable, QueueUnavailable, ClaimLost)) or (
+            isinstance(fetched, BaseException) and not isinstance(fetched, Exception)
+        ):
+            raise fetched
+        if isinstance(fetched, Exception):
+            # One message the server cannot serve fails the whole FETCH: each is fetched on its
+            # own, so that only that one fails. (A lost session fails the first again.)
+            log.info("route %s: batch FETCH failed, fetching one by one: %s", route.name, scrub(str(fetched)))
+            self.mailboxes.drop_source(route)
+            fetched = None
+        ready = []
+        for step in steps:
             result = self._guarded(route, step, self._fetch_one, route, step, fetched)
-            if result is not None:
-                step.result = result
-                if not result.outcome.acknowledged:
-                    batch.stop(result)
-                    return
-            else:
-                batch.fetched.append(step)
+            if result is None:
+                ready.append(step)
+                continue
+            step.result = result
+            if not result.outcome.acknowledged:
+                batch.stop(result)
+                return ready, False
+        return ready, True
 
     def _fetch_one(self, route: Route, step: _Step, fetched: dict[int, SourceMessage] | None) -> CopyResult | None:
         """None when the message is fetched and to be appended; else what became of it."""
@@ -342,36 +394,45 @@ class Copier:
         return copies_in(listing, step.message)
 
     # -- 3. mark appending, APPEND, finalize -----------------------------------------------------
-    def _append_fetched(self, route: Route, batch: _Batch) -> None:
-        steps = batch.fetched
+    def _append_fetched(self, route: Route, batch: _Batch, steps: list[_Step], *, meanwhile: _Fetching | None) -> bool:
+        """Whether the batch goes on after these (a throttle or a lost session stops it)."""
         if not steps:
-            return
+            return True
         ready = self._guarded(route, steps[0], self._destination_ready, route)
         if isinstance(ready, CopyResult):
             steps[0].result = ready
             batch.stop(ready)
-            return
+            return False
         destination, floor = ready
         # Every message of the batch APPENDING, with where its APPEND lands at the earliest, in
         # one commit before the first APPEND byte goes out.
+        marked_all = True
         with self.state.batched():
             for index, step in enumerate(steps):
                 result = self._guarded(route, step, self._mark_appending, step, floor)
                 if result is not None:
                     step.result = result
                     batch.stop(result)
-                    steps = steps[:index]
+                    steps, marked_all = steps[:index], False
                     break
         if not steps:
-            return
-        with self._leases_renewed([step.ref.key for step in steps]):
-            try:
-                answers = destination.append_many(route.outlook_folder, [step.message for step in steps])
-            except Exception as exc:  # noqa: BLE001 - the port answers each; whatever slips through, unknown
-                answers = [AppendAnswer(failed=exc, sent=True)] * len(steps)
-        # The results of the batch in one commit.
+            return False
+        try:
+            answers = destination.append_many(route.outlook_folder, [step.message for step in steps])
+        except Exception as exc:  # noqa: BLE001 - the port answers each; whatever slips through, unknown
+            answers = [AppendAnswer(failed=exc, sent=True)] * len(steps)
+        if meanwhile is not None:
+            meanwhile.wait()  # handling a failure may drop the source's session too
+        # The results of the chunk in one commit.
         with self.state.batched():
             self._finalize_each(route, steps, answers)
+        for step in steps:
+            step.message = None  # memory holds a chunk or two of bodies, not the batch's
+        stops = (Outcome.PAUSED, Outcome.UNPROCESSED, Outcome.BUSY)
+        stopping = next((step.result for step in steps if step.result.outcome in stops), None)
+        if stopping is not None:
+            batch.stop(stopping)
+        return stopping is None and marked_all
 
     def _finalize_each(self, route: Route, steps: Sequence[_Step], answers: Sequence[AppendAnswer]) -> None:
         throttled: CopyResult | None = None  # the first APPEND of the batch a throttle answered
@@ -492,25 +553,27 @@ class Copier:
         return CopyResult(Outcome.BUSY, ref.key, str(lost), busy_until=holder.lease_until if live else None)
 
     @contextmanager
-    def _leases_renewed(self, keys: Sequence[UidKey]) -> Iterator[None]:
-        """APPENDs can outlast the lease (large messages on a slow link). Another process would
-        then take a claim over, find no copy yet and append its own: so the leases are renewed,
-        from one thread, every third of their length until the APPENDs are answered."""
+    def _leases_renewed(self, batch: _Batch) -> Iterator[None]:
+        """A batch can outlast the lease (many messages, or large ones on a slow link). Another
+        process would then take a claim over, find no copy yet and append its own: so the leases
+        of the batch's open claims are renewed, from one thread, every third of their length
+        until the batch is done."""
         every = max(MIN_RENEW_SECONDS, (self.lease_until() - time.time()) / 3)
         done = threading.Event()
 
         def renew() -> None:
             while not done.wait(every):
-                for key in keys:
+                for step in batch.open_steps():
+                    key = step.ref.key
                     try:
                         self.state.extend_lease(key, self.owner, self.lease_until())
-                    except Exception as exc:  # noqa: BLE001 - finalize will find out; the APPEND goes on
-                        log.warning(
-                            "route %s UID %d: lease not renewed during APPEND: %s", key.route, key.uid, scrub(str(exc))
-                        )
-                        return
+                    except ClaimLost:
+                        continue  # finalized meanwhile, or taken over: finalize finds out
+                    except Exception as exc:  # noqa: BLE001 - finalize will find out; the batch goes on
+                        log.warning("route %s UID %d: lease not renewed: %s", key.route, key.uid, scrub(str(exc)))
+                        break
 
-        renewer = threading.Thread(target=renew, name=f"lease-{keys[0].route}-{keys[0].uid}", daemon=True)
+        renewer = threading.Thread(target=renew, name=f"lease-{batch.steps[0].ref.route}", daemon=True)
         renewer.start()
         try:
             yield
@@ -649,7 +712,6 @@ class _Batch:
     def __init__(self, refs: Sequence[MessageRef], source_mailbox: str) -> None:
         self.steps = [_Step(ref, source_mailbox) for ref in refs]
         self.claimed: list[_Step] = []  # claimed, to be fetched
-        self.fetched: list[_Step] = []  # fetched, to be appended
         self.blocking: CopyResult | None = None  # the first result that stopped the batch
 
     def stop(self, result: CopyResult | None) -> None:
@@ -673,6 +735,56 @@ class _Batch:
 
     def results(self) -> list[CopyResult]:
         return [step.result for step in self.steps if step.result is not None]
+
+
+class _Fetching:
+    """A chunk's FETCH, done at once or going on in a thread: `outcome` is what it returned or
+    raised (None: nothing was fetched, the messages are fetched one by one)."""
+
+    def __init__(self, fetch: Callable[[], object] | None, *, background: bool = False) -> None:
+        self._outcome: object = None
+        self._thread: threading.Thread | None = None
+        if fetch is None:
+            return
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(fetch,), name="fetch-ahead", daemon=True)
+            self._thread.start()
+        else:
+            self._run(fetch)
+
+    @classmethod
+    def done(cls, outcome: object) -> _Fetching:
+        fetching = cls(None)
+        fetching._outcome = outcome
+        return fetching
+
+    def _run(self, fetch: Callable[[], object]) -> None:
+        try:
+            self._outcome = fetch()
+        except BaseException as exc:  # noqa: BLE001 - handed to the copier's thread, which decides
+            self._outcome = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def outcome(self):  # dict[int, SourceMessage] | BaseException | None
+        self.wait()
+        return self._outcome
+
+
+def _chunks(steps: Sequence[_Step]) -> list[list[_Step]]:
+    """`steps` in chunks of at most CHUNK_MESSAGES and CHUNK_BYTES (by the source's sizes)."""
+    chunks: list[list[_Step]] = []
+    size = 0
+    for step in steps:
+        step_size = step.ref.size or 0
+        if not chunks or len(chunks[-1]) >= CHUNK_MESSAGES or (chunks[-1] and size + step_size > CHUNK_BYTES):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(step)
+        size += step_size
+    return chunks
 
 
 def copy_batch(

@@ -31,8 +31,9 @@ from shared.state import StateStore, Watermark
 
 log = logging.getLogger("mail_syncer.scan")
 
-# UIDs whose metadata is fetched, sent and committed to the watermark together.
-CHUNK = 100
+# UIDs whose metadata is fetched, sent and committed to the watermark together (a FETCH and a
+# commit each: at 100 ms, chunks of 100 made the scan of 1,000 new messages take 1.3 s).
+CHUNK = 500
 
 OpenSource = Callable[[Route], AbstractContextManager[SourceMailbox]]
 

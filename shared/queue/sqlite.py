@@ -55,7 +55,7 @@ MAX_REASON_CHARS = 1000
 # How long a writer waits for another process's transaction before the queue counts as unavailable.
 BUSY_TIMEOUT_SECONDS = 30
 # The most one receive gives: a drain's batch (bounded by bytes too: copier.MAX_BATCH_BYTES).
-LOCAL_MAX_RECEIVE = 100
+LOCAL_MAX_RECEIVE = 1000
 # How often a waiting receive looks at the table again.
 POLL_INTERVAL_SECONDS = 0.1
 

@@ -54,7 +54,7 @@ DEFAULT_INTERNALDATE = dt.datetime(2024, 5, 1, 9, 30, tzinfo=dt.timezone(dt.time
 # fails instead of hanging).
 BLOCK_LIMIT_SECONDS = 10.0
 
-SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "identities", "fetch", "has_uid"})
+SOURCE_OPERATIONS = frozenset({"examine", "uids_above", "uids_since", "summaries", "identities", "fetch", "fetch_many", "has_uid"})
 DESTINATION_OPERATIONS = frozenset({"ensure_folder", "uid_floor", "append", "find_copies", "identities_since"})
 
 _SYSTEM_FLAG_BY_LOWER = {flag.lower(): flag for flag in SYSTEM_FLAGS_COPIED}

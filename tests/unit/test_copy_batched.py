@@ -4,10 +4,12 @@ answer; and what a refusal, a lost session, an unreadable message or twins do to
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from shared.mailbox.port import AppendRejected
-from shared.pipeline.copier import FOUND_IN_DESTINATION, Outcome, copy_batch
+from shared.pipeline.copier import CHUNK_MESSAGES, FOUND_IN_DESTINATION, Outcome, copy_batch
 from shared.state import ClaimStatus
 from tests.fakes import FakeWorld
 from tests.fakes.mailbox import ConnectionLost
@@ -161,3 +163,32 @@ def test_a_new_routes_first_messages_are_matched_in_one_listing_of_the_destinati
     operations = [operation for operation, _ in world.destination.calls]
     assert operations.count("identities_since") == 1
     assert "find_copies" not in operations
+
+
+def test_the_next_chunks_fetch_goes_on_while_this_chunks_appends_go_out(world):
+    refs = [world.arrive("work") for _ in range(CHUNK_MESSAGES * 2 + 1)]
+    source = world.source_of("work")
+    # The second chunk's FETCH and the first chunk's first APPEND each wait for the other to
+    # begin: only when both are under way at once do they go on before the timeout.
+    both_under_way = threading.Barrier(2, timeout=5)
+    overlapped = []
+
+    def meet() -> None:
+        try:
+            both_under_way.wait()
+            overlapped.append(True)
+        except threading.BrokenBarrierError:
+            overlapped.append(False)
+
+    source.before_next("fetch_many", lambda: None)  # the first chunk's, before any APPEND
+    source.before_next("fetch_many", meet)
+    world.destination.before_next("append", meet)
+
+    results = world.copier().copy_messages(refs)  # a local batch (the local queue gives 100)
+
+    assert [(result.key.uid, result.outcome) for result in results] == [(ref.uid, Outcome.COPIED) for ref in refs]
+    assert overlapped == [True, True]
+    # Two full chunks with one FETCH each; the last message alone, fetched on its own.
+    assert [len(uids) for operation, uids in source.calls if operation == "fetch_many"] == [CHUNK_MESSAGES] * 2
+    assert world.destination.bodies("Work") == bodies(world, refs)  # in the route's order
+    assert [world.claim(ref).status for ref in refs] == [ClaimStatus.DONE] * len(refs)
