@@ -388,6 +388,9 @@ def drain_env(servers: Servers, link: Link, seeded: Seeded, dest_user: str, run_
         "IMAP_CA_BUNDLE": servers.ca_bundle,
         "STATE_DB": str(run_dir / "state.db"),
         "MAX_ENQUEUE_PER_RUN": str(seeded.count * 2 + 100),
+        # Outlook.com's 25 MiB is drain's default: the destination here is Dovecot, and a
+        # --size-mb 40 run measures the memory of copying a message that large.
+        "MAX_MESSAGE_BYTES": str(256 * 1024 * 1024),
     }
 
 
