@@ -193,24 +193,22 @@ class Copier:
     # -- 1. claim, and weed out what needs no copy ----------------------------------------------
     def _claim_each(self, route: Route, batch: _Batch) -> None:
         claimed: list[_Step] = []
+
+        def claim(step: _Step) -> CopyResult | None:
+            if step.fingerprint_seen_before(claimed):
+                # Its twin is ahead of it in this batch, not yet copied: it is taken up again once
+                # the twin is final, and skipped then as its duplicate.
+                return CopyResult(Outcome.UNPROCESSED, retry_after=0)
+            result = self._claim(route, step)
+            if result is None:
+                claimed.append(step)
+            return result
+
         # Every claim of the batch in one commit, before anything is fetched. A claim that cannot
         # be taken is no failure of the message's (none can be recorded without it): what raises
         # here ends the batch.
         with self.state.batched():
-            for step in batch.steps:
-                if step.fingerprint_seen_before(claimed):
-                    # Its twin is ahead of it in this batch, not yet copied: it is taken up again
-                    # once the twin is final, and skipped then as its duplicate.
-                    batch.stop(CopyResult(Outcome.UNPROCESSED, retry_after=0))
-                    break
-                result = self._claim(route, step)
-                if result is None:
-                    claimed.append(step)
-                    continue
-                step.result = result
-                if not result.outcome.acknowledged:
-                    batch.stop(result)
-                    break
+            batch.each(batch.steps, claim)
         if not claimed:
             return
         # The source's session opened first: the checks below (one commit) make no network call.
@@ -220,15 +218,7 @@ class Copier:
             batch.stop(opened)
             return
         with self.state.batched():
-            for step in claimed:
-                result = self._guarded(route, step, self._check_claimed, route, step)
-                if result is None:
-                    batch.claimed.append(step)
-                    continue
-                step.result = result
-                if not result.outcome.acknowledged:
-                    batch.stop(result)
-                    return
+            batch.claimed, _ = batch.each(claimed, lambda step: self._guarded(route, step, self._check_claimed, route, step))
 
     def _claim(self, route: Route, step: _Step) -> CopyResult | None:
         """None when the message is claimed; else why it waits."""
@@ -304,11 +294,11 @@ class Copier:
             ready, go_on = self._take_fetched(route, batch, chunk, fetching.outcome())
             following = chunks[index + 1] if go_on and index + 1 < len(chunks) else None
             fetching = self._fetch_chunk(route, following, background=True) if following else None
-            try:
-                go_on = self._append_fetched(route, batch, ready, meanwhile=fetching) and go_on
-            finally:
-                if fetching is not None:
-                    fetching.wait()
+            # Not waited for when this raises (Ctrl-C): the FETCH thread is a daemon, and its
+            # session is closed with the others.
+            go_on = self._append_fetched(route, batch, ready, meanwhile=fetching) and go_on
+            if fetching is not None:
+                fetching.wait()
             if not go_on:
                 return
 
@@ -343,17 +333,7 @@ class Copier:
             log.info("route %s: batch FETCH failed, fetching one by one: %s", route.name, scrub(str(fetched)))
             self.mailboxes.drop_source(route)
             fetched = None
-        ready = []
-        for step in steps:
-            result = self._guarded(route, step, self._fetch_one, route, step, fetched)
-            if result is None:
-                ready.append(step)
-                continue
-            step.result = result
-            if not result.outcome.acknowledged:
-                batch.stop(result)
-                return ready, False
-        return ready, True
+        return batch.each(steps, lambda step: self._guarded(route, step, self._fetch_one, route, step, fetched))
 
     def _fetch_one(self, route: Route, step: _Step, fetched: dict[int, SourceMessage] | None) -> CopyResult | None:
         """None when the message is fetched and to be appended; else what became of it."""
@@ -713,6 +693,23 @@ class _Batch:
         self.steps = [_Step(ref, source_mailbox) for ref in refs]
         self.claimed: list[_Step] = []  # claimed, to be fetched
         self.blocking: CopyResult | None = None  # the first result that stopped the batch
+
+    def each(
+        self, steps: Sequence[_Step], operation: Callable[[_Step], CopyResult | None]
+    ) -> tuple[list[_Step], bool]:
+        """`operation` on each step in turn: the steps it answered None for (to go on with), and
+        whether it went through all. A result that is not acknowledged stops the batch there."""
+        kept = []
+        for step in steps:
+            result = operation(step)
+            if result is None:
+                kept.append(step)
+                continue
+            step.result = result
+            if not result.outcome.acknowledged:
+                self.stop(result)
+                return kept, False
+        return kept, True
 
     def stop(self, result: CopyResult | None) -> None:
         if self.blocking is None:
