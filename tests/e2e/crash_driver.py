@@ -231,6 +231,7 @@ def run_lambda() -> int:
             for m in received
         ]
         answer = consumer.handler({"Records": records}, LambdaContext())
+        print(f"consumed a batch of {len(records)}", flush=True)
         retry = {failure["itemIdentifier"] for failure in answer["batchItemFailures"]}
         for message in received:
             # As Lambda does: acknowledged ones deleted, the others back after their visibility timeout.

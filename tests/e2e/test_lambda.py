@@ -4,15 +4,22 @@ handler with them, and deletes what the handler did not report as failed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 from consumer import handler as consumer
 from producer import handler as producer
 from shared import bootstrap
-from tests.harness.aws import LambdaContext, lambda_records, run_consumer_until_empty
+from tests.harness.aws import LambdaContext, lambda_deployment, lambda_records, run_consumer_until_empty
 from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_handlers_copy_the_corpus_exactly_once(lambda_env, dovecot_pair, aws_client, servers):
@@ -97,3 +104,56 @@ def test_claims_expire_soon_after_the_invocation_ends(lambda_env, dovecot_pair, 
     (lease_until,) = leases
     # Asked now, after the batch was copied, as the last claim of a batch would ask it.
     assert abs(lease_until() - (end + consumer.LEASE_MARGIN_SECONDS)) < 0.05
+
+
+def _consumer_max_concurrency() -> int:
+    """serverless.yml's `consumerMaxConcurrency`: the consumer containers Lambda runs at once."""
+    found = re.search(r"^\s*consumerMaxConcurrency:\s*(\d+)\s*$", (REPO_ROOT / "serverless.yml").read_text(), re.M)
+    assert found, "serverless.yml sets no consumerMaxConcurrency"
+    return int(found.group(1))
+
+
+def test_as_many_containers_as_maximum_concurrency_copy_several_routes_exactly_once(
+    sync_env, dovecot_pair, aws_env, aws_client, monkeypatch
+):
+    """The deployment's `maximumConcurrency` consumer containers at once on one queue, each a
+    process of its own (its own sessions, clients and claims' owner), with three routes of 15
+    messages: each container runs the producer, then takes batches of 10 until the queue is
+    empty. FIFO groups keep a route's messages to one container at a time; the claims keep a
+    message that two containers meet (a redelivery, a run of the producer) from a second copy."""
+    containers = _consumer_max_concurrency()
+    assert containers >= 2
+    setup = sync_env(routes=tuple((f"r{n}", "INBOX", f"Routes/R{n}") for n in range(1, 4)))
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    for index, route in enumerate(setup.routes):
+        messages = [
+            (
+                f"Message-ID: <m{n}-{route.name}@example.org>\r\nFrom: a@example.org\r\nSubject: {route.name} {n}\r\n\r\n"
+                f"text {n}\r\n".encode(),
+                ("\\Seen",) if n % 2 else (),
+                now - dt.timedelta(minutes=60 - n - index),
+            )
+            for n in range(1, 16)
+        ]
+        seed(dovecot_pair.gmail, route.gmail_user, "INBOX", messages)
+    with lambda_deployment(setup, aws_env, aws_client, monkeypatch):
+        running = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.e2e.crash_driver", "lambda"],
+                env=setup.env,
+                cwd=setup.workdir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(containers)
+        ]
+        ended = [(container, *container.communicate(timeout=240)) for container in running]
+
+    for container, out, err in ended:
+        assert container.returncode == 0, out + err[-3000:]
+        assert "consumed a batch of" in out, "a container that consumed nothing ran beside no other"
+    for route in setup.routes:
+        source = read_folder(dovecot_pair.gmail, route.gmail_user, "INBOX")
+        assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, route.outlook_folder))
+        assert bootstrap.lambda_app().state.route_counts(route.name).by_status == {"done": len(source)}
