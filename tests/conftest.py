@@ -11,7 +11,7 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 # The harness's asserts rewritten, as pytest_plugins' would be: these imports come before it.
 pytest.register_assert_rewrite("tests.harness")
 
-from tests.harness import fault_matrix, figures, fuzz
+from tests.harness import aws_cost, fault_matrix, figures, fuzz
 
 pytest_plugins = [
     "tests.harness.aws",
@@ -42,3 +42,4 @@ def pytest_terminal_summary(terminalreporter) -> None:
     figures.write_table(terminalreporter)
     fault_matrix.write_table(terminalreporter)
     fuzz.write_table(terminalreporter)
+    aws_cost.write_table(terminalreporter)

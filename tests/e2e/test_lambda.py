@@ -17,6 +17,7 @@ from consumer import handler as consumer
 from producer import handler as producer
 from shared import bootstrap
 from tests.harness.aws import LambdaContext, lambda_deployment, lambda_records, run_consumer_until_empty
+from tests.harness.aws_cost import COSTS, Meter
 from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -157,3 +158,58 @@ def test_as_many_containers_as_maximum_concurrency_copy_several_routes_exactly_o
         source = read_folder(dovecot_pair.gmail, route.gmail_user, "INBOX")
         assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, route.outlook_folder))
         assert bootstrap.lambda_app().state.route_counts(route.name).by_status == {"done": len(source)}
+
+
+def _memory_sizes() -> dict[str, int]:
+    """Each function's memorySize in serverless.yml."""
+    text = (REPO_ROOT / "serverless.yml").read_text()
+    return {
+        name: int(re.search(rf"^  {name}:\n(?:    .*\n|\s*\n)*?    memorySize: (\d+)", text, re.M).group(1))
+        for name in ("producer", "consumer")
+    }
+
+
+def test_the_aws_cost_of_the_lambda_path_is_counted_per_message(sync_env, dovecot_pair, aws_env, aws_client, monkeypatch, servers):
+    """Two routes of 100 messages through the handlers, every AWS call they make counted
+    (tests/harness/aws_cost.py): the cost per 1,000 messages is printed after the run."""
+    setup = sync_env(routes=(("c1", "INBOX", "Cost/One"), ("c2", "INBOX", "Cost/Two")))
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    for route in setup.routes:
+        seed(
+            dovecot_pair.gmail,
+            route.gmail_user,
+            "INBOX",
+            [
+                (f"Message-ID: <{n}-{route.name}@example.org>\r\nSubject: {n}\r\n\r\ntext {n}\r\n".encode(), (), now - dt.timedelta(minutes=n))
+                for n in range(1, 101)
+            ],
+        )
+    memory = _memory_sizes()
+    meter = Meter()
+    invocations = 0
+    with lambda_deployment(setup, aws_env, aws_client, monkeypatch) as queue_url:
+        sqs = aws_client("sqs")
+        with meter.metered(memory["producer"]):
+            producer.handler({"source": "aws.events"}, LambdaContext())
+        while received := sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, VisibilityTimeout=60, MessageSystemAttributeNames=["All"]
+        ).get("Messages", []):
+            with meter.metered(memory["consumer"]):
+                answer = consumer.handler(lambda_records(received), LambdaContext())
+            invocations += 1
+            assert answer == {"batchItemFailures": []}
+            for message in received:
+                sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+        counts = [bootstrap.lambda_app().state.route_counts(route.name).by_status for route in setup.routes]
+
+    for route in setup.routes:
+        source = read_folder(dovecot_pair.gmail, route.gmail_user, "INBOX")
+        assert_copied_exactly(source, read_folder(dovecot_pair.outlook, setup.outlook_user, route.outlook_folder))
+    assert counts == [{"done": 100}, {"done": 100}]
+    row = meter.row(f"2 routes x 100, batches of 10 ({servers.name})", 200, consumer_invocations=invocations)
+    COSTS.append(row)
+    assert invocations >= 20  # batches of 10
+    # A claim a message at the least. At most what it cost when counting began (9.05 write
+    # units a message: a claim, an APPENDING mark and a download count, then a 3-item
+    # transaction at double price): a change that writes more shows here.
+    assert 1 <= row.write_units / row.messages <= 9.05
