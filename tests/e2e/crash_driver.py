@@ -2,8 +2,8 @@
 with SIGKILL at one named point of the pipeline, as `kill -9` would; or stop it there with
 SIGSTOP, so that a test can break a server under it and then let it go on (SIGCONT).
 
-    python -m tests.e2e.crash_driver drain  [--kill-at POINT | --stop-at POINT] [--uid N]
-    python -m tests.e2e.crash_driver lambda [--kill-at POINT | --stop-at POINT] [--uid N]
+    python -m tests.e2e.crash_driver drain  [--kill-at POINT | --stop-at POINT] [--uid N] [--chunk N]
+    python -m tests.e2e.crash_driver lambda [--kill-at POINT | --stop-at POINT] [--uid N] [--chunk N]
 
 Without a point it is a plain run: `drain`, or the Lambda runtime's part played here (the
 producer handler once, then real SQS receive batches handed to the consumer handler, deleting
@@ -248,7 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     when.add_argument("--kill-at", metavar="POINT", help="SIGKILL this process at POINT")
     when.add_argument("--stop-at", metavar="POINT", help="SIGSTOP this process at POINT (the test sends SIGCONT)")
     parser.add_argument("--uid", type=int, default=0, help="the source UID a message's point fires for")
+    parser.add_argument(
+        "--chunk", type=int, metavar="N", help="fetch and append in chunks of N (so that a small batch has several)"
+    )
     args = parser.parse_args(argv)
+    if args.chunk:
+        from shared.pipeline import copier
+
+        copier.CHUNK_MESSAGES = args.chunk
     if args.kill_at:
         install(args.kill_at, args.uid, Signal(signal.SIGKILL))
     elif args.stop_at:

@@ -7,6 +7,8 @@ completion. Every scenario has its own mailboxes, state and queue, so the points
 side by side: most of a scenario is waiting for a lease and a visibility timeout to run out.
 The messages include one without a Message-ID and two sharing one (same size, one minute apart);
 the message points fire at the second of those (UID 4), and once at the one without (UID 2).
+Two points run in chunks of 5, so that the batch's next chunk is fetched from a thread while
+this chunk's APPENDs go out: killed after that FETCH (UID 7), and after the chunk's last answer.
 "During the producer's send" is, for SQS, after the first of its two SendMessageBatch calls; for
 the local queue, inside its one send transaction with a row written and not committed.
 
@@ -57,11 +59,20 @@ MESSAGE_POINTS = [
     ("a batch's APPENDs all sent, none answered", "appends-sent", SHARED_ID_SECOND_UID),
     ("after finalize, before the queue delete", "after-finalize", SHARED_ID_SECOND_UID),
 ]
+# In chunks of 5 (crash_driver --chunk), so that a batch of 10 or 12 has two or three, and the
+# next chunk's FETCH goes on from a thread while this chunk's APPENDs go out.
+CHUNK = 5
+CHUNK_POINTS = [
+    ("next chunk fetched ahead, APPENDs going", "after-fetch", CHUNK + 2),
+    ("a chunk's APPENDs answered, next FETCH going", "after-append", CHUNK),
+]
 PRODUCER_POINTS = [
     ("during the producer's send", "during-send", 0),
     ("after the send, before the watermark moves", "after-send", 0),
 ]
-POINTS = MESSAGE_POINTS + PRODUCER_POINTS
+POINTS = [(point, hook, uid, None) for point, hook, uid in MESSAGE_POINTS]
+POINTS += [(f"{point} (chunks of {CHUNK})", hook, uid, CHUNK) for point, hook, uid in CHUNK_POINTS]
+POINTS += [(point, hook, uid, None) for point, hook, uid in PRODUCER_POINTS]
 
 
 def messages() -> list[tuple[bytes, tuple[str, ...], dt.datetime]]:
@@ -115,15 +126,17 @@ class Scenario:
     gmail_user: str
     outlook_user: str
     workdir: Path
+    chunk: int | None = None  # crash_driver --chunk, for the killed run and the rerun
     killed: subprocess.CompletedProcess | None = None
     rerun: subprocess.CompletedProcess | None = None
     row: Row | None = None
 
     def run(self, dovecot_pair) -> Scenario:
-        args = ["--kill-at", self.hook, "--uid", str(self.uid)]
+        chunked = ["--chunk", str(self.chunk)] if self.chunk else []
+        args = ["--kill-at", self.hook, "--uid", str(self.uid), *chunked]
         self.killed = driver(self.env, self.workdir, self.path, *args)
         if self.killed.returncode == -signal.SIGKILL:
-            self.rerun = driver(self.env, self.workdir, self.path)
+            self.rerun = driver(self.env, self.workdir, self.path, *chunked)
         source = read_folder(dovecot_pair.gmail, self.gmail_user, "INBOX")
         destination = read_folder(dovecot_pair.outlook, self.outlook_user, FOLDER)
         self.row = Row(self.path, self.point, self.server, *faults(source, destination))
@@ -170,22 +183,22 @@ def route_env(sync_env, name: str) -> tuple[dict, str, str, Path]:
 
 def test_drain_killed_at_each_point_then_rerun(sync_env, dovecot_pair, servers):
     scenarios = []
-    for index, (point, hook, uid) in enumerate(POINTS):
+    for index, (point, hook, uid, chunk) in enumerate(POINTS):
         env, gmail_user, outlook_user, workdir = route_env(sync_env, f"drain{index}")
-        scenarios.append(Scenario("drain", servers.name, point, hook, uid, env, gmail_user, outlook_user, workdir))
+        scenarios.append(Scenario("drain", servers.name, point, hook, uid, env, gmail_user, outlook_user, workdir, chunk))
     run_matrix(scenarios, dovecot_pair)
 
 
 def test_lambda_handlers_killed_at_each_point_then_rerun(sync_env, dovecot_pair, aws_env, aws_client, servers):
     scenarios = []
-    for index, (point, hook, uid) in enumerate(POINTS):
+    for index, (point, hook, uid, chunk) in enumerate(POINTS):
         env, gmail_user, outlook_user, workdir = route_env(sync_env, f"lambda{index}")
         table = unique_name("crash")
         create_state_table(aws_client("dynamodb"), table)
         # Above the deliveries a killed run and a still-held claim can cost (each is one receive).
         queue_url, dlq_url = create_fifo_queue_pair(aws_client("sqs"), unique_name("crash"), max_receive_count=5)
         env |= aws_env | {"STATE_TABLE": table, "QUEUE_URL": queue_url, "DLQ_URL": dlq_url}
-        scenarios.append(Scenario("lambda", servers.name, point, hook, uid, env, gmail_user, outlook_user, workdir))
+        scenarios.append(Scenario("lambda", servers.name, point, hook, uid, env, gmail_user, outlook_user, workdir, chunk))
     run_matrix(scenarios, dovecot_pair)
 
 
