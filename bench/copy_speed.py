@@ -53,6 +53,7 @@ FETCH_CHUNK = 100  # UIDs per FETCH in the baseline
 SEED_WINDOW = 64  # APPENDs in flight while seeding
 SPOT_CHECKS = 20
 NOOPS = 20  # timed per server and RTT before the copiers run
+COPIER_TIMEOUT_SECONDS = 3600  # a copier still running after this is killed (and FAILED)
 LAST_PEAK_RSS: dict[str, int] = {}  # the last copier run's peak resident memory (run_measured)
 PROFILE_TO: Path | None = None  # --profile: drain runs under cProfile, its stats written here
 RTT_TOLERANCE = 0.003  # s: how far above the asked RTT + loopback the measured median may be,
@@ -524,11 +525,15 @@ def run_measured(args: list[str], run_dir: Path, log: Path, env: dict[str, str])
     (the kernel's count, from wait4); CopyFailed with the log's last lines unless it exits 0."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        stuck = threading.Timer(COPIER_TIMEOUT_SECONDS, proc.kill)  # wait4 has no timeout of its own
+        stuck.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:
             proc.kill()
             raise
+        finally:
+            stuck.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)  # so that Popen does not wait for it again
     LAST_PEAK_RSS["bytes"] = usage.ru_maxrss * 1024  # kilobytes on Linux
     if proc.returncode != 0:

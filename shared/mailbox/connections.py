@@ -281,11 +281,8 @@ class ReopeningDestination:
         )
 
     def append(self, folder: str, message: SourceMessage) -> int | None:
-        return self._call(
-            lambda destination: destination.append(folder, message),
-            _append_certainly_not_landed,
-            f"APPEND of source UID {message.uid} to {folder!r}",
-        )
+        (answer,) = self.append_many(folder, [message])  # one path for one message and many
+        return answer.uid_or_raise()
 
     def append_many(self, folder: str, messages: Sequence[SourceMessage]) -> list[AppendAnswer]:
         """Each message's answer. Those that certainly did not land (a transient refusal such as

@@ -343,11 +343,7 @@ class ImapDestination:
     # ---- append ------------------------------------------------------------------------------
     def append(self, folder: str, message: SourceMessage) -> int | None:
         (answer,) = self.append_many(folder, [message])
-        if answer.failed is not None:
-            raise answer.failed
-        if answer.refused is not None:
-            raise answer.refused
-        return answer.uid
+        return answer.uid_or_raise()
 
     def append_many(self, folder: str, messages: Sequence[SourceMessage]) -> list[AppendAnswer]:
         capabilities = self._capabilities()

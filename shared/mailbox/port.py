@@ -124,6 +124,14 @@ class AppendAnswer:
     failed: Exception | None = None
     sent: bool = True
 
+    def uid_or_raise(self) -> int | None:
+        """As `DestinationMailbox.append` answers: the UID, or the failure or refusal raised."""
+        if self.failed is not None:
+            raise self.failed
+        if self.refused is not None:
+            raise self.refused
+        return self.uid
+
 
 class MailboxThrottled(MailSyncerError):
     """The server asked to be left alone (Outlook's "Request is throttled", Gmail's bandwidth

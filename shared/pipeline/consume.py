@@ -87,8 +87,8 @@ def consume_queue(
         for message, result in results:
             parked.pop(message.message_id, None)
             waiting.pop(message.message_id, None)
-            if result.outcome.moved or result.outcome.acknowledged:
-                pass  # in the dead letters already, or deleted above
+            if result.outcome.acknowledged:
+                pass  # deleted above, or in the dead letters already
             elif result.outcome is Outcome.FAILED:
                 delay = retry_delay(message.receive_count)
                 queue.extend_visibility(message, delay)

@@ -37,6 +37,7 @@ from shared.mailbox.port import (
     AppendAnswer,
     AppendRejected,
     DestinationMailbox,
+    FolderState,
     ListedMessage,
     Mailboxes,
     MailboxThrottled,
@@ -218,7 +219,10 @@ class Copier:
             batch.stop(opened)
             return
         with self.state.batched():
-            batch.claimed, _ = batch.each(claimed, lambda step: self._guarded(route, step, self._check_claimed, route, step))
+            _, folder = opened
+            batch.claimed, _ = batch.each(
+                claimed, lambda step: self._guarded(route, step, self._check_claimed, route, step, folder)
+            )
 
     def _claim(self, route: Route, step: _Step) -> CopyResult | None:
         """None when the message is claimed; else why it waits."""
@@ -248,8 +252,9 @@ class Copier:
         step.look_first = step.look_first or step.unrecorded
         return None
 
-    def _check_claimed(self, route: Route, step: _Step) -> CopyResult | None:
-        """None when the claimed message is still to be fetched; else what became of it."""
+    def _check_claimed(self, route: Route, step: _Step, folder: FolderState) -> CopyResult | None:
+        """None when the claimed message is still to be fetched; else what became of it
+        (`folder`: the source folder as the batch's session EXAMINEd it)."""
         ref = step.ref
         if ref.fingerprint and not step.resuming_append:
             twin = self.state.find_copied(ref.fingerprint, self._routes_into(route.outlook_folder))
@@ -261,7 +266,6 @@ class Copier:
                 step.look_first, step.look_from = True, _floor_of(twin)
         if not step.resuming_append and (too_large := self._over_size_limit(ref)) is not None:
             return self._skip(ref, too_large)
-        _, folder = self.mailboxes.source(route)
         if folder.uidvalidity != ref.uidvalidity:
             # The UID names another message now; the producer rescans the renumbered folder
             # and fingerprints recognise what was copied already, or (an interrupted APPEND)
@@ -357,10 +361,9 @@ class Copier:
         return None
 
     def _copies_made_before(self, route: Route, step: _Step) -> list[int]:
-        destination = self.mailboxes.destination()
         if not (step.unrecorded and step.look_from is None):
             # After an interrupted APPEND: looked at now, from where that APPEND was to land.
-            return destination.find_copies(route.outlook_folder, step.message, step.look_from)
+            return self.mailboxes.destination().find_copies(route.outlook_folder, step.message, step.look_from)
         # Found by the route's first scan, maybe copied before this state store knew of it: any
         # such copy was there before the scan, so the folder is listed once a run from the
         # earliest day needed (servers differ in the zone they take SEARCH dates in) and each
@@ -369,7 +372,7 @@ class Copier:
         day = step.message.internaldate.date() - dt.timedelta(days=1)
         listed_from, listing = self._listings.get(route.outlook_folder, (None, []))
         if listed_from is None or day < listed_from:
-            listing = destination.identities_since(route.outlook_folder, day)
+            listing = self.mailboxes.destination().identities_since(route.outlook_folder, day)
             self._listings[route.outlook_folder] = (day, listing)
         return copies_in(listing, step.message)
 
