@@ -23,6 +23,7 @@ from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
 from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
 from shared.redaction import scrub
+from shared.settings import Route
 
 # -- check -------------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ DRAIN_MAX_PAUSE_WAIT_SECONDS = 15 * 60
 
 
 def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    scans = _scan(args, app)
+    scans = _scan(args, app, copying_next=False)
     _print_scans(scans, dry_run=args.dry_run)
     return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
 
@@ -193,7 +194,11 @@ def _print_summary(app: bootstrap.App, tally: RunTally) -> None:
     tally.print_summary(app.settings.routes, [pause for pause in app.state.pauses() if pause.until > now])
 
 
-def _scan(args: argparse.Namespace, app: bootstrap.App) -> list[RouteScan]:
+def _scan(args: argparse.Namespace, app: bootstrap.App, *, copying_next: bool = True) -> list[RouteScan]:
+    def prepare_destination(route: Route) -> None:
+        if copying_next:  # logged in to the destination while the scan goes on
+            app.connections.prepare_destination(route.outlook_folder)
+
     return scan_routes(
         app.settings.routes,
         state=app.state,
@@ -202,6 +207,7 @@ def _scan(args: argparse.Namespace, app: bootstrap.App) -> list[RouteScan]:
         limits=app.scan_limits(),
         dry_run=getattr(args, "dry_run", False),
         download_budget=app.download_budget(),
+        on_new_mail=prepare_destination,
     )
 
 

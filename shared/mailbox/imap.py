@@ -47,9 +47,10 @@ from shared.mailbox.session import ImapAccount, classified_failure
 from shared.redaction import scrub
 from shared.settings import FOLDER_SEPARATOR
 
-# UIDs per UID FETCH in `summaries`: a few hundred keeps the command line short (servers cap
-# line length; Gmail UIDs have up to 10 digits) while saving round trips.
-SUMMARY_CHUNK = 300
+# The longest UID set one UID FETCH of `summaries` or a listing sends, in characters: servers
+# cap a command line's length (RFC 7162 3.2.3 asks clients to keep it under 8192 octets), so
+# a long set is split, while runs of UIDs written as ranges ("1:1000") take one round trip.
+SUMMARY_SET_CHARS = 4000
 # RFC 7888: LITERAL- allows non-synchronising literals only up to this size.
 LITERAL_MINUS_MAX = 4096
 
@@ -105,18 +106,27 @@ class ImapSource:
         self._client = client
         self._account = account
         self._folder: str | None = None  # for error texts; the session may have it EXAMINEd already
+        self._examined: tuple[str, FolderState] | None = None  # the folder as named, and its state
         client.normalise_times = False  # aware datetimes: the zone is part of INTERNALDATE
 
     def examine(self, folder: str) -> FolderState:
-        self._folder = folder
+        self._folder, self._examined = folder, None
         with _failures_as_imap_failure(self._account, "examine", folder):
-            folder = self._folder = self.folder_named(folder)
-            response = self._client.select_folder(folder, readonly=True)
-        return FolderState(
+            named = self._folder = self.folder_named(folder)
+            response = self._client.select_folder(named, readonly=True)
+        state = FolderState(
             uidvalidity=int(response[b"UIDVALIDITY"]),
             uidnext=int(response[b"UIDNEXT"]) if b"UIDNEXT" in response else None,
             exists=int(response[b"EXISTS"]),
         )
+        self._examined = (folder, state)
+        return state
+
+    def examined(self, folder: str) -> FolderState | None:
+        """`folder`'s state as this session last EXAMINEd it, if it is the one open now."""
+        if self._examined is not None and self._examined[0] == folder:
+            return self._examined[1]
+        return None
 
     def folder_named(self, folder: str) -> str:
         """The folder a route names: itself, or for a SPECIAL-USE attribute (RFC 6154) the folder
@@ -146,9 +156,8 @@ class ImapSource:
             if with_gmail_ids:
                 items.append(b"X-GM-MSGID")
             summaries = []
-            ordered = sorted(set(uids))
-            for start in range(0, len(ordered), SUMMARY_CHUNK):
-                fetched = self._client.fetch(ordered[start : start + SUMMARY_CHUNK], items)
+            for asked in _uid_chunks(uids):
+                fetched = self._uid_fetch(asked, b"(" + b" ".join(items) + b")")
                 chunk = []
                 for uid, data in fetched.items():
                     if b"RFC822.SIZE" not in data:  # an unsolicited FETCH (a flag change) only
@@ -218,23 +227,7 @@ class ImapSource:
             return uid in found
 
     def _uid_fetch(self, uids: Sequence[int], items: bytes) -> dict[int, dict[bytes, object]]:
-        """By UID asked for, the items of the FETCH responses that carry it as their UID item
-        (RFC 3501 6.4.8: every response to a UID command has one). A response without it, or
-        with a UID not asked for, is someone else's: imapclient would key it by its sequence
-        number and could take it, or merge it, for another's."""
-        asked = set(uids)
-        status, data = self._client._imap.uid("FETCH", _uid_set(uids), items.decode("ascii"))
-        if status != "OK":
-            text = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else str(data)
-            raise imaplib.IMAP4.error(f"fetch failed: {text}")  # as imapclient says it
-        found: dict[int, dict[bytes, object]] = {}
-        # parse_fetch_response keys by sequence number: a message answered in two responses
-        # (its flags apart) is merged under it, and both carry the UID.
-        for response in parse_fetch_response(data, self._client.normalise_times, uid_is_key=False).values():
-            uid = response.get(b"UID")
-            if uid in asked:
-                found.setdefault(uid, {}).update(response)
-        return found
+        return _uid_fetch(self._client, uids, items)
 
 
 @dataclass(frozen=True)
@@ -271,6 +264,7 @@ class ImapDestination:
         # Per folder, a lower bound of the UID its next APPEND gets: UIDNEXT when this session
         # SELECTed it, then one past each APPENDUID. No extra round trip per message.
         self._floors: dict[str, UidFloor] = {}
+        self._selected: str | None = None  # _key of the folder SELECTed (not EXAMINEd) last
         client.normalise_times = False
 
     # ---- folders -----------------------------------------------------------------------------
@@ -474,6 +468,7 @@ class ImapDestination:
                 append_limit = self._client.folder_status(folder, [b"APPENDLIMIT"]).get(b"APPENDLIMIT")
             # SELECT, not EXAMINE: a read-only folder reports PERMANENTFLAGS () (Dovecot does).
             selected = self._client.select_folder(folder)
+            self._selected = self._key(folder)
         if b"UIDVALIDITY" in selected and b"UIDNEXT" in selected:
             self._floors[self._key(folder)] = UidFloor(int(selected[b"UIDVALIDITY"]), int(selected[b"UIDNEXT"]))
         permanent = [flag.decode("ascii", "replace") for flag in selected.get(b"PERMANENTFLAGS", ())]
@@ -520,12 +515,15 @@ class ImapDestination:
 
     def identities_since(self, folder: str, day: dt.date) -> list[ListedMessage]:
         with _failures_as_imap_failure(self._account, "list messages", folder):
-            if self._examined_if_exists(folder) is None:
+            # SEARCH and FETCH BODY.PEEK change nothing: the folder SELECTed to append to is
+            # listed as it is, without a round trip to EXAMINE it.
+            if self._selected != self._key(folder) and self._examined_if_exists(folder) is None:
                 return []
             return _listed(self._client, self._client.search(["SINCE", day]))
 
     def _examined_if_exists(self, folder: str) -> dict | None:
         """EXAMINE `folder` (reads only); None when it does not exist."""
+        self._selected = None
         try:
             return self._client.select_folder(folder, readonly=True)
         except imaplib.IMAP4.abort:
@@ -540,17 +538,35 @@ class ImapDestination:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+def _uid_fetch(client: IMAPClient, uids: Sequence[int], items: bytes) -> dict[int, dict[bytes, object]]:
+    """By UID asked for, the items of the FETCH responses that carry it as their UID item
+    (RFC 3501 6.4.8: every response to a UID command has one). A response without it, or
+    with a UID not asked for, is someone else's: imapclient would key it by its sequence
+    number and could take it, or merge it, for another's. The UIDs go as one set with runs
+    written as ranges (imapclient's `fetch` lists each UID)."""
+    asked = set(uids)
+    status, data = client._imap.uid("FETCH", _uid_set(uids), items.decode("ascii"))
+    if status != "OK":
+        text = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else str(data)
+        raise imaplib.IMAP4.error(f"fetch failed: {text}")  # as imapclient says it
+    found: dict[int, dict[bytes, object]] = {}
+    # parse_fetch_response keys by sequence number: a message answered in two responses
+    # (its flags apart) is merged under it, and both carry the UID.
+    for response in parse_fetch_response(data, client.normalise_times, uid_is_key=False).values():
+        uid = response.get(b"UID")
+        if uid in asked:
+            found.setdefault(uid, {}).update(response)
+    return found
+
+
 def _listed(client: IMAPClient, uids: Sequence[int]) -> list[ListedMessage]:
     """INTERNALDATE and identity headers of the UIDs of the selected folder that still exist."""
     listed = []
-    ordered = sorted(set(uids))
-    for start in range(0, len(ordered), SUMMARY_CHUNK):
-        asked = ordered[start : start + SUMMARY_CHUNK]
-        fetched = client.fetch(asked, [b"INTERNALDATE", _IDENTITY_FIELDS])
+    for asked in _uid_chunks(uids):
+        fetched = _uid_fetch(client, asked, b"(INTERNALDATE " + _IDENTITY_FIELDS + b")")
         for uid, data in fetched.items():
             internaldate = data.get(b"INTERNALDATE")
-            # An unsolicited FETCH (a flag change, another UID) is no answer to this one.
-            if uid not in asked or not isinstance(internaldate, dt.datetime):
+            if not isinstance(internaldate, dt.datetime):
                 continue
             listed.append(ListedMessage(uid, internaldate, Identity.of(_header_fields(data) or b"")))
     return sorted(listed, key=lambda message: message.uid)
@@ -582,18 +598,40 @@ class _NoAnswer:
     sent: bool
 
 
+def _uid_runs(uids: Sequence[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for uid in sorted(set(uids)):
+        if runs and uid == runs[-1][-1] + 1:
+            runs[-1].append(uid)
+        else:
+            runs.append([uid])
+    return runs
+
+
+def _run_text(run: list[int]) -> str:
+    return str(run[0]) if len(run) == 1 else f"{run[0]}:{run[-1]}"
+
+
 def _uid_set(uids: Sequence[int]) -> str:
     """`uids` as an IMAP sequence set, runs written as ranges: "3:7,9,12:13"."""
-    ordered = sorted(set(uids))
-    if not ordered:
+    if not uids:
         raise ValueError("no UIDs")
-    runs: list[list[int]] = []
-    for uid in ordered:
-        if runs and uid == runs[-1][1] + 1:
-            runs[-1][1] = uid
-        else:
-            runs.append([uid, uid])
-    return ",".join(str(first) if first == last else f"{first}:{last}" for first, last in runs)
+    return ",".join(_run_text(run) for run in _uid_runs(uids))
+
+
+def _uid_chunks(uids: Sequence[int], max_chars: int = SUMMARY_SET_CHARS) -> Iterator[list[int]]:
+    """`uids` in order, in parts whose sets (see _uid_set) are at most `max_chars` long."""
+    chunk: list[int] = []
+    length = 0
+    for run in _uid_runs(uids):
+        text = len(_run_text(run)) + 1
+        if chunk and length + text > max_chars:
+            yield chunk
+            chunk, length = [], 0
+        chunk += run
+        length += text
+    if chunk:
+        yield chunk
 
 
 def _inbox_normalised(folder: str) -> str:
@@ -722,8 +760,9 @@ def _run_pipelined(client: IMAPClient, commands: Sequence[tuple[bytes, bytes]]) 
     # an APPEND (Outlook.com when a token expires) makes the next send fail, and the answers
     # given before it are still to be read.
     try:
-        while any(imap.tagged_commands.get(tag) is None for tag in tags):
-            imap._get_response()
+        for tag in tags:  # answered in any order; each read files its tagged answer
+            while imap.tagged_commands.get(tag) is None:
+                imap._get_response()
     except _IMAP_ERRORS as exc:
         failure = failure or exc
     replies: list[tuple[str, bytes] | _NoAnswer] = []

@@ -232,6 +232,10 @@ class Mailboxes(Protocol):
     def destination(self) -> DestinationMailbox:
         """The destination, logged in."""
 
+    def prepare_destination(self, folder: str) -> None:
+        """Start logging in to the destination and readying `folder` while the caller goes on;
+        `destination()` waits for it. Failures are left for `destination()`'s user to meet."""
+
     def drop_source(self, route: Route) -> None:
         """Forget the route's source session (it failed mid-command); the next use opens a new one."""
 

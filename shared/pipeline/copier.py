@@ -194,15 +194,18 @@ class Copier:
     # -- 1. claim, and weed out what needs no copy ----------------------------------------------
     def _claim_each(self, route: Route, batch: _Batch) -> None:
         claimed: list[_Step] = []
+        fingerprints_claimed: set[str] = set()
 
         def claim(step: _Step) -> CopyResult | None:
-            if step.fingerprint_seen_before(claimed):
+            if step.ref.fingerprint and step.ref.fingerprint in fingerprints_claimed:
                 # Its twin is ahead of it in this batch, not yet copied: it is taken up again once
                 # the twin is final, and skipped then as its duplicate.
                 return CopyResult(Outcome.UNPROCESSED, retry_after=0)
             result = self._claim(route, step)
             if result is None:
                 claimed.append(step)
+                if step.ref.fingerprint:
+                    fingerprints_claimed.add(step.ref.fingerprint)
             return result
 
         # Every claim of the batch in one commit, before anything is fetched. A claim that cannot
@@ -292,6 +295,8 @@ class Copier:
 
     def _copy_in_chunks(self, route: Route, batch: _Batch) -> None:
         chunks = _chunks(batch.claimed)
+        # The destination made ready while the first chunk is fetched (a cold start's login).
+        self.mailboxes.prepare_destination(route.outlook_folder)
         fetching = self._fetch_chunk(route, chunks[0], background=False)
         for index, chunk in enumerate(chunks):
             assert fetching is not None
@@ -337,9 +342,23 @@ class Copier:
             log.info("route %s: batch FETCH failed, fetching one by one: %s", route.name, scrub(str(fetched)))
             self.mailboxes.drop_source(route)
             fetched = None
-        return batch.each(steps, lambda step: self._guarded(route, step, self._fetch_one, route, step, fetched))
+        # The destination is listed once for the chunk (see _copies_made_before), from the
+        # earliest day one of its messages needs, not again for each that needs an earlier day.
+        earliest = min(
+            (
+                fetched[step.ref.uid].internaldate.date()
+                for step in steps
+                if fetched is not None and step.unrecorded and step.look_from is None and step.ref.uid in fetched
+            ),
+            default=None,
+        )
+        return batch.each(
+            steps, lambda step: self._guarded(route, step, self._fetch_one, route, step, fetched, earliest)
+        )
 
-    def _fetch_one(self, route: Route, step: _Step, fetched: dict[int, SourceMessage] | None) -> CopyResult | None:
+    def _fetch_one(
+        self, route: Route, step: _Step, fetched: dict[int, SourceMessage] | None, earliest: dt.date | None = None
+    ) -> CopyResult | None:
         """None when the message is fetched and to be appended; else what became of it."""
         ref = step.ref
         if fetched is not None:
@@ -354,13 +373,13 @@ class Copier:
         step.message = message
         step.mailbox = DESTINATION  # whose throttle a failure is from here on
         if step.look_first:
-            found = self._copies_made_before(route, step)
+            found = self._copies_made_before(route, step, earliest)
             if found:
                 how = "copied before the state store knew of it" if step.unrecorded else "after an interrupted APPEND"
                 return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}")
         return None
 
-    def _copies_made_before(self, route: Route, step: _Step) -> list[int]:
+    def _copies_made_before(self, route: Route, step: _Step, earliest: dt.date | None) -> list[int]:
         if not (step.unrecorded and step.look_from is None):
             # After an interrupted APPEND: looked at now, from where that APPEND was to land.
             return self.mailboxes.destination().find_copies(route.outlook_folder, step.message, step.look_from)
@@ -369,12 +388,18 @@ class Copier:
         # earliest day needed (servers differ in the zone they take SEARCH dates in) and each
         # message is matched in the listing, not looked for with a SEARCH and FETCH of its own
         # (which made a new route's first run take about six round trips a message).
-        day = step.message.internaldate.date() - dt.timedelta(days=1)
+        day = step.message.internaldate.date()
+        return copies_in(self._listing_from(route, min(day, earliest or day)), step.message)
+
+    def _listing_from(self, route: Route, day: dt.date) -> list[ListedMessage]:
+        """The route's destination folder listed from the day before `day` on, at most once a
+        run unless an earlier day is asked for."""
+        day -= dt.timedelta(days=1)
         listed_from, listing = self._listings.get(route.outlook_folder, (None, []))
         if listed_from is None or day < listed_from:
             listing = self.mailboxes.destination().identities_since(route.outlook_folder, day)
             self._listings[route.outlook_folder] = (day, listing)
-        return copies_in(listing, step.message)
+        return listing
 
     # -- 3. mark appending, APPEND, finalize -----------------------------------------------------
     def _append_fetched(self, route: Route, batch: _Batch, steps: list[_Step], *, meanwhile: _Fetching | None) -> bool:
@@ -685,10 +710,6 @@ class _Step:
     message: SourceMessage | None = None
     appending: bool = False  # marked APPENDING in this batch
     result: CopyResult | None = None
-
-    def fingerprint_seen_before(self, ahead: Sequence[_Step]) -> bool:
-        fingerprint = self.ref.fingerprint
-        return bool(fingerprint) and any(step.ref.fingerprint == fingerprint for step in ahead)
 
 
 class _Batch:

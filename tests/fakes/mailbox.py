@@ -586,6 +586,7 @@ class FakeMailboxes:
         self.sources_opened: list[str] = []  # route names, each time a source session was opened
         self.source_drops: Counter[str] = Counter()  # by route name
         self.destinations_opened = 0
+        self.destinations_prepared: list[str] = []
         self.destination_drops = 0
 
     def account(self, route: Route) -> FakeSource:
@@ -610,6 +611,9 @@ class FakeMailboxes:
             self._destination_open = True
             self.destinations_opened += 1
         return self.destination_mailbox
+
+    def prepare_destination(self, folder: str) -> None:
+        self.destinations_prepared.append(folder)  # the real one logs in early; here, nothing to wait for
 
     def drop_source(self, route: Route) -> None:
         self._sessions.pop(route.name, None)
