@@ -285,6 +285,12 @@ class Settings(_WireSettings):
     # allows 15 per account (support.google.com/mail/answer/97150), the user's own mail apps
     # included: the default leaves them five.
     gmail_max_connections: int = Field(default=10, ge=1, le=15)
+    # IMAP sessions one process opens to the Outlook mailbox at once: `drain` copies the routes
+    # of that many Gmail accounts in parallel, one destination session each. Exchange Online
+    # allows 20 concurrent IMAP connections a mailbox (learn.microsoft.com, "Exchange Online
+    # limits"), the user's own apps and the Lambda consumers included; Outlook.com throttles
+    # a mailbox's sessions together: the default is small.
+    outlook_max_connections: int = Field(default=4, ge=1, le=20)
     # Megabytes (10^6 bytes) downloaded from one Gmail account in any 24 hours, by every process
     # and route. Gmail allows 2,500 MB a day over IMAP (support.google.com/a/answer/1071518), the
     # user's own mail apps included: the default leaves them 500.

@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import sys
 import time
+from dataclasses import replace
 
 from shared import bootstrap, claim_owners
 from shared.cli.progress import Progress, RunTally
@@ -220,10 +221,18 @@ def _consume(app: bootstrap.App, tally: RunTally) -> None:
         tally.add(result)
         progress.advance(result)
 
+    copier = app.copier(lease_for(lease))
+    accounts = {route.gmail_user for route in app.settings.routes}
+    # The routes of other Gmail accounts copied at the same time, one Outlook session each.
+    lanes = [
+        replace(copier, mailboxes=app.connections.lane())
+        for _ in range(min(app.settings.outlook_max_connections, len(accounts)) - 1)
+    ]
     try:
         tally.left_waiting = consume_queue(
             app.queue,
-            app.copier(lease_for(lease)),
+            copier,
+            lanes=lanes,
             visibility_timeout=lease,
             on_result=on_result,
             max_pause_wait=DRAIN_MAX_PAUSE_WAIT_SECONDS,

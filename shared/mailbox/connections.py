@@ -19,6 +19,7 @@ failure is given up: if the server does not answer that either, it is down, and 
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import select
@@ -82,6 +83,10 @@ class MailboxConnections:
         self._clock = clock
         self._sources: dict[str, _Session] = {}  # by route
         self._source_users: dict[str, str] = {}  # route -> the account its session is logged in as
+        # The source sessions are shared with the lanes (see lane): each route's is used by one
+        # thread at a time, and this guards the dicts.
+        self._sources_lock = threading.RLock()
+        self._lanes: list[MailboxConnections] = []
         self._destination: _Session | None = None
         self._preparing: threading.Thread | None = None  # see prepare_destination
         self._prepare_failure: Exception | None = None
@@ -129,17 +134,29 @@ class MailboxConnections:
         if failure is not None and raise_failure:
             raise failure
 
+    def lane(self) -> MailboxConnections:
+        """Connections for one more thread copying at the same time as this one's: the same
+        source sessions (a route's is used by one thread at a time: the routes of one account
+        go through one thread, see copy_batch), a destination session of its own."""
+        lane = copy.copy(self)
+        lane._destination, lane._preparing, lane._prepare_failure = None, None, None
+        self._lanes.append(lane)
+        return lane
+
     def _source_session(self, route: Route) -> _Session:
-        session = self._sources.get(route.name)
+        with self._sources_lock:
+            session = self._sources.get(route.name)
         if session is not None and not self._alive(session):
             self.drop_source(route)
             session = None
         if session is None:
             account = self._source_account(route)
-            self._make_room_for(account.user)
+            with self._sources_lock:
+                self._make_room_for(account.user)
             client = open_session(account)
-            session = self._sources[route.name] = _Session(client, ImapSource(client, account), self._clock())
-            self._source_users[route.name] = account.user
+            with self._sources_lock:
+                session = self._sources[route.name] = _Session(client, ImapSource(client, account), self._clock())
+                self._source_users[route.name] = account.user
         return session
 
     def _examined_source(self, route: Route) -> tuple[ImapSource, FolderState]:
@@ -202,8 +219,9 @@ class MailboxConnections:
             del self._source_users[oldest]
 
     def drop_source(self, route: Route) -> None:
-        self._source_users.pop(route.name, None)
-        session = self._sources.pop(route.name, None)
+        with self._sources_lock:
+            self._source_users.pop(route.name, None)
+            session = self._sources.pop(route.name, None)
         if session is not None:
             close_quietly(session.client)
 
@@ -216,14 +234,17 @@ class MailboxConnections:
     def close(self, *, abruptly: bool = False) -> None:
         """LOGOUT of every session; `abruptly`: the sockets only closed (an interrupted run: a
         LOGOUT could land in an APPEND's unfinished literal and wait out the timeout)."""
-        if not abruptly:
-            self._prepared()
-        sessions = [session.client for session in self._sources.values()]
-        if self._destination is not None:
-            sessions.append(self._destination.client)
-        self._sources.clear()
-        self._source_users.clear()
-        self._destination = None
+        sessions = []
+        for connections in (self, *self._lanes):
+            if not abruptly:
+                connections._prepared()
+            if connections._destination is not None:
+                sessions.append(connections._destination.client)
+                connections._destination = None
+        with self._sources_lock:
+            sessions += [session.client for session in self._sources.values()]
+            self._sources.clear()
+            self._source_users.clear()
         if abruptly or len(sessions) < 2:
             for client in sessions:
                 (close_quietly if abruptly else _logout_quietly)(client)

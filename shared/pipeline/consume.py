@@ -55,12 +55,14 @@ def consume_queue(
     on_result: Callable[[CopyResult], None] = lambda result: None,
     max_pause_wait: float | None = None,
     on_wait: Callable[[Wait], None] = lambda wait: None,
+    lanes: Sequence[Copier] = (),
 ) -> int:
     """Copy until nothing is queued or in flight (failed messages either succeed on a retry or
     reach the dead letters first). Messages that wait for a pause longer than `max_pause_wait`
     seconds (Gmail's download limit: hours; a holder stopped past its lease) are not waited for:
     they stay queued, due when the wait ends, and so do those of their routes behind them.
-    Returns how many were left so. While nothing is due, `on_wait` is told what the run waits for."""
+    Returns how many were left so. While nothing is due, `on_wait` is told what the run waits for.
+    `lanes`: copiers for the routes of other accounts at the same time (see copy_batch)."""
     parked: dict[str, float] = {}  # message id -> when due: waiting longer than max_pause_wait
     waiting: dict[str, tuple[float, str]] = {}  # message id -> when due, and why it waits
     while True:
@@ -78,7 +80,7 @@ def consume_queue(
                 on_wait(_what_it_waits_for(waiting, depths.in_flight))
                 continue
         try:
-            results = copy_batch(messages, copier=copier, queue=queue)
+            results = copy_batch(messages, copier=copier, queue=queue, lanes=lanes)
         except KeyboardInterrupt:
             _make_due_again(queue, messages)
             raise

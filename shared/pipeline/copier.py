@@ -17,8 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import queue as queue_module
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -809,12 +811,20 @@ def _chunks(steps: Sequence[_Step]) -> list[list[_Step]]:
 
 
 def copy_batch(
-    messages: Sequence[ReceivedMessage], *, copier: Copier, queue: MessageQueue
+    messages: Sequence[ReceivedMessage],
+    *,
+    copier: Copier,
+    queue: MessageQueue,
+    lanes: Sequence[Copier] = (),
 ) -> list[tuple[ReceivedMessage, CopyResult]]:
     """Each message with what became of it, in the order given. The messages of a route are
     copied together (Copier.copy_messages), in runs bounded by MAX_BATCH_BYTES; after one that
     is not acknowledged, the rest of its route wait as long, so its group is due again together.
-    A message that failed `copier.max_attempts` times of its own is moved to the dead letters."""
+    A message that failed `copier.max_attempts` times of its own is moved to the dead letters.
+
+    `lanes`: more copiers (each with a destination session of its own) to copy the routes of
+    other source accounts at the same time, one thread each. The routes of one account go one
+    after the other in one thread: they share its sessions and its limits."""
     copier.refresh()
     results: dict[int, CopyResult] = {}
     routes: dict[str, list[tuple[int, MessageRef]]] = {}  # FIFO group (route) -> its messages, in order
@@ -824,20 +834,62 @@ def copy_batch(
             results[index] = ref
         else:
             routes.setdefault(message.group_id, []).append((index, ref))
+    accounts: dict[str, list[list[tuple[int, MessageRef]]]] = {}
     for group in routes.values():
-        blocking: CopyResult | None = None
-        for run in _runs_by_size(group):
-            if blocking is not None:
-                for index, _ in run:
-                    results[index] = CopyResult(Outcome.UNPROCESSED, retry_after=blocking.retry_after)
-                continue
-            for (index, _), result in zip(run, copier.copy_messages([ref for _, ref in run]), strict=True):
-                if result.outcome is Outcome.FAILED and copier.max_attempts and result.attempts >= copier.max_attempts:
-                    result = _give_up(messages[index], result, queue)
-                if blocking is None and not result.outcome.acknowledged:
-                    blocking = result
-                results[index] = result
+        accounts.setdefault(copier.routes[group[0][1].route].gmail_user, []).append(group)
+
+    def copy_account(groups: list[list[tuple[int, MessageRef]]], lane: Copier) -> None:
+        for group in groups:
+            _copy_route(group, lane, messages, queue, results)
+
+    if not lanes or len(accounts) == 1:
+        for groups in accounts.values():
+            copy_account(groups, copier)
+    else:
+        _in_parallel(list(accounts.values()), [copier, *lanes], copy_account)
     return [(message, results[index]) for index, message in enumerate(messages)]
+
+
+def _copy_route(
+    group: list[tuple[int, MessageRef]],
+    copier: Copier,
+    messages: Sequence[ReceivedMessage],
+    queue: MessageQueue,
+    results: dict[int, CopyResult],
+) -> None:
+    blocking: CopyResult | None = None
+    for run in _runs_by_size(group):
+        if blocking is not None:
+            for index, _ in run:
+                results[index] = CopyResult(Outcome.UNPROCESSED, retry_after=blocking.retry_after)
+            continue
+        for (index, _), result in zip(run, copier.copy_messages([ref for _, ref in run]), strict=True):
+            if result.outcome is Outcome.FAILED and copier.max_attempts and result.attempts >= copier.max_attempts:
+                result = _give_up(messages[index], result, queue)
+            if blocking is None and not result.outcome.acknowledged:
+                blocking = result
+            results[index] = result
+
+
+def _in_parallel(work: list[T], copiers: list[Copier], run: Callable[[T, Copier], None]) -> None:
+    """`run` on each piece of `work`, as many at once as there are copiers, each with a copier
+    no other thread uses meanwhile. What one raises is raised here once all are done."""
+    free: queue_module.SimpleQueue[Copier] = queue_module.SimpleQueue()
+    for lane in copiers:
+        lane.refresh()
+        free.put(lane)
+
+    def take_a_lane(piece: T) -> None:
+        lane = free.get()
+        try:
+            run(piece, lane)
+        finally:
+            free.put(lane)
+
+    with ThreadPoolExecutor(min(len(copiers), len(work)), thread_name_prefix="lane") as pool:
+        futures = [pool.submit(take_a_lane, piece) for piece in work]
+    for future in futures:
+        future.result()
 
 
 def _runs_by_size(group: list[tuple[int, MessageRef]]) -> Iterator[list[tuple[int, MessageRef]]]:

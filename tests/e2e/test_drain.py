@@ -99,3 +99,22 @@ def test_gate_state_store_unreachable_opens_no_imap_connection(sync_env, dovecot
     assert dovecot_pair.gmail.logins(setup.routes[0].gmail_user) == logins_before
     assert dovecot_pair.outlook.logins(setup.outlook_user) == 0
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_routes_of_three_accounts_are_copied_over_at_most_outlook_max_connections_sessions(sync_env, dovecot_pair, servers):
+    setup = sync_env((("ann", "INBOX", "Ann"), ("bob", "INBOX", "Bob"), ("cy", "INBOX", "Cy")))
+    setup.env["OUTLOOK_MAX_CONNECTIONS"] = "2"
+    sources = {}
+    for account in setup.routes:
+        seed(dovecot_pair.gmail, account.gmail_user, "INBOX", corpus_seed(15))
+        sources[account.name] = read_folder(dovecot_pair.gmail, account.gmail_user, "INBOX")
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Two routes at a time, one Outlook session each: two logins for the three routes.
+    assert dovecot_pair.outlook.logins(setup.outlook_user) == 2, done.stderr
+    for account in setup.routes:
+        assert f"route {account.name}: 15 copied, 0 skipped, 0 failed" in done.stdout
+        copied = read_folder(dovecot_pair.outlook, setup.outlook_user, account.outlook_folder)
+        assert_copied_exactly(sources[account.name], copied, kept=servers.kept)

@@ -7,10 +7,11 @@ user would look: the dead letters, with their reasons, each once.
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
-from shared.pipeline.copier import CopyResult, Outcome, copy_batch
+from shared.pipeline.copier import Copier, CopyResult, Outcome, copy_batch
 from shared.queue import ReceivedMessage
 from shared.state import ClaimStatus
 from tests.fakes import FakeWorld
@@ -185,3 +186,48 @@ def test_messages_held_back_behind_a_paused_one_wait_as_long_as_it(world, one_me
 
     assert outcomes(results) == [("work", Outcome.PAUSED), ("work", Outcome.UNPROCESSED)]
     assert results[0][1].retry_after == results[1][1].retry_after == 300
+
+
+def test_routes_of_other_accounts_are_copied_at_the_same_time_and_one_accounts_routes_by_one_thread(world):
+    refs = [world.arrive(route) for route in ("work", "home", "news", "work", "home", "news")]
+    world.queue.send_refs(refs)
+    batch = receive_all(world)
+    main, lane = world.copier(), world.copier()
+    both_running = threading.Barrier(2, timeout=10)  # broken unless two copies run at once
+    seen: dict[str, set[str]] = {}
+
+    def watched(copier):
+        first = []
+
+        def copy_messages(refs):
+            seen.setdefault(refs[0].route, set()).add(threading.current_thread().name)
+            if not first:
+                first.append(True)
+                both_running.wait()
+            return Copier.copy_messages(copier, refs)
+
+        copier.copy_messages = copy_messages
+        return copier
+
+    results = copy_batch(batch, copier=watched(main), queue=world.queue, lanes=[watched(lane)])
+
+    assert [result.outcome for _, result in results] == [Outcome.COPIED] * 6
+    # alice's two routes in one thread, bob's in another
+    assert len(seen["work"]) == len(seen["news"]) == len(seen["home"]) == 1
+    assert seen["work"] == seen["news"] != seen["home"]
+    assert len(world.destination.bodies("Work")) == 4 and len(world.destination.bodies("News")) == 2
+
+
+def test_without_lanes_or_with_one_account_every_route_is_copied_in_the_calling_thread(world):
+    refs = [world.arrive(route) for route in ("work", "news", "work")]
+    world.queue.send_refs(refs)
+    batch = receive_all(world)
+    threads = set()
+    main = world.copier()
+    original = main.copy_messages
+    main.copy_messages = lambda refs: threads.add(threading.current_thread().name) or original(refs)
+
+    results = copy_batch(batch, copier=main, queue=world.queue, lanes=[world.copier()])
+
+    assert [result.outcome for _, result in results] == [Outcome.COPIED] * 3
+    assert threads == {threading.current_thread().name}

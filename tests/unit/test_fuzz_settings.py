@@ -129,6 +129,7 @@ RANGES = {
     "max_attempts": (1, 100),
     "max_receive_count": (1, 1000),
     "gmail_max_connections": (1, 15),
+    "outlook_max_connections": (1, 20),
     "gmail_daily_download_mb": (1, 2500),
     "max_message_bytes": (1024, 2**40),
     "fallback_since_days": (0, math.inf),
