@@ -80,6 +80,7 @@ class MailboxConnections:
         self._clock = clock
         self._sources: dict[str, _Session] = {}  # by route
         self._source_users: dict[str, str] = {}  # route -> the account its session is logged in as
+        self._set_aside: dict[str, int] = {}  # account -> its sessions kept for other uses (IDLE)
         self._destination: _Session | None = None
 
     def source(self, route: Route) -> tuple[ReopeningSource, FolderState]:
@@ -146,13 +147,22 @@ class MailboxConnections:
             if session is not None:
                 session.folder = None
 
+    def set_aside(self, user: str, sessions: int) -> int:
+        """Keep up to `sessions` of the account's budget out of this pool, for sessions opened
+        elsewhere that count against the same limit (`drain --watch`'s IDLE sessions). The pool
+        keeps at least one; returns how many were set aside."""
+        granted = sessions if self._per_account is None else max(0, min(sessions, self._per_account - 1))
+        self._set_aside[user] = granted
+        return granted
+
     def _make_room_for(self, user: str) -> None:
         """Log out the account's least recently used session while it has its budget's worth."""
         if self._per_account is None:
             return
+        budget = self._per_account - self._set_aside.get(user, 0)
         while True:
             open_ = [name for name, owner in self._source_users.items() if owner == user and name in self._sources]
-            if len(open_) < self._per_account:
+            if len(open_) < budget:
                 return
             oldest = min(open_, key=lambda name: self._sources[name].last_used)
             _logout_quietly(self._sources.pop(oldest).client)
