@@ -175,16 +175,12 @@ def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally) -> Exi
         for line in _round_lines(due, this_round):
             print(line, flush=True)
 
-    def lost(route: Route, error: str, delay: float) -> None:
-        print(f"route {route.name}: IDLE session lost ({error}); opening another in {delay:g} s", file=sys.stderr, flush=True)
-
     watch = RouteWatch(
         routes,
         idle_on=idle_on,
         open_watch=lambda route: open_folder_watch(app.source_account(route), route.gmail_folder),
         copy_round=copy_round,
-        times=times,
-        on_lost=lost,
+        times=times,  # a lost session is logged (a WARNING line on stderr)
     )
     try:
         watch.run()
