@@ -291,6 +291,13 @@ class Settings(_WireSettings):
     # limits"), the user's own apps and the Lambda consumers included; Outlook.com throttles
     # a mailbox's sessions together: the default is small.
     outlook_max_connections: int = Field(default=4, ge=1, le=20)
+    # `drain --watch`: each IDLE is ended and issued again this often. RFC 2177 advises at least
+    # every 29 minutes (the limit here); servers and NAT boxes drop quiet sessions sooner (Gmail
+    # within about 10 to 29 minutes, some NAT boxes in under 5), so the default is 4 minutes.
+    watch_reidle_seconds: float = Field(default=240.0, gt=0, le=29 * 60)
+    # `drain --watch`: every route is scanned this often even without news from IDLE, which can
+    # miss a change (a notification lost with its connection).
+    watch_rescan_seconds: float = Field(default=300.0, gt=0, le=24 * 60 * 60)
     # Megabytes (10^6 bytes) downloaded from one Gmail account in any 24 hours, by every process
     # and route. Gmail allows 2,500 MB a day over IMAP (support.google.com/a/answer/1071518), the
     # user's own mail apps included: the default leaves them 500.

@@ -10,19 +10,22 @@ import argparse
 import datetime as dt
 import sys
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 
 from shared import bootstrap, claim_owners
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
-from shared.mailbox.imap import ImapSource
+from shared.mailbox.imap import ImapSource, open_folder_watch
 from shared.mailbox.session import open_session
 from shared.pipeline.consume import consume_queue
-from shared.pipeline.copier import CopyResult, lease_for
+from shared.pipeline.copier import CopyResult, Outcome, lease_for
 from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
 from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
+from shared.pipeline.watch import RouteWatch, WatchTimes, idle_budget
 from shared.redaction import scrub
 from shared.settings import Route
 
@@ -136,7 +139,76 @@ def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
         if not any(s.left_for_next_run for s in scans if not s.error):
             break
     _print_summary(app, tally)
+    if getattr(args, "watch", False):
+        return _watch(args, app, tally)
     return _exit_code(tally)
+
+
+def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally) -> ExitCode:
+    """After the drain: IDLE on each route's source, and copy what arrives, until Ctrl-C or
+    SIGTERM (main turns the KeyboardInterrupt into exit 130 after the summary here)."""
+    settings = app.settings
+    routes = settings.routes
+    idle_on, rescanned = idle_budget(routes, app.connections.set_aside)
+    times = WatchTimes(reidle_seconds=settings.watch_reidle_seconds, rescan_seconds=settings.watch_rescan_seconds)
+    print(
+        f"watching {len(idle_on)} route(s) with IDLE (re-IDLE every {times.reidle_seconds:g} s, every route "
+        f"rescanned every {times.rescan_seconds:g} s); Ctrl-C or SIGTERM to stop",
+        flush=True,
+    )
+    for route in rescanned:
+        print(f"route {route.name}: no IDLE session ({route.gmail_user} has no session to spare under "
+              f"GMAIL_MAX_CONNECTIONS={settings.gmail_max_connections}); rescanned only", flush=True)
+    started, rounds = time.monotonic(), 0
+
+    def copy_round(due: Sequence[Route]) -> None:
+        nonlocal rounds
+        rounds += 1
+        this_round = RunTally()
+        scans = _scan(args, app, due)
+        this_round.add_scans(scans)
+        tally.add_scans(scans)
+        _consume(app, this_round, show_progress=False)
+        for result in this_round.last.values():
+            tally.add(result)
+        tally.quarantined += this_round.quarantined
+        tally.dead_letters = this_round.dead_letters
+        for line in _round_lines(due, this_round):
+            print(line, flush=True)
+
+    watch = RouteWatch(
+        routes,
+        idle_on=idle_on,
+        open_watch=lambda route: open_folder_watch(app.source_account(route), route.gmail_folder),
+        copy_round=copy_round,
+        times=times,  # a lost session is logged (a WARNING line on stderr)
+    )
+    try:
+        watch.run()
+    finally:
+        # Interrupted (or failed): say what the watch did, then main says how it ended.
+        minutes = (time.monotonic() - started) / 60
+        print(f"watch ended after {minutes:.1f} min, {rounds} copy round(s); in all, drain and watch:")
+        _print_summary(app, tally)
+    return _exit_code(tally)
+
+
+def _round_lines(routes: Sequence[Route], tally: RunTally) -> list[str]:
+    """One line per route of a watch's copy round: `14:05:09 route work: 1 copied`."""
+    now = time.strftime("%H:%M:%S")
+    outcomes = Counter((result.key.route, result.outcome) for result in tally.last.values() if result.key)
+    lines = []
+    for route in routes:
+        line = f"{now} route {route.name}: {outcomes[route.name, Outcome.COPIED]} copied"
+        for outcome, word in ((Outcome.SKIPPED, "skipped"), (Outcome.FAILED, "failed"), (Outcome.PAUSED, "waiting")):
+            if outcomes[route.name, outcome]:
+                line += f", {outcomes[route.name, outcome]} {word}"
+        if route.name in tally.scan_errors:
+            line += f"; scan failed: {tally.scan_errors[route.name]}"
+        if route.name in tally.scans_paused:
+            line += f"; not scanned: {tally.scans_paused[route.name]}"
+        lines.append(line)
+    return lines
 
 
 def reconcile(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
@@ -195,13 +267,15 @@ def _print_summary(app: bootstrap.App, tally: RunTally) -> None:
     tally.print_summary(app.settings.routes, [pause for pause in app.state.pauses() if pause.until > now])
 
 
-def _scan(args: argparse.Namespace, app: bootstrap.App, *, copying_next: bool = True) -> list[RouteScan]:
+def _scan(
+    args: argparse.Namespace, app: bootstrap.App, routes: Sequence[Route] | None = None, *, copying_next: bool = True
+) -> list[RouteScan]:
     def prepare_destination(route: Route) -> None:
         if copying_next:  # logged in to the destination while the scan goes on
             app.connections.prepare_destination(route.outlook_folder)
 
     return scan_routes(
-        app.settings.routes,
+        app.settings.routes if routes is None else routes,
         state=app.state,
         queue=app.queue,
         open_source=app.connections.borrowed_source,
@@ -212,22 +286,22 @@ def _scan(args: argparse.Namespace, app: bootstrap.App, *, copying_next: bool = 
     )
 
 
-def _consume(app: bootstrap.App, tally: RunTally) -> None:
+def _consume(app: bootstrap.App, tally: RunTally, *, show_progress: bool = True) -> None:
+    """`show_progress=False`: no progress line (a watch's round prints its own), waits still said."""
     app.state.check_health()  # the gate, also when consuming alone
     lease = app.settings.lease_seconds
     progress = Progress(total=app.queue.depths().visible)
 
     def on_result(result: CopyResult) -> None:
         tally.add(result)
-        progress.advance(result)
+        if show_progress:
+            progress.advance(result)
 
     copier = app.copier(lease_for(lease))
     accounts = {route.gmail_user for route in app.settings.routes}
     # The routes of other Gmail accounts copied at the same time, one Outlook session each.
-    lanes = [
-        replace(copier, mailboxes=app.connections.lane())
-        for _ in range(min(app.settings.outlook_max_connections, len(accounts)) - 1)
-    ]
+    more = min(app.settings.outlook_max_connections, len(accounts)) - 1
+    lanes = [replace(copier, mailboxes=lane) for lane in app.connections.lanes(more)]
     try:
         tally.left_waiting = consume_queue(
             app.queue,
@@ -239,7 +313,8 @@ def _consume(app: bootstrap.App, tally: RunTally) -> None:
             on_wait=progress.waiting,
         )
     finally:
-        progress.finish()
+        if show_progress:
+            progress.finish()
     # A run never ends as if all were well while messages wait in the dead letters.
     tally.dead_letters = app.queue.depths().dead
     tally.settle(app.state.get_claim)

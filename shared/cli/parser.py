@@ -31,10 +31,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         handlers[name] = handler
         return subparsers.add_parser(name, help=summary, description=description)
 
-    command(
+    drain = command(
         "drain", commands.drain, "scan every route, then copy until the queue is empty; again while a backlog remains",
         "Scan every route for new messages and copy them until the queue is empty, repeating while a "
         "route has more than MAX_ENQUEUE_PER_RUN waiting. Shows progress, then a summary per route.",
+    )
+    drain.add_argument(
+        "--watch", action="store_true",
+        help="then stay connected: IDLE on each route's source folder (a session of its own, one of the "
+        "account's GMAIL_MAX_CONNECTIONS) and copy each new message within seconds of its arrival; a line per "
+        "copy round. IDLE is issued again every WATCH_REIDLE_SECONDS (default 240), every route is rescanned "
+        "every WATCH_RESCAN_SECONDS (default 300), a lost session is reopened. Runs until Ctrl-C or SIGTERM "
+        "(exit 130, after a summary)",
     )
     once = command(
         "run-once", commands.run_once, "one scheduled cycle: scan every route once, then copy what was queued",

@@ -87,6 +87,7 @@ class MailboxConnections:
         # thread at a time, and this guards the dicts.
         self._sources_lock = threading.RLock()
         self._lanes: list[MailboxConnections] = []
+        self._set_aside: dict[str, int] = {}  # account -> its sessions kept for other uses (IDLE)
         self._destination: _Session | None = None
         self._preparing: threading.Thread | None = None  # see prepare_destination
         self._prepare_failure: Exception | None = None
@@ -134,14 +135,16 @@ class MailboxConnections:
         if failure is not None and raise_failure:
             raise failure
 
-    def lane(self) -> MailboxConnections:
-        """Connections for one more thread copying at the same time as this one's: the same
-        source sessions (a route's is used by one thread at a time: the routes of one account
-        go through one thread, see copy_batch), a destination session of its own."""
-        lane = copy.copy(self)
-        lane._destination, lane._preparing, lane._prepare_failure = None, None, None
-        self._lanes.append(lane)
-        return lane
+    def lanes(self, count: int) -> list[MailboxConnections]:
+        """Connections for `count` more threads copying at the same time as this one's, the
+        same ones each time asked (their sessions are kept): the same source sessions (a
+        route's is used by one thread at a time: the routes of one account go through one
+        thread, see copy_batch), a destination session each of their own."""
+        while len(self._lanes) < count:
+            lane = copy.copy(self)
+            lane._destination, lane._preparing, lane._prepare_failure = None, None, None
+            self._lanes.append(lane)
+        return self._lanes[:count]
 
     def _source_session(self, route: Route) -> _Session:
         with self._sources_lock:
@@ -206,13 +209,22 @@ class MailboxConnections:
         session.folder = source.examined(route.gmail_folder)
         session.last_used = self._clock()
 
+    def set_aside(self, user: str, sessions: int) -> int:
+        """Keep up to `sessions` of the account's budget out of this pool, for sessions opened
+        elsewhere that count against the same limit (`drain --watch`'s IDLE sessions). The pool
+        keeps at least one; returns how many were set aside."""
+        granted = sessions if self._per_account is None else max(0, min(sessions, self._per_account - 1))
+        self._set_aside[user] = granted
+        return granted
+
     def _make_room_for(self, user: str) -> None:
         """Log out the account's least recently used session while it has its budget's worth."""
         if self._per_account is None:
             return
+        budget = self._per_account - self._set_aside.get(user, 0)
         while True:
             open_ = [name for name, owner in self._source_users.items() if owner == user and name in self._sources]
-            if len(open_) < self._per_account:
+            if len(open_) < budget:
                 return
             oldest = min(open_, key=lambda name: self._sources[name].last_used)
             _logout_quietly(self._sources.pop(oldest).client)

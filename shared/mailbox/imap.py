@@ -19,6 +19,8 @@ import datetime as dt
 import hashlib
 import imaplib
 import re
+import select
+import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -43,7 +45,7 @@ from shared.mailbox.port import (
     UidFloor,
     copies_in,
 )
-from shared.mailbox.session import ImapAccount, classified_failure
+from shared.mailbox.session import ImapAccount, classified_failure, close_quietly, open_session
 from shared.redaction import scrub
 from shared.settings import FOLDER_SEPARATOR
 
@@ -228,6 +230,65 @@ class ImapSource:
 
     def _uid_fetch(self, uids: Sequence[int], items: bytes) -> dict[int, dict[bytes, object]]:
         return _uid_fetch(self._client, uids, items)
+
+
+class ImapFolderWatch:
+    """`FolderWatch` over IMAP: a session of its own with the folder EXAMINEd (read-only, as by
+    ImapSource), waiting in IDLE (RFC 2177). `open_folder_watch` opens one."""
+
+    def __init__(self, client: IMAPClient, account: ImapAccount, folder: str):
+        self._client = client
+        self._account = account
+        self._folder = folder
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """One IDLE command: IDLE, wait until the server speaks or `timeout` passes, DONE. Every
+        call is a new IDLE, so calling it again is the re-IDLE servers expect. A lost session
+        (EOF, reset, BYE, no answer to DONE within IMAP_TIMEOUT) raises ImapFailure."""
+        with _failures_as_imap_failure(self._account, "IDLE", self._folder):
+            self._client.idle()
+            _server_speaks_within(self._client, timeout)
+            _, responses = self._client.idle_done()
+        # An untagged OK is a keep-alive ("* OK Still here"), not a change.
+        return any(not (isinstance(r, tuple) and r and r[0] in (b"OK", b"NO", b"BAD")) for r in responses)
+
+    def close(self) -> None:
+        close_quietly(self._client)
+
+
+def open_folder_watch(account: ImapAccount, folder: str) -> ImapFolderWatch:
+    """Log in (a fresh access token when the cached one is near expiry), EXAMINE `folder`."""
+    client = open_session(account)
+    try:
+        source = ImapSource(client, account)
+        source.examine(folder)
+        if b"IDLE" not in client.capabilities():
+            raise ImapFailure(scrub(f"{account.label} at {account.endpoint}: the server does not offer IDLE"), step="IDLE")
+        return ImapFolderWatch(client, account, source.folder_named(folder))
+    except BaseException:
+        close_quietly(client)
+        raise
+
+
+def _server_speaks_within(client: IMAPClient, timeout: float) -> bool:
+    """Whether the server sent something within `timeout` seconds: already read into imaplib's
+    buffer (it reads ahead of the line it was asked for), held by TLS, or on the socket. An EOF
+    counts as something: the DONE after it fails and says so (imapclient's idle_check reads
+    an EOF or a reset as "nothing yet")."""
+    sock = client.socket()
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    previous = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        if client._imap.file.peek(1):
+            return True
+    except (BlockingIOError, ssl.SSLWantReadError):
+        pass  # nothing buffered, nothing on the wire yet
+    finally:
+        sock.settimeout(previous)
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,17 @@ class DestinationMailbox(Protocol):
         is on or after `day`, in UID order; [] when the folder does not exist (reconcile)."""
 
 
+class FolderWatch(Protocol):
+    """A source folder watched on a session of its own (IMAP IDLE), for `drain --watch`."""
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the server to report a change in the folder (a new
+        message, an expunge, a flag); True if it did. Raises when the session is lost."""
+
+    def close(self) -> None:
+        """End the session; callable from another thread, to wake a `wait_for_change`."""
+
+
 class Mailboxes(Protocol):
     """The consumer's sessions: one per route's source, one to the destination, opened on first
     use and kept across messages (and warm Lambda invocations)."""

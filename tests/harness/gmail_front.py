@@ -28,7 +28,8 @@ the comments of ``Behaviours`` and of the constants. In short:
    ``NO [ALERT] Too many simultaneous connections. (Failure)``;
 6. ``* BYE Session expired, please login again.`` (scripted), ``OK Success [THROTTLED]``
    (``throttled``), and the "Folder size limits" setting (``folder_size_limit``): a folder shows
-   only its newest N messages (EXISTS, sequence numbers, SEARCH, FETCH, STATUS MESSAGES).
+   only its newest N messages (EXISTS, sequence numbers, SEARCH, FETCH, STATUS MESSAGES);
+7. an IDLE running past ``idle_timeout`` seconds ends with that BYE (off unless set).
 
 Every system folder exists from an account's first login through the front (or ``deliver``).
 
@@ -39,8 +40,8 @@ Quota: ``reset_quota(user)``, ``exceed_quota(user)``; ``clock`` may be replaced 
 Recorded for tests: ``connections`` (accepted), ``logins`` (successful logins per user),
 ``sessions(user)`` (logged in now), ``peak_sessions`` (most at once, per user), ``served`` (bytes
 of FETCH literals sent, per user, in the current quota window), ``served_total`` (per user, ever),
-``commands`` (each command's first line, no literals), ``refused`` ((line, reply) the front gave
-itself), ``refused_at``, ``sent(match)``.
+``commands`` (each command's first line, no literals), ``idles_ended`` (IDLEs ended by
+``idle_timeout``), ``refused`` ((line, reply) the front gave itself), ``refused_at``, ``sent(match)``.
 
 Not modelled: X-GM-RAW (Dovecot answers BAD), STORE of X-GM-LABELS, COMPRESS (advertised, as
 Gmail does; Dovecot refuses it), APPENDLIMIT enforcement, ESEARCH results under a folder size limit,
@@ -228,6 +229,13 @@ class Behaviours:
     #    (off by default, as in Gmail: "Do not limit the number of messages in an IMAP folder
     #    (default)", imapsync FAQ.d/FAQ.Gmail.txt).
     folder_size_limit: int | None = None
+    # 7. An IDLE left running this many seconds is ended by the server: SESSION_EXPIRED, then the
+    #    close. RFC 2177 lets a server log off a client that idles past its inactivity timeout
+    #    ("at least every 29 minutes" re-issue IDLE, section 3); Gmail's is reported at about 10
+    #    to 29 minutes (issue 14; re-IDLE after 29 minutes "to prevent server from closing
+    #    connection", https://github.com/tpitale/mail_room/pull/40). Google documents no value,
+    #    so it is off by default; tests set a few seconds.
+    idle_timeout: float | None = None
 
 
 @dataclass
@@ -285,6 +293,7 @@ class GmailFront(Listening):
         self.commands: list[bytes] = []
         self.refused: list[tuple[bytes, bytes]] = []
         self.refused_at: list[float] = []
+        self.idles_ended = 0  # IDLEs the front ended for running past idle_timeout
         self._sessions: list[_Session] = []
         self._listener = socket.create_server((self.host, 0))
         self.port = self._listener.getsockname()[1]
@@ -1183,12 +1192,27 @@ class _Session(WireSession):
 
         thread = threading.Thread(target=relay, name="gmail-front-idle", daemon=True)
         thread.start()
-        answer = self._from_client.readline()
+        timer = None
+        if self.b.idle_timeout is not None:
+            timer = threading.Timer(self.b.idle_timeout, self._end_idle)
+            timer.daemon = True
+            timer.start()
+        try:
+            answer = self._from_client.readline()
+        finally:
+            if timer is not None:
+                timer.cancel()
         if not answer:
             raise SessionClosed("client left during IDLE")
         self._upstream.sendall(answer)
         done.wait(30)
         thread.join(timeout=1)
+
+    def _end_idle(self) -> None:
+        """The IDLE ran past Behaviours.idle_timeout: the session ends."""
+        with self.front._lock:
+            self.front.idles_ended += 1
+        self.expire()
 
 
 # ==== helpers ========================================================================================

@@ -13,6 +13,7 @@ USE_CASES = (
     "shared.pipeline.consume",
     "shared.pipeline.redrive",
     "shared.pipeline.reconcile",
+    "shared.pipeline.watch",
 )
 ADAPTERS = (
     "imaplib",

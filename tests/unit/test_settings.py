@@ -138,6 +138,16 @@ def test_reserved_only_as_a_top_level_name(env):
     assert [route.outlook_folder for route in load_settings().routes] == ["Archive/Files", "My Files"]
 
 
+def test_watch_intervals_default_under_gmails_idle_timeout_and_are_validated(env):
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    settings = load_settings()
+    assert (settings.watch_reidle_seconds, settings.watch_rescan_seconds) == (240, 300)
+    env(WATCH_REIDLE_SECONDS="1800")  # past RFC 2177's 29 minutes
+    assert problems() == ["WATCH_REIDLE_SECONDS: Input should be less than or equal to 1740"]
+    env(WATCH_REIDLE_SECONDS="60", WATCH_RESCAN_SECONDS="0")
+    assert problems() == ["WATCH_RESCAN_SECONDS: Input should be greater than 0"]
+
+
 def test_max_message_bytes_defaults_to_outlooks_limit_and_is_validated(env):
     env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
     assert load_settings().max_message_bytes == 25 * 1024 * 1024
