@@ -167,11 +167,30 @@ def verify_delay(servers: Servers, link: Link, seeded_user: str, loopback: tuple
 
 @dataclass(frozen=True)
 class Seeded:
-    user: str
+    users: tuple[str, ...]  # the source accounts (--routes), the messages dealt out in turn
     count: int
     total_bytes: int
     seconds: float
     message_ids: frozenset[bytes]
+
+    @property
+    def user(self) -> str:
+        return self.users[0]
+
+
+def seed_sources(server: DovecotServer, messages: Iterator[tuple[bytes, tuple[bytes, ...], datetime]], accounts: int) -> Seeded:
+    """The messages dealt out in turn to `accounts` fresh users' INBOXes (seed_source each)."""
+    dealt: list[list[tuple[bytes, tuple[bytes, ...], datetime]]] = [[] for _ in range(accounts)]
+    for index, message in enumerate(messages):
+        dealt[index % accounts].append(message)
+    parts = [seed_source(server, iter(part)) for part in dealt]
+    return Seeded(
+        tuple(user for part in parts for user in part.users),
+        sum(part.count for part in parts),
+        sum(part.total_bytes for part in parts),
+        sum(part.seconds for part in parts),
+        frozenset().union(*(part.message_ids for part in parts)),
+    )
 
 
 def with_message_id(raw: bytes, message_id: bytes) -> bytes:
@@ -320,7 +339,7 @@ def seed_source(server: DovecotServer, messages: Iterator[tuple[bytes, tuple[byt
         seconds = time.perf_counter() - started
     finally:
         client.logout()
-    return Seeded(user, len(ids), total, seconds, frozenset(ids))
+    return Seeded((user,), len(ids), total, seconds, frozenset(ids))
 
 
 # -- the copiers ---------------------------------------------------------------------------
@@ -342,44 +361,51 @@ def connect_via(server: DovecotServer, port: int, user: str) -> IMAPClient:
 
 
 def copy_baseline(servers: Servers, link: Link, seeded: Seeded, dest_user: str) -> set[int]:
-    """One imapclient connection a side: FETCH BODY.PEEK[] FLAGS INTERNALDATE in chunks of
-    100 UIDs, then one exact-bytes APPEND (LITERAL+) per message, waiting for each answer."""
-    src = connect_via(servers.source, link.source_port, seeded.user)
+    """One imapclient connection a side (a source account at a time): FETCH BODY.PEEK[] FLAGS
+    INTERNALDATE in chunks of 100 UIDs, then one exact-bytes APPEND (LITERAL+) per message,
+    waiting for each answer."""
     dst = connect_via(servers.dest, link.dest_port, dest_user)
-    src.normalise_times = False  # keep the zone the server answered with
     try:
-        src.select_folder(FOLDER, readonly=True)
-        uids = src.search("ALL")
-        for start in range(0, len(uids), FETCH_CHUNK):
-            chunk = uids[start : start + FETCH_CHUNK]
-            fetched = src.fetch(chunk, [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
-            for uid in chunk:
-                item = fetched[uid]
-                flags = [f for f in item[b"FLAGS"] if f != b"\\Recent"]
-                append(dst, FOLDER, item[b"BODY[]"], flags, item[b"INTERNALDATE"])
+        for user in seeded.users:
+            src = connect_via(servers.source, link.source_port, user)
+            src.normalise_times = False  # keep the zone the server answered with
+            try:
+                src.select_folder(FOLDER, readonly=True)
+                uids = src.search("ALL")
+                for start in range(0, len(uids), FETCH_CHUNK):
+                    chunk = uids[start : start + FETCH_CHUNK]
+                    fetched = src.fetch(chunk, [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"])
+                    for uid in chunk:
+                        item = fetched[uid]
+                        flags = [f for f in item[b"FLAGS"] if f != b"\\Recent"]
+                        append(dst, FOLDER, item[b"BODY[]"], flags, item[b"INTERNALDATE"])
+            finally:
+                src.logout()
     finally:
-        src.logout()
         dst.logout()
     return set()
 
 
 def drain_env(servers: Servers, link: Link, seeded: Seeded, dest_user: str, run_dir: Path) -> dict[str, str]:
-    """mail_syncer's settings for one password route, built from nothing (no inherited
-    mail_syncer or AWS variables), with its SQLite state and queue in ``run_dir``."""
-    route = {
-        "name": "bench",
-        "gmail_user": seeded.user,
-        "gmail_password": servers.source.password,
-        "gmail_folder": FOLDER,
-        "outlook_folder": FOLDER,
-        "since": (date.today() - timedelta(days=7)).isoformat(),
-    }
+    """mail_syncer's settings for one password route a source account, built from nothing (no
+    inherited mail_syncer or AWS variables), with its SQLite state and queue in ``run_dir``."""
+    routes = [
+        {
+            "name": f"bench{index + 1}" if len(seeded.users) > 1 else "bench",
+            "gmail_user": user,
+            "gmail_password": servers.source.password,
+            "gmail_folder": FOLDER,
+            "outlook_folder": FOLDER,
+            "since": (date.today() - timedelta(days=7)).isoformat(),
+        }
+        for index, user in enumerate(seeded.users)
+    ]
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(run_dir),
         "LANG": "C.UTF-8",
         "PYTHONPATH": str(DRAIN_CODE),
-        "SYNC_ROUTES_JSON": json.dumps([route]),
+        "SYNC_ROUTES_JSON": json.dumps(routes),
         "OUTLOOK_USER": dest_user,
         "OUTLOOK_PASSWORD": servers.dest.password,
         "GMAIL_IMAP_HOST": servers.source.host,
@@ -422,19 +448,6 @@ MBSYNCRC = """\
 # isync 1.4.4 checks the server name against the certificate's DNS names and then its CN,
 # never its IP addresses: the test certificate (SAN IP:127.0.0.1, DNS:localhost, no CN) is
 # refused for "Host 127.0.0.1" ("cannot get certificate common name").
-IMAPAccount source
-Host localhost
-Port {src_port}
-User {src_user}
-Pass "{src.password}"
-AuthMechs LOGIN
-SSLType IMAPS
-CertificateFile {ca}
-PipelineDepth 50
-
-IMAPStore source
-Account source
-
 IMAPAccount dest
 Host localhost
 Port {dst_port}
@@ -447,10 +460,25 @@ PipelineDepth 50
 
 IMAPStore dest
 Account dest
+"""
+# One a source account (--routes); `mbsync -a` syncs the channels one after the other.
+MBSYNC_CHANNEL = """
+IMAPAccount source{n}
+Host localhost
+Port {src_port}
+User {src_user}
+Pass "{src.password}"
+AuthMechs LOGIN
+SSLType IMAPS
+CertificateFile {ca}
+PipelineDepth 50
+
+IMAPStore source{n}
+Account source{n}
 
 # isync 1.4 names the two ends Far and Near (1.3: Master and Slave); Pull = far -> near.
-Channel bench
-Far :source:{folder}
+Channel bench{n}
+Far :source{n}:{folder}
 Near :dest:{folder}
 # New messages only, far to near; they arrive with their flags. Without CopyArrivalDate
 # the copies get the time of the copy as INTERNALDATE.
@@ -459,12 +487,13 @@ Create Near
 Expunge None
 Remove None
 CopyArrivalDate yes
-SyncState {state}/
+SyncState {state}/{n}-
 """
 
 
 def copy_mbsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) -> set[int]:
-    """mbsync (isync) pulling the source INBOX into the destination INBOX.
+    """mbsync (isync) pulling each source account's INBOX into the destination INBOX (`-a`: a
+    channel each, in turn).
 
     mbsync inserts an X-TUID header into every message it copies; a message without the
     blank line that ends a header it skips, with a warning and exit code 0: those source
@@ -472,22 +501,23 @@ def copy_mbsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) ->
     run_dir = Path(tempfile.mkdtemp(prefix="mbsync-", dir=servers.workdir))
     (run_dir / "state").mkdir()
     rc = run_dir / "mbsyncrc"
-    rc.write_text(
-        MBSYNCRC.format(
+    config = MBSYNCRC.format(dst=servers.dest, dst_port=link.dest_port, dst_user=dest_user, ca=servers.ca_bundle)
+    for n, user in enumerate(seeded.users, 1):
+        config += MBSYNC_CHANNEL.format(
+            n=n,
             src=servers.source,
-            dst=servers.dest,
             src_port=link.source_port,
-            dst_port=link.dest_port,
-            src_user=seeded.user,
-            dst_user=dest_user,
+            src_user=user,
             ca=servers.ca_bundle,
             folder=FOLDER,
             state=run_dir / "state",
         )
-    )
+    rc.write_text(config)
     rc.chmod(0o600)
     log = run_dir / "mbsync.log"
-    run_logged(["mbsync", "-c", str(rc), "bench"], run_dir, log)
+    run_logged(["mbsync", "-c", str(rc), "-a"], run_dir, log)
+    if len(seeded.users) > 1:
+        return set()  # generated mail only (see main): nothing is skipped
     skipped = re.findall(
         r"message (\d+) from far side has incomplete header; skipping", log.read_text(errors="replace")
     )
@@ -495,23 +525,25 @@ def copy_mbsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) ->
 
 
 def copy_imapsync(servers: Servers, link: Link, seeded: Seeded, dest_user: str) -> set[int]:
-    """imapsync (when installed: it is not packaged for Debian 12) copying the source INBOX into
-    the destination INBOX over IMAPS, the certificate checked against the test CA."""
+    """imapsync (when installed: it is not packaged for Debian 12) copying each source account's
+    INBOX in turn into the destination INBOX over IMAPS, the certificate checked against the
+    test CA."""
     run_dir = Path(tempfile.mkdtemp(prefix="imapsync-", dir=servers.workdir))
-    args = ["imapsync", "--nolog", "--noreleasecheck", "--nofoldersizes", "--folder", FOLDER]
-    args += ["--tmpdir", str(run_dir), "--pidfile", str(run_dir / "imapsync.pid")]
-    for n, server, port, user in (
-        ("1", servers.source, link.source_port, seeded.user),
-        ("2", servers.dest, link.dest_port, dest_user),
-    ):
-        # From a file, not the command line, where every process listing shows it.
-        passfile = run_dir / f"password{n}"
-        passfile.write_text(server.password)
-        passfile.chmod(0o600)
-        args += [f"--host{n}", "localhost", f"--port{n}", str(port), f"--ssl{n}", f"--user{n}", user]
-        args += [f"--passfile{n}", str(passfile), f"--sslargs{n}", f"SSL_ca_file={servers.ca_bundle}"]
-        args += [f"--sslargs{n}", "SSL_verify_mode=1"]
-    run_logged(args, run_dir, run_dir / "imapsync.log")
+    for source_user in seeded.users:
+        args = ["imapsync", "--nolog", "--noreleasecheck", "--nofoldersizes", "--folder", FOLDER]
+        args += ["--tmpdir", str(run_dir), "--pidfile", str(run_dir / "imapsync.pid")]
+        for n, server, port, user in (
+            ("1", servers.source, link.source_port, source_user),
+            ("2", servers.dest, link.dest_port, dest_user),
+        ):
+            # From a file, not the command line, where every process listing shows it.
+            passfile = run_dir / f"password{n}"
+            passfile.write_text(server.password)
+            passfile.chmod(0o600)
+            args += [f"--host{n}", "localhost", f"--port{n}", str(port), f"--ssl{n}", f"--user{n}", user]
+            args += [f"--passfile{n}", str(passfile), f"--sslargs{n}", f"SSL_ca_file={servers.ca_bundle}"]
+            args += [f"--sslargs{n}", "SSL_verify_mode=1"]
+        run_logged(args, run_dir, run_dir / "imapsync.log")
     return set()
 
 
@@ -564,12 +596,16 @@ def check_destination(
     source: BODY[] bytes (a problem when ``strict_bytes``, else a note, e.g. mbsync's X-TUID
     header), FLAGS and INTERNALDATE."""
     result = Checked()
-    src, dst = connect(servers.source, seeded.user), connect(servers.dest, dest_user)
+    sources = [connect(servers.source, user) for user in seeded.users]
+    dst = connect(servers.dest, dest_user)
     try:
-        src.normalise_times = dst.normalise_times = False
-        src.select_folder(FOLDER, readonly=True)
-        src_uid_by_id = message_ids(src, result)
-        said_skipped = {m for m, uid in src_uid_by_id.items() if uid in skipped}
+        src_uid_by_id: dict[bytes, tuple[int, int]] = {}  # Message-ID -> (source account, UID)
+        for index, src in enumerate(sources):
+            src.normalise_times = False
+            src.select_folder(FOLDER, readonly=True)
+            src_uid_by_id |= {m: (index, uid) for m, uid in message_ids(src, result).items()}
+        dst.normalise_times = False
+        said_skipped = {m for m, (index, uid) in src_uid_by_id.items() if index == 0 and uid in skipped}
         expected = seeded.message_ids - said_skipped
         exists = dst.select_folder(FOLDER, readonly=True)[b"EXISTS"]
         if exists != len(expected):
@@ -587,10 +623,14 @@ def check_destination(
             return result
         common = sorted(dst_uid_by_id.keys() & src_uid_by_id.keys())
         sample = rng.sample(common, min(SPOT_CHECKS, len(common)))
-        compare(src, dst, [(src_uid_by_id[m], dst_uid_by_id[m]) for m in sample], strict_bytes, result)
+        pairs = [
+            (sources[index], [(src_uid_by_id[m][1], dst_uid_by_id[m]) for m in sample if src_uid_by_id[m][0] == index])
+            for index in range(len(sources))
+        ]
+        compare(pairs, dst, strict_bytes, result)
     finally:
-        src.logout()
-        dst.logout()
+        for client in (*sources, dst):
+            client.logout()
     return result
 
 
@@ -609,12 +649,17 @@ def message_ids(client, result: Checked) -> dict[bytes, int]:
     return by_id
 
 
-def compare(src, dst, pairs: list[tuple[int, int]], strict_bytes: bool, result: Checked) -> None:
+def compare(by_source: list[tuple[object, list[tuple[int, int]]]], dst, strict_bytes: bool, result: Checked) -> None:
+    """(source session, its (source UID, destination UID) pairs) for each source account."""
     items = [b"BODY.PEEK[]", b"FLAGS", b"INTERNALDATE"]
-    a, b = src.fetch([s for s, _ in pairs], items), dst.fetch([d for _, d in pairs], items)
+    fetched = []
+    for src, some in by_source:
+        if some:
+            a, b = src.fetch([s for s, _ in some], items), dst.fetch([d for _, d in some], items)
+            fetched += [(s, a[s], b[d]) for s, d in some]
+    pairs = fetched
     same_bytes = without_tuid = 0
-    for s, d in pairs:
-        x, y = a[s], b[d]
+    for s, x, y in fetched:
         if x[b"BODY[]"] == y[b"BODY[]"]:
             same_bytes += 1
         elif x[b"BODY[]"] == X_TUID.sub(b"", y[b"BODY[]"], count=1):
@@ -896,6 +941,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--seed", type=int, default=1, help="random seed for messages, flags, dates and spot checks (default 1)"
     )
     parser.add_argument(
+        "--routes",
+        type=int,
+        default=1,
+        metavar="K",
+        help="source accounts, the N messages dealt out among them, all into the destination INBOX: drain "
+        "gets a route each, mbsync a channel each (-a), the imapclient loop and imapsync take them in turn "
+        "(default 1; more than 1 needs --mail generated)",
+    )
+    parser.add_argument(
         "--size-mb",
         type=float,
         metavar="MB",
@@ -911,6 +965,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.messages < 1 or args.repeat < 1:
         parser.error("--messages and --repeat must be at least 1")
+    if not 1 <= args.routes <= min(args.messages, 20):
+        parser.error("--routes must be from 1 to 20, and not more than --messages")
+    if args.routes > 1 and args.mail != "generated":
+        parser.error("--routes above 1 needs --mail generated (mbsync's skipped UIDs are told apart in one account only)")
     args.copiers = [name.strip() for name in args.copiers.split(",") if name.strip()]
     unknown = set(args.copiers) - {"baseline", "drain", "mbsync", "imapsync"}
     if unknown:
@@ -968,14 +1026,14 @@ def main(argv: list[str] | None = None) -> int:
         servers = start_servers(stack)
         run_id = os.urandom(4).hex()
         size = int(args.size_mb * MB) if args.size_mb else None
-        seeded = seed_source(servers.source, bench_messages(args.messages, run_id, rng, args.mail, size))
+        seeded = seed_sources(servers.source, bench_messages(args.messages, run_id, rng, args.mail, size), args.routes)
         mean_kib = seeded.total_bytes / seeded.count / 1024
         mix = f"{args.mail}, mean {mean_kib:.1f} KiB"
         if args.mail == "generated" and size is None:
             mix += f", 1 in {ATTACHMENT_EVERY} with a {ATTACHMENT_KIB[0]}-{ATTACHMENT_KIB[1]} KiB attachment"
         print(
             f"seeded {seeded.count} messages ({mix}), {seeded.total_bytes / MB:.1f} MB in {seeded.seconds:.2f} s, "
-            f"into {seeded.user} on {servers.source.root}"
+            f"into {', '.join(seeded.users)} on {servers.source.root}"
         )
         for c in copiers:
             if c.unavailable:

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"refusing to measure at RTT {args.rtt_ms:g} ms: the measured round trip is not the asked one")
             return 2
         run_dir = Path(tempfile.mkdtemp(prefix="watch-", dir=servers.workdir))
-        seeded = Seeded(source_user, args.messages, 0, 0.0, frozenset())  # drain_env's route and limits
+        seeded = Seeded((source_user,), args.messages, 0, 0.0, frozenset())  # drain_env's route and limits
         env = drain_env(servers, link, seeded, dest_user, run_dir) | {"WATCH_RESCAN_SECONDS": "3600"}
         out = (run_dir / "watch.log").open("w")
         stack.callback(out.close)

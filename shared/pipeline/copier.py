@@ -141,6 +141,10 @@ class Copier:
     # judged by their leases alone.
     holder_state: HolderProbe | None = None
     clock: Callable[[], float] = time.time
+    # Pauses this copier met (a throttle, a spent budget), by mailbox: shared with its lanes
+    # (dataclasses.replace keeps the dict), so that a lane learns of another's throttle before
+    # its next APPENDs, not at its next batch.
+    pauses_met: dict[str, Pause] = field(default_factory=dict, repr=False)
     # Pauses of the mailboxes ("destination", "source <account>") as last read from state (once
     # a batch: None until then) and met here since.
     _pauses: dict[str, Pause] | None = field(default=None, init=False, repr=False)
@@ -408,6 +412,16 @@ class Copier:
         """Whether the batch goes on after these (a throttle or a lost session stops it)."""
         if not steps:
             return True
+        throttled = self.pauses_met.get(DESTINATION)
+        if throttled is not None and throttled.until > self.clock():
+            # Another lane met the destination's throttle meanwhile: nothing more is sent to it.
+            for step in steps:
+                self._let_go(step.ref, append_outcome_unknown=step.resuming_append)
+                step.result = CopyResult(
+                    Outcome.PAUSED, step.ref.key, describe(throttled), retry_after=throttled.until - self.clock()
+                )
+            batch.stop(steps[0].result)
+            return False
         ready = self._guarded(route, steps[0], self._destination_ready, route)
         if isinstance(ready, CopyResult):
             steps[0].result = ready
@@ -663,9 +677,9 @@ class Copier:
             self._pauses = {pause.name: pause for pause in self.state.pauses()}
         now = self.clock()
         for name in (_source_pause_name(route), DESTINATION):
-            pause = self._pauses.get(name)
-            if pause is not None and pause.until > now:
-                return pause
+            for pause in (self._pauses.get(name), self.pauses_met.get(name)):
+                if pause is not None and pause.until > now:
+                    return pause
         return None
 
     def _pause(
@@ -679,6 +693,7 @@ class Copier:
         pause = self.state.pause(mailbox, until, why)
         if self._pauses is not None:
             self._pauses[mailbox] = pause
+        self.pauses_met[mailbox] = pause
         log.warning("route %s UID %d: %s", ref.route, ref.uid, describe(pause))
         return CopyResult(Outcome.PAUSED, ref.key, describe(pause), retry_after=pause.until - self.clock())
 

@@ -356,6 +356,9 @@ def test_a_throttle_pauses_every_route_into_the_mailbox_and_dead_letters_nothing
     failures of a message: with MAX_ATTEMPTS 2, three in a row dead-letter nothing."""
     setup, front = drain_through(routes=(("alpha", "INBOX", "Alpha"), ("beta", "INBOX", "Beta")))
     setup.env["MAX_ATTEMPTS"] = "2"
+    # One route after the other, so that the bursts below are one batch's each (two accounts
+    # copied at once would send their first batches together, before either is refused).
+    setup.env["OUTLOOK_MAX_CONNECTIONS"] = "1"
     sent = {route.name: [message(f"{route.name} {n}") for n in range(3)] for route in setup.routes}
     for route in setup.routes:
         seed(dovecot_pair.gmail, route.gmail_user, "INBOX", sent[route.name])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -231,3 +232,37 @@ def test_without_lanes_or_with_one_account_every_route_is_copied_in_the_calling_
 
     assert [result.outcome for _, result in results] == [Outcome.COPIED] * 3
     assert threads == {threading.current_thread().name}
+
+
+def test_a_lane_that_learns_of_a_throttle_met_by_another_sends_nothing_more(world):
+    """Outlook's throttle is the mailbox's: once one lane is throttled, a message another lane
+    claimed and fetched before waits with it instead of being sent into the pause."""
+    work, home = world.arrive("work"), world.arrive("home")  # alice's route, bob's route
+    world.queue.send_refs([work, home])
+    batch = receive_all(world)
+    world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=30)
+    throttled = threading.Event()
+    # bob's message is claimed, then its FETCH waits until alice's APPEND was throttled.
+    world.source_of("home").before_next("fetch", lambda: throttled.wait(10))
+    main = world.copier()
+    lane = replace(main)  # as the CLI makes its lanes: what the copier met, the lane knows
+
+    def watched(copier):
+        def copy_messages(refs):
+            results = Copier.copy_messages(copier, refs)
+            if refs[0].route == "work":
+                throttled.set()
+            return results
+
+        copier.copy_messages = copy_messages
+        return copier
+
+    answered = copy_batch(batch, copier=watched(main), queue=world.queue, lanes=[watched(lane)])
+    results = {message.group_id: result for message, result in answered}
+
+    assert throttled.is_set()
+    assert results["work"].outcome is Outcome.PAUSED and results["home"].outcome is Outcome.PAUSED
+    assert 0 < results["home"].retry_after <= 30
+    assert world.destination.calls_to("append") == [("append", ("Work", work.uid))]  # home's never sent
+    assert world.failure(home) is None
+    assert world.claim(home).status not in (ClaimStatus.APPENDING, ClaimStatus.DONE)  # to be taken again

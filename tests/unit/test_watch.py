@@ -131,6 +131,7 @@ def test_a_lost_session_is_reopened_and_what_arrived_meanwhile_is_copied(world):
     arrived: list[int] = []
     with running(make_watch(world, watches, rounds, lost=lambda route, error, delay: lost.append((route.name, delay)))):
         watches.wait_until_idle("work")
+        wait_for(lambda: rounds.due == [["work"]], "the round on opening")  # not merged with the next
         # The message arrives with the session going down: no IDLE reports it.
         watches.drop("work", before=lambda: arrived.append(source.add("INBOX")))
         watches.wait_until_idle("work", sessions=2)
