@@ -125,7 +125,7 @@ class SqliteQueue(MessageQueue):
         self._schema_ready = False
         self._schema_lock = threading.Lock()
         self._local = threading.local()
-        self._opened: list[sqlite3.Connection] = []
+        self._opened: list[tuple[threading.Thread, sqlite3.Connection]] = []  # by thread, for close()
 
     def describe(self) -> str:
         return f"SQLite {self._path}"
@@ -327,7 +327,12 @@ class SqliteQueue(MessageQueue):
                 conn = self._connect()
                 self._local.conn, self._local.pid = conn, os.getpid()
                 with self._schema_lock:
-                    self._opened.append(conn)
+                    # Those of threads that ended are closed: copy_batch's lanes come and go.
+                    for thread, opened in self._opened:
+                        if not thread.is_alive():
+                            opened.close()
+                    self._opened = [(t, c) for t, c in self._opened if t.is_alive()]
+                    self._opened.append((threading.current_thread(), conn))
             yield conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -338,7 +343,7 @@ class SqliteQueue(MessageQueue):
     def close(self) -> None:
         with self._schema_lock:
             opened, self._opened = self._opened, []
-        for conn in opened:
+        for _, conn in opened:
             conn.close()
         self._local = threading.local()
 

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -716,3 +717,25 @@ def test_sqlite_a_stale_delete_leaves_a_message_another_receiver_holds_now(tmp_p
     assert queue.depths() == QueueDepths(visible=0, in_flight=1, dead=0)
     queue.delete(held)
     assert queue.depths() == QueueDepths(visible=0, in_flight=0, dead=0)
+
+
+def test_the_local_queue_keeps_no_connection_of_a_thread_that_ended(tmp_path):
+    """drain's lanes are threads that come and go, each using the queue: open files must not
+    pile up over a long run."""
+    queue = SqliteQueue(tmp_path / "queue.db")
+    queue.depths()
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def use_in_a_thread() -> None:
+        worker = threading.Thread(target=queue.depths)
+        worker.start()
+        worker.join()
+
+    use_in_a_thread()
+    before = open_files()
+    for _ in range(50):
+        use_in_a_thread()
+    assert open_files() <= before + 2  # the last thread's connection, and its journal perhaps
+    queue.close()
