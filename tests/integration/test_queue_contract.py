@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import sqlite3
 import subprocess
 import sys
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from shared.aws import make_client
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
 from shared.queue.port import MessageQueue, QueueDepths, ReceivedMessage
 from shared.queue.sqlite import SCHEMA, SqliteQueue
-from shared.aws import make_client
 from shared.queue.sqs import SqsQueue, create_fifo_queue_pair
 from shared.state import HolderState
 from tests.fakes.queue import FakeQueue
