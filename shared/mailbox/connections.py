@@ -83,9 +83,9 @@ class MailboxConnections:
         self._clock = clock
         self._sources: dict[str, _Session] = {}  # by route
         self._source_users: dict[str, str] = {}  # route -> the account its session is logged in as
-        # The source sessions are shared with the lanes (see lane): each route's is used by one
-        # thread at a time, and this guards the dicts.
-        self._sources_lock = threading.RLock()
+        # The source sessions are shared with the lanes (see lanes): each route's is used by one
+        # thread at a time, and this guards the dicts (and the start of prepare_destination).
+        self._lock = threading.RLock()
         self._lanes: list[MailboxConnections] = []
         self._set_aside: dict[str, int] = {}  # account -> its sessions kept for other uses (IDLE)
         self._destination: _Session | None = None
@@ -109,20 +109,20 @@ class MailboxConnections:
         that is half a second off a run. The next use of the destination waits for it, and
         meets what failed here (retried as ever, see ReopeningDestination) as its own failure,
         so that a destination that does not answer costs no more tries than before."""
-        if self._destination is not None or self._preparing is not None:
-            return
+        with self._lock:  # scans of several accounts may ask at once
+            if self._destination is not None or self._preparing is not None:
+                return
+            self._prepare_failure = None
+            self._preparing = threading.Thread(target=self._prepare, args=(folder,), name="destination-login", daemon=True)
+            self._preparing.start()
 
-        def prepare() -> None:
-            try:
-                destination = self.destination()
-                destination.ensure_folder(folder)
-                destination.uid_floor(folder)
-            except Exception as exc:  # noqa: BLE001 - see above
-                self._prepare_failure = exc
-
-        self._prepare_failure = None
-        self._preparing = threading.Thread(target=prepare, name="destination-login", daemon=True)
-        self._preparing.start()
+    def _prepare(self, folder: str) -> None:
+        try:
+            destination = self.destination()
+            destination.ensure_folder(folder)
+            destination.uid_floor(folder)
+        except Exception as exc:  # noqa: BLE001 - see prepare_destination
+            self._prepare_failure = exc
 
     def _prepared(self, *, raise_failure: bool = False) -> None:
         """Wait for prepare_destination's thread (unless this is it): one session, one user."""
@@ -147,17 +147,17 @@ class MailboxConnections:
         return self._lanes[:count]
 
     def _source_session(self, route: Route) -> _Session:
-        with self._sources_lock:
+        with self._lock:
             session = self._sources.get(route.name)
         if session is not None and not self._alive(session):
             self.drop_source(route)
             session = None
         if session is None:
             account = self._source_account(route)
-            with self._sources_lock:
+            with self._lock:
                 self._make_room_for(account.user)
             client = open_session(account)
-            with self._sources_lock:
+            with self._lock:
                 session = self._sources[route.name] = _Session(client, ImapSource(client, account), self._clock())
                 self._source_users[route.name] = account.user
         return session
@@ -231,7 +231,7 @@ class MailboxConnections:
             del self._source_users[oldest]
 
     def drop_source(self, route: Route) -> None:
-        with self._sources_lock:
+        with self._lock:
             self._source_users.pop(route.name, None)
             session = self._sources.pop(route.name, None)
         if session is not None:
@@ -253,7 +253,7 @@ class MailboxConnections:
             if connections._destination is not None:
                 sessions.append(connections._destination.client)
                 connections._destination = None
-        with self._sources_lock:
+        with self._lock:
             sessions += [session.client for session in self._sources.values()]
             self._sources.clear()
             self._source_users.clear()

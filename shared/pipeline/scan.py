@@ -16,6 +16,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
@@ -70,6 +71,7 @@ def scan_routes(
     download_budget: DownloadBudget | None = None,
     clock: Callable[[], float] = time.time,
     on_new_mail: Callable[[Route], None] = lambda route: None,
+    accounts_at_once: int = 1,
 ) -> list[RouteScan]:
     """Scan every route; one route's failure is recorded and the others go on.
 
@@ -79,38 +81,69 @@ def scan_routes(
     account is paused is not scanned (its commands would only be refused again); a throttle met
     while scanning pauses the account, as the consumer's would (`download_budget`: see
     shared.pipeline.pauses.throttle_pause). `on_new_mail` is told of a route with messages to
-    queue as soon as its search finds them (the CLI logs in to the destination meanwhile)."""
+    queue as soon as its search finds them (the CLI logs in to the destination meanwhile).
+    `accounts_at_once`: the routes of that many source accounts scanned at the same time, a
+    thread each (an account's routes one after the other: they share its sessions); the scans
+    come back in the order of `routes` all the same."""
     state.check_health()
-    scans = []
-    for route in routes:
-        pause = state.read_pause(source_pause_name(route.gmail_user))
-        if pause is not None and pause.until > clock():
-            scans.append(RouteScan(route.name, paused=describe(pause), watermark=state.read_watermark(route.name)))
-            continue
-        try:
-            scan = scan_route(
+
+    def scan_each(some: Sequence[Route]) -> list[RouteScan]:
+        return [
+            _scan_or_say_why_not(
                 route, state=state, queue=queue, open_source=open_source, limits=limits, dry_run=dry_run,
-                on_new_mail=on_new_mail,
+                download_budget=download_budget, clock=clock, on_new_mail=on_new_mail,
             )
-        except (StateStoreUnavailable, QueueUnavailable):
-            raise
-        except MailboxThrottled as throttled:
-            until, why = throttle_pause(
-                throttled, account=route.gmail_user, size=0, budget=download_budget, now=clock()
-            )
-            pause = state.pause(source_pause_name(route.gmail_user), until, why)
-            log.warning("route %s: not scanned: %s", route.name, describe(pause))
-            scans.append(RouteScan(route.name, paused=describe(pause), watermark=state.read_watermark(route.name)))
-            continue
-        except Exception as exc:  # noqa: BLE001 - one route's failure must not stop the others
-            error = scrub(str(exc)) or type(exc).__name__
-            log.error("route %s: scan failed: %s", route.name, error)
-            scan = RouteScan(route.name, error=error, watermark=state.read_watermark(route.name))
-        if not dry_run:
-            # Kept in state, so `status` can say why a route is not being copied.
-            state.record_scan(route.name, scan.error)
-        scans.append(scan)
-    return scans
+            for route in some
+        ]
+
+    by_account: dict[str, list[Route]] = {}
+    for route in routes:
+        by_account.setdefault(route.gmail_user, []).append(route)
+    if accounts_at_once <= 1 or len(by_account) <= 1:
+        return scan_each(routes)
+    with ThreadPoolExecutor(min(accounts_at_once, len(by_account)), thread_name_prefix="scan") as pool:
+        futures = [pool.submit(scan_each, some) for some in by_account.values()]
+    scanned = {scan.route: scan for future in futures for scan in future.result()}
+    return [scanned[route.name] for route in routes]
+
+
+def _scan_or_say_why_not(
+    route: Route,
+    *,
+    state: StateStore,
+    queue: MessageQueue,
+    open_source: OpenSource,
+    limits: ScanLimits,
+    dry_run: bool,
+    download_budget: DownloadBudget | None,
+    clock: Callable[[], float],
+    on_new_mail: Callable[[Route], None],
+) -> RouteScan:
+    pause = state.read_pause(source_pause_name(route.gmail_user))
+    if pause is not None and pause.until > clock():
+        return RouteScan(route.name, paused=describe(pause), watermark=state.read_watermark(route.name))
+    try:
+        scan = scan_route(
+            route, state=state, queue=queue, open_source=open_source, limits=limits, dry_run=dry_run,
+            on_new_mail=on_new_mail,
+        )
+    except (StateStoreUnavailable, QueueUnavailable):
+        raise
+    except MailboxThrottled as throttled:
+        until, why = throttle_pause(
+            throttled, account=route.gmail_user, size=0, budget=download_budget, now=clock()
+        )
+        pause = state.pause(source_pause_name(route.gmail_user), until, why)
+        log.warning("route %s: not scanned: %s", route.name, describe(pause))
+        return RouteScan(route.name, paused=describe(pause), watermark=state.read_watermark(route.name))
+    except Exception as exc:  # noqa: BLE001 - one route's failure must not stop the others
+        error = scrub(str(exc)) or type(exc).__name__
+        log.error("route %s: scan failed: %s", route.name, error)
+        scan = RouteScan(route.name, error=error, watermark=state.read_watermark(route.name))
+    if not dry_run:
+        # Kept in state, so `status` can say why a route is not being copied.
+        state.record_scan(route.name, scan.error)
+    return scan
 
 
 class _SummaryReader:
