@@ -17,7 +17,7 @@ from consumer import handler as consumer
 from producer import handler as producer
 from shared import bootstrap
 from tests.harness.aws import LambdaContext, lambda_deployment, lambda_records, run_consumer_until_empty
-from tests.harness.aws_cost import COSTS, Meter
+from tests.harness.aws_cost import COSTS, USD_PER_LAMBDA_GB_SECOND, Meter
 from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -213,4 +213,9 @@ def test_the_aws_cost_of_the_lambda_path_is_counted_per_message(sync_env, doveco
     # count and finalize are one write each (1.45 a message in batches of 10; 9.05 before the
     # OPEN# item): a change that writes more shows here.
     assert 1 <= row.write_units / row.messages <= 1.45
-    assert row.usd_per_1000 <= 0.002
+    assert row.read_units / row.messages <= 2.9
+    # What the requests cost (USD 0.00144 per 1,000 messages) leaves USD 0.0005 of the 0.002 for
+    # Lambda's GB-seconds (30 per 1,000 at 512 MB: 15 to 26 here), which are this machine's
+    # time and load, not a count: printed, not asserted.
+    lambda_time = row.per_1000(row.gb_seconds) * USD_PER_LAMBDA_GB_SECOND
+    assert row.usd_per_1000 - lambda_time <= 0.0015
