@@ -276,6 +276,11 @@ class DynamoStateStore(StateStore):
                 final = _final_of(items.get(key.uid), copies.get(key.uid))
                 if final is not None:
                     result = ClaimResult(ClaimOutcome.FINAL, final)
+                    left = entries.get(key.uid)
+                    if left is not None and answer_without_taking(left, owner, now, holder_state) is None:
+                        # Left by a finalize cut off after the copy's record (its holder gone or
+                        # its lease out): nothing is open any more.
+                        del entries[key.uid]
                 elif key.uid in items:
                     result = self._claim_item(key, owner, lease_until, now, holder_state, items[key.uid])
                 else:

@@ -1033,6 +1033,8 @@ def test_a_crash_between_the_copy_records_and_the_finalize_write_leaves_them_cop
     assert [r.outcome for r in taken] == [ClaimOutcome.FINAL] * 3
     assert [claim(store, uid_key(uid), "c", clock).outcome for uid in (1, 2, 3)] == [ClaimOutcome.FINAL] * 3
     assert store.route_counts(ROUTE).by_status == {"done": 3}
+    # The entries left behind went with the first claim that found them copied.
+    assert store._read_open(ROUTE, 7).entries == {}
 
 
 def test_a_crash_amid_the_copy_records_leaves_the_rest_appending_for_a_look_first(dynamodb_store, clock, monkeypatch):
