@@ -1,9 +1,13 @@
 """The state store on one DynamoDB table (the AWS adapter).
 
-Layout (DESIGN.md "State"): pk `ROUTE#<route>` with sk `WATERMARK`, `SCAN` (the last scan's
-outcome), `UID#<uidvalidity>#<uid>` (the claim), `FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>`;
-the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is one conditional write, or for finalize
-one transaction; every read is strongly consistent, so a write just made is never missed.
+Layout (DESIGN.md "State", with one departure: README "State layout in DynamoDB"): pk
+`ROUTE#<route>` with sk `WATERMARK`, `SCAN` (the last scan's outcome), `OPEN#<uidvalidity>` (the
+route's open claims, one item), `UID#<uidvalidity>#<uid>` (a claim released, skipped or failed),
+`FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>` (a copy made: also its claim's record once
+done); the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is
+one conditional write (on OPEN#, on its version), or one transaction; a batch's finalize is its
+FP# records, then one conditional write on OPEN#. Every read is strongly consistent, so a write
+just made is never missed.
 
 Expiry (TTL on `expires_at`): the HEALTH probe and the download counts (pk `DOWNLOADS#<account>`,
 sk `HOUR#<hour>`, kept DOWNLOADS_KEPT_HOURS) carry it, nothing else. Watermarks, claims and

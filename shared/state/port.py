@@ -3,6 +3,8 @@
 Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), a claim per
 source UID (`UID#<uidvalidity>#<uid>`), a failure record per UID (`FAIL#...`), and a fingerprint
 per copied message (`FP#...`).
+DynamoDB keeps the open claims of a route in one item instead (README "State layout in
+DynamoDB"); what the port promises is the same on both.
 Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlite.SqliteStateStore`
 (embedded). Both pass the same contract suite, `tests/integration/test_state_contract.py`.
 """

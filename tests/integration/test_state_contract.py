@@ -1079,3 +1079,40 @@ def test_a_batch_of_open_claims_is_one_small_item(dynamodb_store, dynamodb_clien
     (opened,) = [item for item in items if item["sk"]["S"].startswith("OPEN#")]
     assert _kilobytes(opened) <= 1
     assert _item_size(opened) < 900  # 6-digit UIDs, 9-digit destination UIDVALIDITY and floor
+
+
+def test_releases_renewals_and_claims_of_one_route_at_once_all_hold(store, clock):
+    """One owner releasing its claims one by one and renewing the rest, while another claims,
+    marks and finalizes batches of the same route and UIDVALIDITY (on DynamoDB: one OPEN# item
+    under every one of these writes): each change lands, none undoes another."""
+    store.claim_many(keys_of(*range(1, 11)), "a", clock.now + LEASE)
+    start = threading.Barrier(3, timeout=30)
+
+    def release_each() -> None:
+        start.wait()
+        for uid in range(1, 11, 2):
+            store.release(uid_key(uid), "a")
+
+    def renew() -> None:
+        start.wait()
+        for _ in range(5):
+            store.extend_leases(keys_of(*range(2, 11, 2)), "a", clock.now + 5 * LEASE)
+
+    def copy_batches() -> None:
+        start.wait()
+        for first in (11, 16):
+            uids = list(range(first, first + 5))
+            assert [r.outcome for r in store.claim_many(keys_of(*uids), "b", clock.now + LEASE, fingerprints=prints_of(*uids))] == [
+                ClaimOutcome.CLAIMED
+            ] * 5
+            assert store.mark_appending_many(keys_of(*uids), "b") == 5
+            assert store.finalize_many(copies_of(*uids), "b") == [None] * 5
+
+    with ThreadPoolExecutor(3) as pool:
+        for done in [pool.submit(job) for job in (release_each, renew, copy_batches)]:
+            done.result()
+
+    assert [store.get_claim(uid_key(uid)).status for uid in range(1, 11, 2)] == [ClaimStatus.FAILED] * 5
+    held = [store.get_claim(uid_key(uid)) for uid in range(2, 11, 2)]
+    assert {(c.owner, c.lease_until) for c in held} == {("a", clock.now + 5 * LEASE)}
+    assert store.route_counts(ROUTE).by_status == {"done": 10, "failed": 5, "in_progress": 5}
