@@ -14,9 +14,11 @@ the budget, so it waits for that window to pass.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from shared.state import StateStore
 
@@ -43,11 +45,39 @@ class DownloadBudget:
     state: StateStore
     daily_bytes: int
     clock: Callable[[], float] = time.time
+    # What `reserving` set aside and no `reserve` has taken yet, by account and thread.
+    _ahead: dict[tuple[str, int], int] = field(default_factory=dict, init=False, repr=False)
+    _ahead_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @contextmanager
+    def reserving(self, account: str, size: int) -> Iterator[None]:
+        """Reserve `size` bytes for a batch in one count, if the last 24 hours leave room for
+        all of it: `reserve` in this thread then takes from it without counting, and what it
+        did not take is given back (to the hour it was counted in) at the end. When there is no
+        room for all of it, nothing is set aside and each `reserve` counts its own."""
+        slot = (account, threading.get_ident())
+        hour = self._hour()
+        room = self.reserve(account, size) if size > 0 else None
+        if room is not None and room.fits:
+            with self._ahead_lock:
+                self._ahead[slot] = size
+        try:
+            yield
+        finally:
+            with self._ahead_lock:
+                left = self._ahead.pop(slot, 0)
+            if left:
+                self.state.count_download(account, hour, -left)
 
     def reserve(self, account: str, size: int) -> Room:
         """Count `size` bytes as downloaded from `account` now if the last 24 hours leave room.
         Counted first and looked at after, so that two processes reserving at once cannot both
         take the last room (both may give it up, which errs on the safe side)."""
+        slot = (account, threading.get_ident())
+        with self._ahead_lock:
+            if self._ahead.get(slot, -1) >= size:
+                self._ahead[slot] -= size
+                return Room(True, 0)
         hour = self._hour()
         self.state.count_download(account, hour, size)
         counts = self._window(account, hour)

@@ -54,7 +54,18 @@ from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import scrub
 from shared.settings import Route
-from shared.state import Claim, ClaimOutcome, ClaimStatus, CopiedMessage, HolderProbe, Pause, StateStore, Watermark
+from shared.state import (
+    Claim,
+    ClaimOutcome,
+    ClaimResult,
+    ClaimStatus,
+    Copied,
+    CopiedMessage,
+    HolderProbe,
+    Pause,
+    StateStore,
+    Watermark,
+)
 
 log = logging.getLogger("mail_syncer.copy")
 
@@ -218,6 +229,7 @@ class Copier:
         # be taken is no failure of the message's (none can be recorded without it): what raises
         # here ends the batch.
         with self.state.batched():
+            self._claim_many(route, batch)
             batch.each(batch.steps, claim)
         if not claimed:
             return
@@ -227,7 +239,7 @@ class Copier:
             claimed[0].result = opened
             batch.stop(opened)
             return
-        with self.state.batched():
+        with self.state.batched(), self._downloads_reserved(route, claimed):
             _, folder = opened
             batch.claimed, _ = batch.each(
                 claimed, lambda step: self._guarded(route, step, self._check_claimed, route, step, folder)
@@ -240,7 +252,9 @@ class Copier:
         if paused is not None:
             # Its mailbox asked to be left alone: a command now would only be refused again.
             return CopyResult(Outcome.PAUSED, key, describe(paused), retry_after=paused.until - self.clock())
-        claimed = self.state.claim_uid(key, self.owner, self.lease_until(), self.holder_state)
+        claimed = step.taken or self.state.claim_uid(
+            key, self.owner, self.lease_until(), self.holder_state, fingerprint=step.ref.fingerprint
+        )
         if claimed.outcome is ClaimOutcome.FINAL:
             return CopyResult(Outcome.ALREADY_DONE, key, claimed.claim.reason or "")
         if claimed.outcome is ClaimOutcome.HELD:
@@ -260,6 +274,39 @@ class Copier:
         step.unrecorded = not step.resuming_append and self._maybe_copied_unrecorded(step.ref)
         step.look_first = step.look_first or step.unrecorded
         return None
+
+    def _claim_many(self, route: Route, batch: _Batch) -> None:
+        """The claims _claim takes one by one, taken at once (StateStore.claim_many): those of
+        the steps up to the first that will not be claimed (a twin of one ahead, or held)."""
+        if self._pause_over(route) is not None:
+            return
+        steps: list[_Step] = []
+        for step in batch.steps:
+            if step.fingerprint_seen_before(steps):
+                break
+            steps.append(step)
+        results = self.state.claim_many(
+            [step.ref.key for step in steps],
+            self.owner,
+            self.lease_until(),
+            self.holder_state,
+            fingerprints=[step.ref.fingerprint for step in steps],
+        )
+        for step, result in zip(steps, results, strict=False):
+            step.taken = result
+            # Let go with the others if the batch ends before _claim gets to it.
+            step.claimed = result.outcome is ClaimOutcome.CLAIMED
+
+    @contextmanager
+    def _downloads_reserved(self, route: Route, steps: Sequence[_Step]) -> Iterator[None]:
+        """The claimed messages' downloads reserved in the account's budget at once, when they
+        all fit: each _reserve_download inside then takes its part of it, and what no message
+        took is given back at the end. When they do not all fit, each reserves its own."""
+        if self.download_budget is None:
+            yield
+            return
+        with self.download_budget.reserving(route.gmail_user, sum(step.ref.size or 0 for step in steps)):
+            yield
 
     def _check_claimed(self, route: Route, step: _Step, folder: FolderState) -> CopyResult | None:
         """None when the claimed message is still to be fetched; else what became of it
@@ -432,7 +479,10 @@ class Copier:
         # one commit before the first APPEND byte goes out.
         marked_all = True
         with self.state.batched():
+            marked = self._mark_appending_many(steps, floor)
             for index, step in enumerate(steps):
+                if index < marked:
+                    continue
                 result = self._guarded(route, step, self._mark_appending, step, floor)
                 if result is not None:
                     step.result = result
@@ -462,13 +512,14 @@ class Copier:
         throttled: CopyResult | None = None  # the first APPEND of the batch a throttle answered
         answered = False  # the session answered an APPEND of the batch
         charged = False  # the session's failure was charged to an earlier message of the batch
+        copies = self._done_many(route, [(step, answer) for step, answer in zip(steps, answers, strict=True) if answer.landed])
         for step, answer in zip(steps, answers, strict=True):
             # Until finalized, whether a copy may be in the destination (landed, or sent and
             # unanswered): a claim let go before then must be looked for first.
             step.appending = answer.landed or (answer.failed is not None and answer.sent)
             if answer.landed:
                 answered = True
-                step.result = self._guarded(route, step, self._done, step.ref, answer.uid)
+                step.result = copies[step]
             elif (
                 (answered or charged)
                 and throttled is None
@@ -499,11 +550,42 @@ class Copier:
                 if throttled is None and step.result.outcome is Outcome.PAUSED and step.mailbox == DESTINATION:
                     throttled = step.result
 
+    def _done_many(self, route: Route, landed: Sequence[tuple[_Step, AppendAnswer]]) -> dict[_Step, CopyResult]:
+        """_done for each landed APPEND, at once (StateStore.finalize_many)."""
+        if not landed:
+            return {}
+        for step, _ in landed:
+            step.appending = True
+        copies = [Copied(step.ref.key, answer.uid, step.ref.fingerprint) for step, answer in landed]
+        try:
+            lost = self.state.finalize_many(copies, self.owner)
+        except (StateStoreUnavailable, QueueUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - as _guarded makes of it, for each
+            return {step: self._after_error(route, step, exc) for step, _ in landed}
+        return {
+            step: self._lost(step, failed) if failed is not None else CopyResult(Outcome.COPIED, step.ref.key, "", answer.uid)
+            for (step, answer), failed in zip(landed, lost, strict=True)
+        }
+
     def _destination_ready(self, route: Route) -> tuple[DestinationMailbox, UidFloor | None]:
         """The destination with the route's folder made, and where an APPEND lands at the earliest."""
         destination = self.mailboxes.destination()
         destination.ensure_folder(route.outlook_folder)
         return destination, destination.uid_floor(route.outlook_folder)
+
+    def _mark_appending_many(self, steps: Sequence[_Step], floor: UidFloor | None) -> int:
+        """The steps marked APPENDING at once (StateStore.mark_appending_many), from the first:
+        how many. The one after them, if any, is not held: _mark_appending finds out."""
+        marked = self.state.mark_appending_many(
+            [step.ref.key for step in steps],
+            self.owner,
+            dest_uidvalidity=floor.uidvalidity if floor else None,
+            dest_uid_floor=floor.uid if floor else None,
+        )
+        for step in steps[:marked]:
+            step.appending = True
+        return marked
 
     def _mark_appending(self, step: _Step, floor: UidFloor | None) -> None:
         self.state.mark_appending(
@@ -571,7 +653,7 @@ class Copier:
         the claim is final or free again."""
         ref = step.ref
         step.claimed = False
-        holder = self.state.get_claim(ref.key)
+        holder = self.state.get_claim(ref.key, fingerprint=ref.fingerprint)
         live = holder is not None and not holder.status.is_final
         log.warning("route %s UID %d: claim taken over midway: %s", ref.route, ref.uid, scrub(str(lost)))
         return CopyResult(Outcome.BUSY, ref.key, str(lost), busy_until=holder.lease_until if live else None)
@@ -587,15 +669,12 @@ class Copier:
 
         def renew() -> None:
             while not done.wait(every):
-                for step in batch.open_steps():
-                    key = step.ref.key
-                    try:
-                        self.state.extend_lease(key, self.owner, self.lease_until())
-                    except ClaimLost:
-                        continue  # finalized meanwhile, or taken over: finalize finds out
-                    except Exception as exc:  # noqa: BLE001 - finalize will find out; the batch goes on
-                        log.warning("route %s UID %d: lease not renewed: %s", key.route, key.uid, scrub(str(exc)))
-                        break
+                keys = [step.ref.key for step in batch.open_steps()]
+                try:
+                    # Those finalized meanwhile, or taken over, are left: finalize finds out.
+                    self.state.extend_leases(keys, self.owner, self.lease_until())
+                except Exception as exc:  # noqa: BLE001 - finalize will find out; the batch goes on
+                    log.warning("route %s: leases not renewed: %s", batch.steps[0].ref.route, scrub(str(exc)))
 
         renewer = threading.Thread(target=renew, name=f"lease-{batch.steps[0].ref.route}", daemon=True)
         renewer.start()
@@ -727,6 +806,7 @@ class _Step:
     message: SourceMessage | None = None
     appending: bool = False  # marked APPENDING in this batch
     result: CopyResult | None = None
+    taken: ClaimResult | None = None  # its claim as Copier._claim_many took it, for _claim
 
 
 class _Batch:

@@ -101,7 +101,7 @@ def reconcile_route(
     pending = []
     for message in listed:
         key = UidKey(route.name, folder.uidvalidity, message.uid)
-        claim = state.get_claim(key)
+        claim = state.get_claim(key, fingerprint=fingerprints.get(message.uid))
         if claim is not None and claim.status.is_final:
             result.recorded_before += 1
             copies.take_uid(claim.dest_uid)  # that copy is this message's, not another's
@@ -123,7 +123,7 @@ def reconcile_route(
             result.found += 1
             continue
         key = UidKey(route.name, folder.uidvalidity, message.uid)
-        claimed = state.claim_uid(key, owner, lease_until(), holder_state)
+        claimed = state.claim_uid(key, owner, lease_until(), holder_state, fingerprint=fingerprints.get(message.uid))
         if claimed.outcome is ClaimOutcome.FINAL:
             result.recorded_before += 1
         elif claimed.outcome is ClaimOutcome.HELD:

@@ -89,7 +89,7 @@ def _why_dead(dead: DeadLetter, ref: MessageRef, state: StateStore) -> str:
     failure = state.get_failure(ref.key)
     if failure is not None:
         return f"{failure.error_class}: {failure.error_text}"
-    claim = state.get_claim(ref.key)
+    claim = state.get_claim(ref.key, fingerprint=ref.fingerprint)
     if claim is not None and claim.status.is_final:
         return f"{dead.reason}; since then {claim.status.value} (a redrive just acknowledges it)"
     return (

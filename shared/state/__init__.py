@@ -3,6 +3,7 @@ from shared.state.port import (  # noqa: F401
     ClaimOutcome,
     ClaimResult,
     ClaimStatus,
+    Copied,
     CopiedMessage,
     FailureRecord,
     HolderProbe,

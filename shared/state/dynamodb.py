@@ -1,9 +1,13 @@
 """The state store on one DynamoDB table (the AWS adapter).
 
-Layout (DESIGN.md "State"): pk `ROUTE#<route>` with sk `WATERMARK`, `SCAN` (the last scan's
-outcome), `UID#<uidvalidity>#<uid>` (the claim), `FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>`;
-the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is one conditional write, or for finalize
-one transaction; every read is strongly consistent, so a write just made is never missed.
+Layout (DESIGN.md "State", with one departure: README "State layout in DynamoDB"): pk
+`ROUTE#<route>` with sk `WATERMARK`, `SCAN` (the last scan's outcome), `OPEN#<uidvalidity>` (the
+route's open claims, one item), `UID#<uidvalidity>#<uid>` (a claim released, skipped or failed),
+`FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>` (a copy made: also its claim's record once
+done); the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is
+one conditional write (on OPEN#, on its version), or one transaction; a batch's finalize is its
+FP# records, then one conditional write on OPEN#. Every read is strongly consistent, so a write
+just made is never missed.
 
 Expiry (TTL on `expires_at`): the HEALTH probe and the download counts (pk `DOWNLOADS#<account>`,
 sk `HOUR#<hour>`, kept DOWNLOADS_KEPT_HOURS) carry it, nothing else. Watermarks, claims and
@@ -15,9 +19,11 @@ overwritten by each scan, so it needs no expiry either.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -28,6 +34,7 @@ from shared.state.port import (
     ClaimOutcome,
     ClaimResult,
     ClaimStatus,
+    Copied,
     CopiedMessage,
     FailureRecord,
     HolderProbe,
@@ -46,7 +53,9 @@ from shared.state.rules import (
     answer_without_taking,
     claim_lost,
     cut_error_text,
+    is_owned_by,
     require_final,
+    status_after_release,
     status_after_taking,
 )
 
@@ -62,6 +71,11 @@ _HEALTH_KEY = {"pk": {"S": "HEALTH"}, "sk": {"S": "HEALTH"}}
 # A claim write can fail because the claim changed between two attempts (another owner took it
 # and released it); past this many tries the claim is busy enough to answer HELD.
 _CLAIM_TRIES = 4
+
+# A write on a route's OPEN# item that finds it changed since it was read (another process
+# claimed, marked or finalized meanwhile) reads it again and retries: each such failure is another
+# writer's success, so this many in a row means the store is unusable, not busy.
+_OPEN_TRIES = 100
 
 # `status` and `owner` are DynamoDB reserved words, so expressions name them through these.
 _NAMES = {"#status": "status", "#owner": "owner"}
@@ -92,6 +106,10 @@ def route_pk(route: str) -> str:
 
 def uid_sk(key: UidKey) -> str:
     return f"UID#{key.uidvalidity}#{key.uid}"
+
+
+def open_sk(uidvalidity: int) -> str:
+    return f"OPEN#{uidvalidity}"
 
 
 def fail_sk(key: UidKey) -> str:
@@ -203,11 +221,536 @@ class DynamoStateStore(StateStore):
         )
 
     # -- claims ----------------------------------------------------------------------------
+    # -- claims ----------------------------------------------------------------------------
+    # A claim lives in one of two places (README "State layout in DynamoDB"): while it is open
+    # (in progress or appending, with an owner), as an entry of the route's OPEN#<uidvalidity>
+    # item, which holds only the open claims and is changed by one conditional write on its
+    # version; once released, failed or final other than as a plain copy, as its own UID# item,
+    # for good. A copy made (DONE with a fingerprint) is recorded by its FP# item alone. Reads go
+    # OPEN# first, then UID#, then FP#: an entry leaves OPEN# only after (or, in a transaction,
+    # with) the record that answers for it, so a claim is never missed between two reads.
     def claim_uid(
-        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+        self,
+        key: UidKey,
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None = None,
+        *,
+        fingerprint: str | None = None,
     ) -> ClaimResult:
-        now = self._clock()
-        found: Claim | None = None  # as far as we know: no claim yet, so a plain claim
+        return self.claim_many([key], owner, lease_until, holder_state, fingerprints=[fingerprint])[0]
+
+    def claim_many(
+        self,
+        keys: Sequence[UidKey],
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None = None,
+        *,
+        fingerprints: Sequence[str | None] | None = None,
+    ) -> list[ClaimResult]:
+        prints = list(fingerprints) if fingerprints is not None else [None] * len(keys)
+        results: list[ClaimResult] = []
+        for (route, uidvalidity), group in _by_open_item(list(zip(keys, prints, strict=True))):
+            taken = self._claim_open(route, uidvalidity, group, owner, lease_until, holder_state)
+            results += taken
+            if taken and taken[-1].outcome is ClaimOutcome.HELD:
+                break
+        return results
+
+    def _claim_open(
+        self,
+        route: str,
+        uidvalidity: int,
+        group: list[tuple[UidKey, str | None]],
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None,
+    ) -> list[ClaimResult]:
+        uids = [key.uid for key, _ in group]
+        for _ in range(_OPEN_TRIES):
+            now = self._clock()
+            opened = self._read_open(route, uidvalidity)
+            items = self._uid_items(route, uidvalidity, uids)
+            copies = self._copies_of(route, group)
+            failures: set[int] | None = None
+            entries, flagged = dict(opened.entries), set(opened.flagged)
+            results: list[ClaimResult] = []
+            for key, _fingerprint in group:
+                final = _final_of(items.get(key.uid), copies.get(key.uid))
+                if final is not None:
+                    result = ClaimResult(ClaimOutcome.FINAL, final)
+                    left = entries.get(key.uid)
+                    if left is not None and answer_without_taking(left, owner, now, holder_state) is None:
+                        # Left by a finalize cut off after the copy's record (its holder gone or
+                        # its lease out): nothing is open any more.
+                        del entries[key.uid]
+                elif key.uid in items:
+                    result = self._claim_item(key, owner, lease_until, now, holder_state, items[key.uid])
+                else:
+                    found = entries.get(key.uid)
+                    result = answer_without_taking(found, owner, now, holder_state)
+                    if result is None:
+                        entries[key.uid] = taken = _taken(key, found, owner, lease_until, now)
+                        if failures is None:
+                            failures = self._failure_uids(route, uidvalidity, uids)
+                        if key.uid in failures:
+                            flagged.add(key.uid)
+                        result = ClaimResult(ClaimOutcome.CLAIMED, taken)
+                results.append(result)
+                if result.outcome is ClaimOutcome.HELD:
+                    break
+            if entries == opened.entries or self._write_open(opened, entries, flagged):
+                return results
+            _back_off()
+        raise self._too_busy(route)
+
+    def get_claim(self, key: UidKey, *, fingerprint: str | None = None) -> Claim | None:
+        entry = self._read_open(key.route, key.uidvalidity).entries.get(key.uid)
+        item = self._item_claim(key)
+        if item is not None and item.status.is_final:
+            return item
+        copy = self._copies_of(key.route, [(key, fingerprint)]).get(key.uid)
+        return copy or item or entry
+
+    def extend_lease(self, key: UidKey, owner: str, lease_until: float) -> None:
+        lost = self._extend_open(key.route, key.uidvalidity, [key], owner, lease_until)
+        if lost:
+            raise lost[0]
+
+    def extend_leases(self, keys: Sequence[UidKey], owner: str, lease_until: float) -> None:
+        for (route, uidvalidity), group in _by_open_item([(key, None) for key in keys]):
+            self._extend_open(route, uidvalidity, [key for key, _ in group], owner, lease_until)
+
+    def _extend_open(
+        self, route: str, uidvalidity: int, keys: list[UidKey], owner: str, lease_until: float
+    ) -> list[ClaimLost]:
+        """The leases of `keys` that `owner` holds extended; the ClaimLost of each other."""
+        for _ in range(_OPEN_TRIES):
+            now = self._clock()
+            opened = self._read_open(route, uidvalidity)
+            entries = dict(opened.entries)
+            lost: list[ClaimLost] = []
+            for key in keys:
+                found = entries.get(key.uid)
+                if found is None:
+                    try:
+                        self._extend_item(key, owner, lease_until)
+                    except ClaimLost as exc:
+                        lost.append(exc)
+                elif is_owned_by(found, owner):
+                    entries[key.uid] = replace(found, lease_until=lease_until, updated_at=now)
+                else:
+                    lost.append(claim_lost(key, owner, found))
+            if entries == opened.entries or self._write_open(opened, entries, opened.flagged):
+                return lost
+            _back_off()
+        raise self._too_busy(route)
+
+    def mark_appending(
+        self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
+    ) -> None:
+        if not self.mark_appending_many([key], owner, dest_uidvalidity=dest_uidvalidity, dest_uid_floor=dest_uid_floor):
+            raise claim_lost(key, owner, self.get_claim(key))
+
+    def mark_appending_many(
+        self,
+        keys: Sequence[UidKey],
+        owner: str,
+        *,
+        dest_uidvalidity: int | None = None,
+        dest_uid_floor: int | None = None,
+    ) -> int:
+        marked = 0
+        for (route, uidvalidity), group in _by_open_item([(key, None) for key in keys]):
+            count = self._mark_open(route, uidvalidity, [key for key, _ in group], owner, dest_uidvalidity, dest_uid_floor)
+            marked += count
+            if count < len(group):
+                break
+        return marked
+
+    def _mark_open(
+        self,
+        route: str,
+        uidvalidity: int,
+        keys: list[UidKey],
+        owner: str,
+        dest_uidvalidity: int | None,
+        dest_uid_floor: int | None,
+    ) -> int:
+        """How many of `keys`, from the first, are marked APPENDING: up to the first not held."""
+        for _ in range(_OPEN_TRIES):
+            now = self._clock()
+            opened = self._read_open(route, uidvalidity)
+            entries = dict(opened.entries)
+            marked = 0
+            for key in keys:
+                found = entries.get(key.uid)
+                if found is None:
+                    try:
+                        self._mark_item(key, owner, dest_uidvalidity=dest_uidvalidity, dest_uid_floor=dest_uid_floor)
+                    except ClaimLost:
+                        break
+                elif is_owned_by(found, owner):
+                    entries[key.uid] = replace(
+                        found,
+                        status=ClaimStatus.APPENDING,
+                        updated_at=now,
+                        dest_uidvalidity=dest_uidvalidity,
+                        dest_uid_floor=dest_uid_floor,
+                    )
+                else:
+                    break
+                marked += 1
+            if entries == opened.entries or self._write_open(opened, entries, opened.flagged):
+                return marked
+            _back_off()
+        raise self._too_busy(route)
+
+    def finalize(
+        self,
+        key: UidKey,
+        owner: str,
+        status: ClaimStatus,
+        *,
+        dest_uid: int | None = None,
+        fingerprint: str | None = None,
+        reason: str | None = None,
+        append_unresolved: bool = False,
+    ) -> None:
+        status = require_final(status)
+        if status is ClaimStatus.DONE and fingerprint:
+            (lost,) = self._finalize_copies([Copied(key, dest_uid, fingerprint)], owner, reason)
+            if lost is not None:
+                raise lost
+            return
+        self._finalize_one(key, owner, status, dest_uid, fingerprint, reason, append_unresolved)
+
+    def finalize_many(self, copies: Sequence[Copied], owner: str) -> list[ClaimLost | None]:
+        return self._finalize_copies(copies, owner, None)
+
+    def _finalize_one(
+        self,
+        key: UidKey,
+        owner: str,
+        status: ClaimStatus,
+        dest_uid: int | None,
+        fingerprint: str | None,
+        reason: str | None,
+        append_unresolved: bool,
+    ) -> None:
+        """A claim made final as its own UID# item (skipped, or done without a copy record of its
+        own): one transaction puts the item, takes the entry out of OPEN# and deletes the failure
+        record (and puts an unresolved FP# record, see finalize)."""
+        for _ in range(_OPEN_TRIES):
+            now = self._clock()
+            opened = self._read_open(key.route, key.uidvalidity)
+            found = opened.entries.get(key.uid)
+            if found is None:
+                self._finalize_item(
+                    key,
+                    owner,
+                    status,
+                    dest_uid=dest_uid,
+                    fingerprint=fingerprint,
+                    reason=reason,
+                    append_unresolved=append_unresolved,
+                )
+                return
+            if not is_owned_by(found, owner):
+                raise claim_lost(key, owner, found)
+            final = replace(
+                found, status=status, lease_until=0.0, dest_uid=dest_uid, fingerprint=fingerprint, reason=reason, updated_at=now
+            )
+            actions = self._moved_out(opened, final)
+            actions.append({"Delete": {"TableName": self._table, "Key": _item_key(route_pk(key.route), fail_sk(key))}})
+            if status is ClaimStatus.SKIPPED and fingerprint and append_unresolved:
+                unresolved = self._unresolved_item(key, fingerprint, now, found)
+                if unresolved is not None:
+                    actions.append({"Put": {"TableName": self._table, "Item": unresolved}})
+            if self._transact_open(actions):
+                return
+            _back_off()
+        raise self._too_busy(key.route)
+
+    def _finalize_copies(self, copies: Sequence[Copied], owner: str, reason: str | None) -> list[ClaimLost | None]:
+        """Copies made DONE. For each whose claim is an OPEN# entry of `owner`: its FP# record is
+        put first, then (for the batch) one conditional write takes the entries out of OPEN#. A
+        crash between the two leaves entries whose FP# record says copied: read as done, never
+        appended again. Claims with a UID# item are finalized there, one transaction each."""
+        lost: list[ClaimLost | None] = [None] * len(copies)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, copy in enumerate(copies):
+            groups.setdefault((copy.key.route, copy.key.uidvalidity), []).append(index)
+        for (route, uidvalidity), indexes in groups.items():
+            opened = self._read_open(route, uidvalidity)
+            recorded: list[int] = []
+            for index in indexes:
+                copy = copies[index]
+                found = opened.entries.get(copy.key.uid)
+                try:
+                    if found is None:
+                        self._finalize_item(
+                            copy.key, owner, ClaimStatus.DONE, dest_uid=copy.dest_uid, fingerprint=copy.fingerprint, reason=reason
+                        )
+                    elif not is_owned_by(found, owner):
+                        raise claim_lost(copy.key, owner, found)
+                    elif copy.fingerprint and self._put_copy(copy, found, reason, copy.key.uid in opened.flagged):
+                        recorded.append(index)
+                    else:
+                        # No fingerprint, or its FP# record is another message's (that one keeps it):
+                        # the claim is its own record.
+                        self._finalize_one(copy.key, owner, ClaimStatus.DONE, copy.dest_uid, copy.fingerprint, reason, False)
+                        opened = self._read_open(route, uidvalidity)
+                except ClaimLost as exc:
+                    lost[index] = exc
+            if recorded:
+                self._take_out(opened, [copies[index].key for index in recorded], owner, lost, recorded)
+        return lost
+
+    def _put_copy(self, copy: Copied, claim: Claim, reason: str | None, failure_flagged: bool) -> bool:
+        """The FP# record of a copy made, unless the fingerprint's record is another message's
+        copy (then False, and nothing is written)."""
+        assert copy.fingerprint
+        item = _copied_item(copy.key, copy.fingerprint, copy.dest_uid, self._clock()) | {
+            "owner": _s(claim.owner or ""),
+            "attempts": _n(claim.attempts),
+        }
+        if reason is not None:
+            item["reason"] = _s(reason)
+        try:
+            self._call(
+                "put_item",
+                TableName=self._table,
+                Item=item,
+                ConditionExpression="attribute_not_exists(pk) OR unresolved = :yes OR (uidvalidity = :uidvalidity AND #uid = :uid)",
+                ExpressionAttributeNames={"#uid": "uid"},
+                ExpressionAttributeValues={":yes": {"BOOL": True}, ":uidvalidity": _n(copy.key.uidvalidity), ":uid": _n(copy.key.uid)},
+            )
+        except _ConditionFailed:
+            return False
+        if failure_flagged:
+            # A failure recorded while it was claimed: gone with the claim, as in one transaction.
+            self._call("delete_item", TableName=self._table, Key=_item_key(route_pk(copy.key.route), fail_sk(copy.key)))
+        return True
+
+    def _take_out(
+        self, opened: _Open, keys: list[UidKey], owner: str, lost: list[ClaimLost | None], indexes: list[int]
+    ) -> None:
+        """The entries of `keys` (recorded as copied) out of OPEN#, in one conditional write; a
+        key whose entry `owner` no longer holds gets its ClaimLost in `lost`."""
+        for attempt in range(_OPEN_TRIES):
+            if attempt:
+                opened = self._read_open(opened.route, opened.uidvalidity)
+            entries, flagged = dict(opened.entries), set(opened.flagged)
+            for key, index in zip(keys, indexes, strict=True):
+                found = entries.get(key.uid)
+                if found is not None and is_owned_by(found, owner):
+                    del entries[key.uid]
+                    flagged.discard(key.uid)
+                    lost[index] = None
+                else:
+                    lost[index] = claim_lost(key, owner, found)
+            if entries == opened.entries or self._write_open(opened, entries, flagged):
+                return
+            _back_off()
+        raise self._too_busy(opened.route)
+
+    def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
+        for _ in range(_OPEN_TRIES):
+            opened = self._read_open(key.route, key.uidvalidity)
+            found = opened.entries.get(key.uid)
+            if found is None:
+                self._release_item(key, owner, append_outcome_unknown=append_outcome_unknown)
+                return
+            if not is_owned_by(found, owner):
+                raise claim_lost(key, owner, found)
+            released = replace(
+                found,
+                status=status_after_release(found.status, append_outcome_unknown),
+                owner=None,
+                lease_until=0.0,
+                updated_at=self._clock(),
+            )
+            if self._transact_open(self._moved_out(opened, released)):
+                return
+            _back_off()
+        raise self._too_busy(key.route)
+
+    def _flag_failure(self, key: UidKey) -> None:
+        """A failure recorded for a claim open in OPEN#: flagged there first, so that the claim's
+        finalize deletes the record (a flag with no record deletes nothing)."""
+        for _ in range(_OPEN_TRIES):
+            opened = self._read_open(key.route, key.uidvalidity)
+            if key.uid not in opened.entries or key.uid in opened.flagged:
+                return
+            if self._write_open(opened, opened.entries, opened.flagged | {key.uid}):
+                return
+            _back_off()
+        raise self._too_busy(key.route)
+
+    # -- the OPEN# item ----------------------------------------------------------------------
+    def _read_open(self, route: str, uidvalidity: int) -> _Open:
+        return _open_from_item(route, uidvalidity, self._get(route_pk(route), open_sk(uidvalidity)))
+
+    def _open_put(self, opened: _Open, entries: dict[int, Claim], flagged: frozenset[int] | set[int]) -> dict:
+        """The conditional Put of OPEN# with `entries`: only over the version `opened` read."""
+        put: dict[str, Any] = {
+            "TableName": self._table,
+            "Item": _open_item(opened, entries, flagged),
+        }
+        if opened.version is None:
+            put["ConditionExpression"] = "attribute_not_exists(pk)"
+        else:
+            put["ConditionExpression"] = "v = :seen"
+            put["ExpressionAttributeValues"] = {":seen": _n(opened.version)}
+        return put
+
+    def _write_open(self, opened: _Open, entries: dict[int, Claim], flagged: frozenset[int] | set[int]) -> bool:
+        """False when OPEN# changed since `opened` was read (nothing is written then)."""
+        try:
+            self._call("put_item", **self._open_put(opened, entries, flagged))
+        except _ConditionFailed:
+            return False
+        return True
+
+    def _moved_out(self, opened: _Open, claim: Claim) -> list[dict]:
+        """The transaction that makes `claim` a UID# item and takes its entry out of OPEN#."""
+        entries = {uid: entry for uid, entry in opened.entries.items() if uid != claim.key.uid}
+        return [
+            {"Put": self._open_put(opened, entries, opened.flagged - {claim.key.uid})},
+            {
+                "Put": {
+                    "TableName": self._table,
+                    "Item": _uid_item_of(claim),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            },
+        ]
+
+    def _transact_open(self, actions: list[dict]) -> bool:
+        """Run a transaction whose first action is a conditional Put of OPEN#: False when OPEN#
+        changed since it was read."""
+        try:
+            self._call("transact_write_items", TransactItems=actions)
+        except _TransactionCancelled as cancelled:
+            codes = [reason.get("Code") or "None" for reason in cancelled.reasons]
+            # OPEN# changed, or another transaction was on it: read again and retry. A refused
+            # condition on another item (a UID# item where an OPEN# entry was) is a fault.
+            if "ConditionalCheckFailed" not in codes[1:] and (
+                codes[:1] == ["ConditionalCheckFailed"] or "TransactionConflict" in codes
+            ):
+                return False
+            raise self._unavailable("TransactionCanceledException", f"{cancelled.message} ({', '.join(codes)})") from None
+        return True
+
+    def _uid_items(self, route: str, uidvalidity: int, uids: Sequence[int]) -> dict[int, Claim]:
+        """The UID# items of `uids`, by UID: one query per run of UIDs of one length (sort keys
+        are text), which reads nothing when there are none."""
+        found: dict[int, Claim] = {}
+        wanted = set(uids)
+        for item in self._sk_ranges(route, "UID", uidvalidity, wanted):
+            uid = int(_str(item, "sk").rsplit("#", 1)[1])
+            if uid in wanted:
+                found[uid] = _claim_from_item(UidKey(route, uidvalidity, uid), item)
+        return found
+
+    def _failure_uids(self, route: str, uidvalidity: int, uids: Sequence[int]) -> set[int]:
+        wanted = set(uids)
+        return {
+            uid
+            for item in self._sk_ranges(route, "FAIL", uidvalidity, wanted)
+            if (uid := int(_str(item, "sk").rsplit("#", 1)[1])) in wanted
+        }
+
+    def _sk_ranges(self, route: str, kind: str, uidvalidity: int, uids: set[int]) -> Iterator[dict]:
+        by_length: dict[int, list[int]] = {}
+        for uid in uids:
+            by_length.setdefault(len(str(uid)), []).append(uid)
+        for same_length in by_length.values():
+            params: dict[str, Any] = {
+                "TableName": self._table,
+                "KeyConditionExpression": "pk = :pk AND sk BETWEEN :low AND :high",
+                "ExpressionAttributeValues": {
+                    ":pk": _s(route_pk(route)),
+                    ":low": _s(f"{kind}#{uidvalidity}#{min(same_length)}"),
+                    ":high": _s(f"{kind}#{uidvalidity}#{max(same_length)}"),
+                },
+                "ConsistentRead": True,
+            }
+            while True:
+                page = self._call("query", **params)
+                yield from page.get("Items", [])
+                if "LastEvaluatedKey" not in page:
+                    break
+                params["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _copies_of(self, route: str, group: Sequence[tuple[UidKey, str | None]]) -> dict[int, Claim]:
+        """The copies made of the keys, as done claims, by UID: found by fingerprint (one read
+        each), or for a key queued without one by a search of the route's FP# records."""
+        found: dict[int, Claim] = {}
+        by_print: dict[str, list[UidKey]] = {}
+        for key, fingerprint in group:
+            if fingerprint:
+                by_print.setdefault(fingerprint, []).append(key)
+            else:
+                item = self._copy_by_uid(key)
+                if item is not None:
+                    found[key.uid] = _done_from_copy(key, item)
+        for item in self._batch_get(route_pk(route), [fp_sk(fingerprint) for fingerprint in by_print]):
+            for key in by_print[_str(item, "sk")[len("FP#") :]]:
+                if _copies(item, key):
+                    found[key.uid] = _done_from_copy(key, item)
+        return found
+
+    def _copy_by_uid(self, key: UidKey) -> dict | None:
+        params: dict[str, Any] = {
+            "TableName": self._table,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "FilterExpression": "uidvalidity = :uidvalidity AND #uid = :uid",
+            "ExpressionAttributeNames": {"#uid": "uid"},
+            "ExpressionAttributeValues": {
+                ":pk": _s(route_pk(key.route)),
+                ":prefix": _s("FP#"),
+                ":uidvalidity": _n(key.uidvalidity),
+                ":uid": _n(key.uid),
+            },
+            "ConsistentRead": True,
+        }
+        while True:
+            page = self._call("query", **params)
+            for item in page.get("Items", []):
+                if _copies(item, key):
+                    return item
+            if "LastEvaluatedKey" not in page:
+                return None
+            params["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _batch_get(self, pk: str, sks: Sequence[str]) -> list[dict]:
+        """Strongly consistent reads of the items (pk, sk) that exist, 100 keys a request."""
+        items: list[dict] = []
+        for start in range(0, len(sks), 100):
+            request = {self._table: {"Keys": [_item_key(pk, sk) for sk in sks[start : start + 100]], "ConsistentRead": True}}
+            while request:
+                response = self._call("batch_get_item", RequestItems=request)
+                items += response.get("Responses", {}).get(self._table, [])
+                request = response.get("UnprocessedKeys") or {}
+                if request:
+                    _back_off()
+        return items
+
+    def _too_busy(self, route: str) -> StateStoreUnavailable:
+        return self._unavailable(
+            "ConditionalCheckFailed", f"the open claims of route {route} changed under {_OPEN_TRIES} writes in a row"
+        )
+
+    def _claim_item(
+        self, key: UidKey, owner: str, lease_until: float, now: float, holder_state: HolderProbe | None, found: Claim
+    ) -> ClaimResult:
+        """claim_uid on a claim that has a `UID#` item (`found`, as read): one conditional write."""
+        answer = answer_without_taking(found, owner, now, holder_state)
+        if answer is not None:
+            return answer
         for _ in range(_CLAIM_TRIES):
             try:
                 claim = self._take_claim(key, owner, lease_until, now, found)
@@ -260,10 +803,10 @@ class DynamoStateStore(StateStore):
         )
         return _claim_from_item(key, response["Attributes"])
 
-    def get_claim(self, key: UidKey) -> Claim | None:
+    def _item_claim(self, key: UidKey) -> Claim | None:
         return _claim_or_none(key, self._get(route_pk(key.route), uid_sk(key)))
 
-    def extend_lease(self, key: UidKey, owner: str, lease_until: float) -> None:
+    def _extend_item(self, key: UidKey, owner: str, lease_until: float) -> None:
         self._update_owned(
             key,
             owner,
@@ -271,7 +814,7 @@ class DynamoStateStore(StateStore):
             {":lease_until": _n(lease_until), ":now": _n(self._clock())},
         )
 
-    def mark_appending(
+    def _mark_item(
         self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
     ) -> None:
         update = "SET #status = :appending, updated_at = :now"
@@ -287,7 +830,7 @@ class DynamoStateStore(StateStore):
             update += " REMOVE " + ", ".join(removed)
         self._update_owned(key, owner, update, values)
 
-    def finalize(
+    def _finalize_item(
         self,
         key: UidKey,
         owner: str,
@@ -298,7 +841,7 @@ class DynamoStateStore(StateStore):
         reason: str | None = None,
         append_unresolved: bool = False,
     ) -> None:
-        status = require_final(status)
+        """finalize on a claim that has a `UID#` item: one transaction."""
         now = self._clock()
         actions = [
             {"Update": self._finalize_claim(key, owner, status, now, dest_uid, fingerprint, reason)},
@@ -308,7 +851,7 @@ class DynamoStateStore(StateStore):
             copied = _copied_item(key, fingerprint, dest_uid, now)
             actions.append({"Put": {"TableName": self._table, "Item": copied}})
         elif status is ClaimStatus.SKIPPED and fingerprint and append_unresolved:
-            unresolved = self._unresolved_item(key, owner, fingerprint, now)
+            unresolved = self._unresolved_item(key, fingerprint, now, self._item_claim(key))
             if unresolved is not None:
                 actions.append({"Put": {"TableName": self._table, "Item": unresolved}})
         try:
@@ -316,18 +859,20 @@ class DynamoStateStore(StateStore):
         except _TransactionCancelled as cancelled:
             first = cancelled.reasons[0] if cancelled.reasons else {}
             if first.get("Code") == "ConditionalCheckFailed":
-                raise claim_lost(key, owner, _claim_or_none(key, first.get("Item"))) from None
+                found = _claim_or_none(key, first.get("Item"))
+                if found is None:
+                    found = self.get_claim(key, fingerprint=fingerprint)
+                raise claim_lost(key, owner, found) from None
             codes = ", ".join(reason.get("Code", "?") for reason in cancelled.reasons)
             raise self._unavailable("TransactionCanceledException", f"{cancelled.message} ({codes})") from None
 
-    def _unresolved_item(self, key: UidKey, owner: str, fingerprint: str, now: float) -> dict | None:
+    def _unresolved_item(self, key: UidKey, fingerprint: str, now: float, claim: Claim | None) -> dict | None:
         """The unresolved FP# item, with the floor the claim recorded; None when a copy of the
         fingerprint is recorded already (that record answers for the message). The claim is read
-        first: only its owner changes its floor, and the finalize's condition checks the owner."""
+        before: only its owner changes its floor, and the finalize's condition checks the owner."""
         found = self._get(route_pk(key.route), fp_sk(fingerprint))
         if found is not None and not _bool(found, "unresolved"):
             return None
-        claim = self.get_claim(key)
         item = _copied_item(key, fingerprint, None, now) | {"unresolved": {"BOOL": True}}
         for name in ("dest_uidvalidity", "dest_uid_floor"):
             value = getattr(claim, name) if claim is not None else None
@@ -363,7 +908,7 @@ class DynamoStateStore(StateStore):
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
 
-    def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
+    def _release_item(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
         # The rule of shared.state.rules.status_after_release, in two conditional writes: an
         # update cannot pick the new status from the old one.
         released = {":zero": _n(0), ":now": _n(self._clock())}
@@ -414,6 +959,7 @@ class DynamoStateStore(StateStore):
 
     # -- failures --------------------------------------------------------------------------
     def record_failure(self, key: UidKey, error_class: str, error_text: str) -> int:
+        self._flag_failure(key)
         now = _n(self._clock())
         response = self._call(
             "update_item",
@@ -469,16 +1015,34 @@ class DynamoStateStore(StateStore):
 
     # -- reporting and the gate ------------------------------------------------------------
     def route_counts(self, route: str) -> RouteCounts:
-        # By sort-key prefix: the WATERMARK and SCAN items of the partition are not counted.
+        # By sort-key prefix: the WATERMARK and SCAN items of the partition are not counted. A
+        # claim is counted once, as get_claim reads it: a final UID# item, else a copy's FP#
+        # record, else a UID# item, else an OPEN# entry.
         by_status: Counter[str] = Counter()
         skipped_reasons: Counter[str] = Counter()
-        for item in self._query_prefix(route, "UID#", "#status, reason", {"#status": "status"}):
-            status = _str(item, "status")
+        copied = {
+            (_int(item, "uidvalidity"), _int(item, "uid"))
+            for item in self._query_prefix(route, "FP#", "uidvalidity, #uid, unresolved", {"#uid": "uid"})
+            if not _bool(item, "unresolved")
+        }
+        recorded: set[tuple[int, int]] = set()
+        for item in self._query_prefix(route, "UID#", "sk, #status, reason", {"#status": "status"}):
+            _, uidvalidity, uid = _str(item, "sk").split("#")
+            recorded.add((int(uidvalidity), int(uid)))
+            status = ClaimStatus(_str(item, "status"))
+            if not status.is_final and (int(uidvalidity), int(uid)) in copied:
+                status = ClaimStatus.DONE
             by_status[status] += 1
             if status == ClaimStatus.SKIPPED:
                 skipped_reasons[_optional_str(item, "reason") or NO_REASON] += 1
+        by_status[ClaimStatus.DONE] += len(copied - recorded)
+        for item in self._query_prefix(route, "OPEN#", "sk, e, w"):
+            opened = _open_from_item(route, int(_str(item, "sk").split("#")[1]), item)
+            for uid, entry in opened.entries.items():
+                if (opened.uidvalidity, uid) not in copied | recorded:
+                    by_status[entry.status] += 1
         failures = Counter(_str(item, "error_class") for item in self._query_prefix(route, "FAIL#", "error_class"))
-        return RouteCounts(dict(by_status), dict(skipped_reasons), dict(failures))
+        return RouteCounts({str(k): v for k, v in by_status.items() if v}, dict(skipped_reasons), dict(failures))
 
     def check_health(self) -> None:
         now = self._clock()
@@ -642,6 +1206,149 @@ def pause_sk(name: str) -> str:
 
 def _pause_from_item(item: dict) -> Pause:
     return Pause(_str(item, "name"), _float(item, "until"), _str(item, "reason"))
+
+
+# -- the OPEN# item: a route's open claims under one UIDVALIDITY ------------------------------
+# Attributes: `v` (version, +1 a write), `w` (the owners named, a list), `e` (uid -> the entry as
+# text: status letter | owner index | lease_until | attempts | updated_at | dest_uidvalidity |
+# dest_uid_floor | failure flag), kept short so that a batch's entries stay under 1 KB.
+_STATUS_LETTERS = {ClaimStatus.IN_PROGRESS: "p", ClaimStatus.APPENDING: "a"}
+_LETTER_STATUSES = {letter: status for status, letter in _STATUS_LETTERS.items()}
+
+
+@dataclass(frozen=True)
+class _Open:
+    route: str
+    uidvalidity: int
+    version: int | None  # None: no OPEN# item yet
+    entries: dict[int, Claim]
+    flagged: frozenset[int]  # UIDs with a failure record to delete when finalized
+
+
+def _open_from_item(route: str, uidvalidity: int, item: dict | None) -> _Open:
+    if item is None:
+        return _Open(route, uidvalidity, None, {}, frozenset())
+    owners = [value["S"] for value in item.get("w", {}).get("L", [])]
+    entries: dict[int, Claim] = {}
+    flagged = set()
+    for uid_text, value in item.get("e", {}).get("M", {}).items():
+        status, owner, lease, attempts, updated, dest_uidvalidity, dest_uid_floor, flag = value["S"].split("|")
+        uid = int(uid_text)
+        entries[uid] = Claim(
+            key=UidKey(route, uidvalidity, uid),
+            status=_LETTER_STATUSES[status],
+            owner=owners[int(owner)],
+            lease_until=float(lease),
+            attempts=int(attempts),
+            updated_at=float(updated),
+            dest_uidvalidity=int(dest_uidvalidity) if dest_uidvalidity else None,
+            dest_uid_floor=int(dest_uid_floor) if dest_uid_floor else None,
+        )
+        if flag:
+            flagged.add(uid)
+    version = _int(item, "v") if "v" in item else None
+    return _Open(route, uidvalidity, version, entries, frozenset(flagged))
+
+
+def _open_item(opened: _Open, entries: dict[int, Claim], flagged: frozenset[int] | set[int]) -> dict:
+    owners: list[str] = []
+    encoded: dict[str, dict] = {}
+    for uid, claim in sorted(entries.items()):
+        assert claim.owner is not None and claim.status in _STATUS_LETTERS
+        if claim.owner not in owners:
+            owners.append(claim.owner)
+        fields = (
+            _STATUS_LETTERS[claim.status],
+            str(owners.index(claim.owner)),
+            repr(claim.lease_until),
+            str(claim.attempts),
+            repr(claim.updated_at),
+            "" if claim.dest_uidvalidity is None else str(claim.dest_uidvalidity),
+            "" if claim.dest_uid_floor is None else str(claim.dest_uid_floor),
+            "f" if uid in flagged else "",
+        )
+        encoded[str(uid)] = {"S": "|".join(fields)}
+    return _item_key(route_pk(opened.route), open_sk(opened.uidvalidity)) | {
+        "v": _n((opened.version or 0) + 1),
+        "w": {"L": [_s(owner) for owner in owners]},
+        "e": {"M": encoded},
+    }
+
+
+def _by_open_item(keyed: list[tuple[UidKey, str | None]]) -> Iterator[tuple[tuple[str, int], list[tuple[UidKey, str | None]]]]:
+    """Runs of consecutive keys of one route and UIDVALIDITY (one OPEN# item), in order."""
+    run: list[tuple[UidKey, str | None]] = []
+    for entry in keyed:
+        if run and (run[0][0].route, run[0][0].uidvalidity) != (entry[0].route, entry[0].uidvalidity):
+            yield (run[0][0].route, run[0][0].uidvalidity), run
+            run = []
+        run.append(entry)
+    if run:
+        yield (run[0][0].route, run[0][0].uidvalidity), run
+
+
+def _taken(key: UidKey, found: Claim | None, owner: str, lease_until: float, now: float) -> Claim:
+    """The claim as `owner` takes it (the rules of SqliteStateStore.claim_uid)."""
+    status = status_after_taking(found)
+    keeps_floor = found is not None and status is ClaimStatus.APPENDING
+    return Claim(
+        key=key,
+        status=status,
+        owner=owner,
+        lease_until=lease_until,
+        attempts=(found.attempts if found else 0) + 1,
+        updated_at=now,
+        dest_uidvalidity=found.dest_uidvalidity if keeps_floor and found else None,
+        dest_uid_floor=found.dest_uid_floor if keeps_floor and found else None,
+    )
+
+
+def _final_of(item: Claim | None, copy: Claim | None) -> Claim | None:
+    """What makes a claim final: its UID# item when that is final, else a copy's FP# record."""
+    if item is not None and item.status.is_final:
+        return item
+    return copy
+
+
+def _copies(item: dict, key: UidKey) -> bool:
+    """Whether an FP# item records a copy made of `key`."""
+    return not _bool(item, "unresolved") and _int(item, "uidvalidity") == key.uidvalidity and _int(item, "uid") == key.uid
+
+
+def _done_from_copy(key: UidKey, item: dict) -> Claim:
+    return Claim(
+        key=key,
+        status=ClaimStatus.DONE,
+        owner=_optional_str(item, "owner") or None,
+        lease_until=0.0,
+        attempts=_optional_int(item, "attempts") or 1,
+        dest_uid=_optional_int(item, "dest_uid"),
+        fingerprint=_str(item, "sk")[len("FP#") :],
+        reason=_optional_str(item, "reason"),
+        updated_at=_float(item, "copied_at"),
+    )
+
+
+def _uid_item_of(claim: Claim) -> dict:
+    """A claim as its own UID# item (an OPEN# entry released or made final)."""
+    item = _item_key(route_pk(claim.key.route), uid_sk(claim.key)) | {
+        "status": _s(claim.status),
+        "lease_until": _n(claim.lease_until),
+        "updated_at": _n(claim.updated_at),
+        "attempts": _n(claim.attempts),
+    }
+    for name in ("owner", "fingerprint", "reason"):
+        if getattr(claim, name) is not None:
+            item[name] = _s(getattr(claim, name))
+    for name in ("dest_uid", "dest_uidvalidity", "dest_uid_floor"):
+        if getattr(claim, name) is not None:
+            item[name] = _n(getattr(claim, name))
+    return item
+
+
+def _back_off() -> None:
+    """A moment before reading a changed OPEN# item again, so that racing writers spread out."""
+    time.sleep(random.uniform(0.001, 0.02))
 
 
 # -- items -----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), a claim per
 source UID (`UID#<uidvalidity>#<uid>`), a failure record per UID (`FAIL#...`), and a fingerprint
 per copied message (`FP#...`).
+DynamoDB keeps the open claims of a route in one item instead (README "State layout in
+DynamoDB"); what the port promises is the same on both.
 Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlite.SqliteStateStore`
 (embedded). Both pass the same contract suite, `tests/integration/test_state_contract.py`.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from shared.errors import ClaimLost
 from shared.message_ref import UidKey
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "ClaimOutcome",
     "ClaimResult",
     "ClaimStatus",
+    "Copied",
     "CopiedMessage",
     "FailureRecord",
     "RouteCounts",
@@ -95,6 +99,15 @@ class Claim:
     # earlier copy from there (shared.mailbox.port.UidFloor). None when not known.
     dest_uidvalidity: int | None = None
     dest_uid_floor: int | None = None
+
+
+@dataclass(frozen=True)
+class Copied:
+    """A message whose APPEND landed (or whose copy was found): what finalize_many makes DONE."""
+
+    key: UidKey
+    dest_uid: int | None
+    fingerprint: str | None
 
 
 @dataclass(frozen=True)
@@ -195,16 +208,47 @@ class StateStore(abc.ABC):
     # -- claims ----------------------------------------------------------------------------
     @abc.abstractmethod
     def claim_uid(
-        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+        self,
+        key: UidKey,
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None = None,
+        *,
+        fingerprint: str | None = None,
     ) -> ClaimResult:
         """One conditional write (after a read, for a claim that exists). Claims when no claim
         exists, or when the claim is not final and was released, or its holder is gone, or its
         lease has expired and `holder_state` does not say its holder is alive (see
         rules.answer_without_taking). Increments `attempts`. The new status is IN_PROGRESS,
-        except that an APPENDING claim stays APPENDING."""
+        except that an APPENDING claim stays APPENDING. `fingerprint`: the one queued with the
+        key, if any; an adapter may find a claim made final by it (see get_claim)."""
+
+    def claim_many(
+        self,
+        keys: Sequence[UidKey],
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None = None,
+        *,
+        fingerprints: Sequence[str | None] | None = None,
+    ) -> list[ClaimResult]:
+        """claim_uid for each of `keys` in order, up to and including the first that is HELD:
+        the keys behind it are not claimed, and have no result. An adapter may take them all in
+        one conditional write. `fingerprints`: the one queued with each key (or None)."""
+        prints = list(fingerprints) if fingerprints is not None else [None] * len(keys)
+        results = []
+        for key, fingerprint in zip(keys, prints, strict=True):
+            result = self.claim_uid(key, owner, lease_until, holder_state, fingerprint=fingerprint)
+            results.append(result)
+            if result.outcome is ClaimOutcome.HELD:
+                break
+        return results
 
     @abc.abstractmethod
-    def get_claim(self, key: UidKey) -> Claim | None: ...
+    def get_claim(self, key: UidKey, *, fingerprint: str | None = None) -> Claim | None:
+        """The claim of `key`; a final one too. `fingerprint` (the one queued with the key) is a
+        hint: an adapter that records a copy by its fingerprint alone (DynamoDB) finds it at
+        once with it, and by a longer search without."""
 
     @abc.abstractmethod
     def extend_lease(self, key: UidKey, owner: str, lease_until: float) -> None:
@@ -217,6 +261,46 @@ class StateStore(abc.ABC):
         """IN_PROGRESS or APPENDING -> APPENDING, with where the APPEND lands at the earliest
         (kept across takeovers until the next mark_appending). Raises ClaimLost unless `owner`
         holds it."""
+
+    def mark_appending_many(
+        self,
+        keys: Sequence[UidKey],
+        owner: str,
+        *,
+        dest_uidvalidity: int | None = None,
+        dest_uid_floor: int | None = None,
+    ) -> int:
+        """mark_appending for each of `keys` in order, up to the first that `owner` does not
+        hold: how many were marked (that one, if any, is left as it is, and mark_appending on it
+        raises ClaimLost). An adapter may mark them all in one conditional write."""
+        for marked, key in enumerate(keys):
+            try:
+                self.mark_appending(key, owner, dest_uidvalidity=dest_uidvalidity, dest_uid_floor=dest_uid_floor)
+            except ClaimLost:
+                return marked
+        return len(keys)
+
+    def extend_leases(self, keys: Sequence[UidKey], owner: str, lease_until: float) -> None:
+        """extend_lease for each of `keys` that `owner` still holds (the others are left: their
+        finalize finds out)."""
+        for key in keys:
+            try:
+                self.extend_lease(key, owner, lease_until)
+            except ClaimLost:
+                continue
+
+    def finalize_many(self, copies: Sequence[Copied], owner: str) -> list[ClaimLost | None]:
+        """finalize(DONE) for each copy (its key, destination UID and fingerprint): for each,
+        None, or the ClaimLost that finalize would have raised. An adapter may make them final
+        in a few writes: the copies' records first, then the claims."""
+        lost: list[ClaimLost | None] = []
+        for copy in copies:
+            try:
+                self.finalize(copy.key, owner, ClaimStatus.DONE, dest_uid=copy.dest_uid, fingerprint=copy.fingerprint)
+                lost.append(None)
+            except ClaimLost as exc:
+                lost.append(exc)
+        return lost
 
     @abc.abstractmethod
     def finalize(

@@ -206,7 +206,13 @@ class SqliteStateStore(StateStore):
 
     # -- claims ----------------------------------------------------------------------------
     def claim_uid(
-        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+        self,
+        key: UidKey,
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None = None,
+        *,
+        fingerprint: str | None = None,  # not needed: every claim has its row here
     ) -> ClaimResult:
         now = self._clock()
         with self._writing() as db:
@@ -230,7 +236,7 @@ class SqliteStateStore(StateStore):
             self._save_claim(db, claim)
             return ClaimResult(ClaimOutcome.CLAIMED, claim)
 
-    def get_claim(self, key: UidKey) -> Claim | None:
+    def get_claim(self, key: UidKey, *, fingerprint: str | None = None) -> Claim | None:
         with self._reading() as db:
             return self._select_claim(db, key)
 

@@ -90,16 +90,24 @@ def install(point: str, uid: int, action: Signal) -> None:
         def claimed_it(claimed, key, *_) -> bool:
             return key.uid == uid and claimed.outcome is ClaimOutcome.CLAIMED
 
+        def claimed_it_in_batch(results, keys, *_) -> bool:
+            return any(k.uid == uid and r.outcome is ClaimOutcome.CLAIMED for k, r in zip(keys, results, strict=False))
+
         for store in STATE_STORES:
             _after(store, "claim_uid", claimed_it, action)
+            _after(store, "claim_many", claimed_it_in_batch, action)
     elif point == "after-fetch":
         _after(ImapSource, "fetch", lambda fetched, asked: asked == uid and fetched is not None, action)
         _after(ImapSource, "fetch_many", lambda fetched, asked: uid in asked and uid in fetched, action)
     elif point in ("during-append", "after-append", "appends-sent"):
         _watch_appends(point, uid, action)
     elif point == "after-finalize":
+        def finalized_it_in_batch(lost, copies, *_) -> bool:
+            return any(c.key.uid == uid and failed is None for c, failed in zip(copies, lost, strict=True))
+
         for store in STATE_STORES:
             _after(store, "finalize", lambda _, key, *__: key.uid == uid, action)
+            _after(store, "finalize_many", finalized_it_in_batch, action)
     elif point == "during-send":
         # Local: inside the queue's send transaction, its first row inserted, not committed.
         # SQS: after the first SendMessageBatch of several was accepted.

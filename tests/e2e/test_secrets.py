@@ -344,6 +344,7 @@ def test_lambda_handlers_leak_no_secret(sync_env, dovecot_pair, oauth_server, aw
         raise RuntimeError(f"unexpected reply with {setup.ms_refresh_token} for {ms_client_secret}")
 
     monkeypatch.setattr(app.state, "claim_uid", broken_claim)
+    monkeypatch.setattr(app.state, "claim_many", broken_claim)  # a batch's claims are taken at once
     sqs.send_message(QueueUrl=queue_url, MessageBody=queued[-1]["Body"], MessageGroupId="pw", MessageDeduplicationId="again")
     received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"])["Messages"]
     assert call("consumer, internal error", consumer.handler, _records(received)) is None

@@ -107,14 +107,20 @@ class FailingStateStore(StateStore):
         return self.inner.read_scan(route)
 
     def claim_uid(
-        self, key: UidKey, owner: str, lease_until: float, holder_state: HolderProbe | None = None
+        self,
+        key: UidKey,
+        owner: str,
+        lease_until: float,
+        holder_state: HolderProbe | None = None,
+        *,
+        fingerprint: str | None = None,
     ) -> ClaimResult:
         self._enter("claim_uid")
-        return self.inner.claim_uid(key, owner, lease_until, holder_state)
+        return self.inner.claim_uid(key, owner, lease_until, holder_state, fingerprint=fingerprint)
 
-    def get_claim(self, key: UidKey) -> Claim | None:
+    def get_claim(self, key: UidKey, *, fingerprint: str | None = None) -> Claim | None:
         self._enter("get_claim")
-        return self.inner.get_claim(key)
+        return self.inner.get_claim(key, fingerprint=fingerprint)
 
     def extend_lease(self, key: UidKey, owner: str, lease_until: float) -> None:
         self._enter("extend_lease")

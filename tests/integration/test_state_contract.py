@@ -24,6 +24,7 @@ from shared.state.port import (
     MAX_ERROR_TEXT,
     ClaimOutcome,
     ClaimStatus,
+    Copied,
     CopiedMessage,
     FailureRecord,
     HolderState,
@@ -36,6 +37,8 @@ from shared.state.port import (
 from shared.state.sqlite import SqliteStateStore
 from tests.fakes.state import FailingStateStore
 from tests.harness.aws import REGION, unique_name
+from tests.harness.aws_cost import _kilobytes
+from tests.harness.aws_cost import _size as _item_size
 
 START = 1_700_000_000.0
 LEASE = 60.0
@@ -866,3 +869,250 @@ def test_a_sqlite_batch_is_one_commit_that_other_processes_see_whole(tmp_path, c
     finally:
         store.close()
         other.close()
+
+
+# -- batches: claim_many, mark_appending_many, extend_leases, finalize_many -----------------------
+def keys_of(*uids: int) -> list[UidKey]:
+    return [uid_key(uid) for uid in uids]
+
+
+def prints_of(*uids: int) -> list[str]:
+    return [f"gm:{uid}" for uid in uids]
+
+
+def copies_of(*uids: int) -> list[Copied]:
+    return [Copied(uid_key(uid), 1000 + uid, f"gm:{uid}") for uid in uids]
+
+
+def test_claim_many_claims_in_order_up_to_the_first_held(store, clock):
+    claim(store, uid_key(3), "a", clock)
+
+    results = store.claim_many(keys_of(1, 2, 3, 4), "b", clock.now + LEASE, fingerprints=prints_of(1, 2, 3, 4))
+
+    assert [r.outcome for r in results] == [ClaimOutcome.CLAIMED, ClaimOutcome.CLAIMED, ClaimOutcome.HELD]
+    assert [store.get_claim(uid_key(uid)).owner for uid in (1, 2, 3)] == ["b", "b", "a"]
+    assert store.get_claim(uid_key(4)) is None  # behind the held one: not claimed
+    assert results[0].claim == store.get_claim(uid_key(1))
+
+
+def test_a_batch_finalized_is_final_by_key_with_or_without_its_fingerprint(store, clock):
+    store.claim_many(keys_of(1, 2, 3), "a", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    assert store.mark_appending_many(keys_of(1, 2, 3), "a", dest_uidvalidity=9, dest_uid_floor=100) == 3
+    store.record_failure(uid_key(2), "ImapFailure", "APPEND timed out")
+    clock.advance(5)
+
+    assert store.finalize_many(copies_of(1, 2), "a") == [None, None]
+
+    for uid in (1, 2):
+        for hint in (f"gm:{uid}", None):
+            done = store.get_claim(uid_key(uid), fingerprint=hint)
+            assert (done.status, done.dest_uid, done.owner, done.fingerprint) == (ClaimStatus.DONE, 1000 + uid, "a", f"gm:{uid}")
+        assert store.find_copied(f"gm:{uid}", [ROUTE]).dest_uid == 1000 + uid
+    assert store.get_failure(uid_key(2)) is None
+    assert store.get_claim(uid_key(3)).status is ClaimStatus.APPENDING
+    clock.advance(1000 * LEASE)
+    again = store.claim_many(keys_of(1, 2, 3), "b", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    assert [r.outcome for r in again] == [ClaimOutcome.FINAL, ClaimOutcome.FINAL, ClaimOutcome.CLAIMED]
+    assert again[0].claim == store.get_claim(uid_key(1))
+    assert (again[2].claim.status, again[2].claim.dest_uid_floor) == (ClaimStatus.APPENDING, 100)
+    assert [claim(store, uid_key(uid), "c", clock).outcome for uid in (1, 2)] == [ClaimOutcome.FINAL] * 2
+    assert store.route_counts(ROUTE).by_status == {"done": 2, "appending": 1}
+    with pytest.raises(ClaimLost, match="it is done, owner a"):
+        store.finalize(uid_key(1), "a", ClaimStatus.DONE, dest_uid=1, fingerprint="gm:1")
+
+
+def test_an_appending_batch_past_its_lease_is_taken_over_and_its_first_owner_has_lost_it(store, clock):
+    store.claim_many(keys_of(1, 2, 3), "a", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    store.mark_appending_many(keys_of(1, 2, 3), "a", dest_uidvalidity=9, dest_uid_floor=100)
+    clock.advance(LEASE + 1)
+
+    taken = store.claim_many(keys_of(1, 2, 3), "b", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+
+    assert [(r.outcome, r.claim.status, r.claim.owner, r.claim.attempts, r.claim.dest_uid_floor) for r in taken] == [
+        (ClaimOutcome.CLAIMED, ClaimStatus.APPENDING, "b", 2, 100)
+    ] * 3
+    # The first owner, back from a pause: each of its changes is refused, none lands.
+    store.extend_leases(keys_of(1, 2, 3), "a", clock.now + 10 * LEASE)
+    assert store.mark_appending_many(keys_of(1, 2, 3), "a") == 0
+    lost = store.finalize_many(copies_of(1, 2, 3), "a")
+    assert all(isinstance(exc, ClaimLost) for exc in lost)
+    assert [store.get_claim(uid_key(uid)).owner for uid in (1, 2, 3)] == ["b"] * 3
+    # The new owner's leases hold past the first owner's try, and it finalizes.
+    store.extend_leases(keys_of(1, 2, 3), "b", clock.now + 3 * LEASE)
+    clock.advance(2 * LEASE)
+    assert claim(store, uid_key(2), "c", clock).outcome is ClaimOutcome.HELD
+    assert store.finalize_many(copies_of(1, 2, 3), "b") == [None] * 3
+    assert store.route_counts(ROUTE).by_status == {"done": 3}
+
+
+def test_a_batch_claim_released_and_claimed_again_is_finalized_once(store, clock):
+    store.claim_many(keys_of(1, 2), "a", clock.now + LEASE)
+    store.mark_appending_many(keys_of(1, 2), "a")
+    store.release(uid_key(1), "a", append_outcome_unknown=True)
+    store.release(uid_key(2), "a")
+    store.record_failure(uid_key(2), "ImapFailure", "refused")
+
+    again = store.claim_many(keys_of(1, 2), "b", clock.now + LEASE, fingerprints=prints_of(1, 2))
+
+    assert [(r.outcome, r.claim.status, r.claim.attempts) for r in again] == [
+        (ClaimOutcome.CLAIMED, ClaimStatus.APPENDING, 2),
+        (ClaimOutcome.CLAIMED, ClaimStatus.IN_PROGRESS, 2),
+    ]
+    assert store.mark_appending_many(keys_of(1, 2), "b") == 2
+    assert store.finalize_many(copies_of(1, 2), "b") == [None, None]
+    assert store.get_failure(uid_key(2)) is None
+    assert store.route_counts(ROUTE).by_status == {"done": 2}
+    assert [r.outcome for r in store.claim_many(keys_of(1, 2), "c", clock.now + LEASE)] == [ClaimOutcome.FINAL] * 2
+
+
+BATCH_OWNERS = 6
+
+
+def test_owners_racing_for_overlapping_batches_each_claim_a_uid_once(store, clock):
+    """Each owner claims a window of 10 UIDs overlapping its neighbours' at once, all starting
+    together: no UID is claimed twice, each owner's results stop at its first held UID, and
+    every UID claimed shows its one claimant."""
+    start = threading.Barrier(BATCH_OWNERS, timeout=30)
+
+    def worker(n: int) -> tuple[str, list[int], list]:
+        owner = f"owner-{n}"
+        uids = list(range(3 * n + 1, 3 * n + 11))
+        start.wait()
+        return owner, uids, store.claim_many(keys_of(*uids), owner, clock.now + LEASE, fingerprints=prints_of(*uids))
+
+    with ThreadPoolExecutor(BATCH_OWNERS) as pool:
+        rows = list(pool.map(worker, range(BATCH_OWNERS)))
+
+    claimants = defaultdict(list)
+    for owner, uids, results in rows:
+        outcomes = [r.outcome for r in results]
+        assert ClaimOutcome.FINAL not in outcomes
+        assert ClaimOutcome.HELD not in outcomes[:-1]
+        assert len(results) == len(uids) or outcomes[-1] is ClaimOutcome.HELD
+        for uid, result in zip(uids, results, strict=False):
+            if result.outcome is ClaimOutcome.CLAIMED:
+                claimants[uid].append(owner)
+    assert claimants and all(len(owners) == 1 for owners in claimants.values()), claimants
+    for uid, (owner,) in claimants.items():
+        assert (store.get_claim(uid_key(uid)).owner, store.get_claim(uid_key(uid)).attempts) == (owner, 1)
+
+
+@pytest.fixture
+def dynamodb_store(dynamodb_client, clock):
+    table = unique_name("state")
+    create_state_table(dynamodb_client, table)
+    yield DynamoStateStore(table, client=dynamodb_client, clock=clock)
+    dynamodb_client.delete_table(TableName=table)
+
+
+class Crash(BaseException):
+    """The process killed at that point (not an Exception: nothing handles it on the way)."""
+
+
+def test_a_crash_between_the_copy_records_and_the_finalize_write_leaves_them_copied(dynamodb_store, clock, monkeypatch):
+    """DynamoDB finalizes a batch in several writes: each copy's FP# record, then one write
+    taking the claims out of OPEN#. Killed between the two, the claims still say APPENDING, yet
+    each reads as done and is never claimed (so never appended) again."""
+    store = dynamodb_store
+    store.claim_many(keys_of(1, 2, 3), "a", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    store.mark_appending_many(keys_of(1, 2, 3), "a", dest_uidvalidity=9, dest_uid_floor=100)
+
+    def crash(*args, **kwargs):
+        raise Crash
+
+    with monkeypatch.context() as patched:
+        patched.setattr(DynamoStateStore, "_take_out", crash)
+        with pytest.raises(Crash):
+            store.finalize_many(copies_of(1, 2, 3), "a")
+    clock.advance(LEASE + 1)
+
+    for uid in (1, 2, 3):
+        assert store.get_claim(uid_key(uid)).status is ClaimStatus.DONE
+        assert store.get_claim(uid_key(uid), fingerprint=f"gm:{uid}").dest_uid == 1000 + uid
+    taken = store.claim_many(keys_of(1, 2, 3), "b", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    assert [r.outcome for r in taken] == [ClaimOutcome.FINAL] * 3
+    assert [claim(store, uid_key(uid), "c", clock).outcome for uid in (1, 2, 3)] == [ClaimOutcome.FINAL] * 3
+    assert store.route_counts(ROUTE).by_status == {"done": 3}
+    # The entries left behind went with the first claim that found them copied.
+    assert store._read_open(ROUTE, 7).entries == {}
+
+
+def test_a_crash_amid_the_copy_records_leaves_the_rest_appending_for_a_look_first(dynamodb_store, clock, monkeypatch):
+    """Killed after the first FP# record of a batch: that message is done, the others are taken
+    over still APPENDING (their APPENDs may have landed: looked for before appending again)."""
+    store = dynamodb_store
+    store.claim_many(keys_of(1, 2, 3), "a", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    store.mark_appending_many(keys_of(1, 2, 3), "a", dest_uidvalidity=9, dest_uid_floor=100)
+    real_put = DynamoStateStore._put_copy
+    puts = []
+
+    def put_then_crash(self, *args, **kwargs):
+        if puts:
+            raise Crash
+        puts.append(args)
+        return real_put(self, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(DynamoStateStore, "_put_copy", put_then_crash)
+        with pytest.raises(Crash):
+            store.finalize_many(copies_of(1, 2, 3), "a")
+    clock.advance(LEASE + 1)
+
+    taken = store.claim_many(keys_of(1, 2, 3), "b", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
+    assert [(r.outcome, r.claim.status) for r in taken] == [
+        (ClaimOutcome.FINAL, ClaimStatus.DONE),
+        (ClaimOutcome.CLAIMED, ClaimStatus.APPENDING),
+        (ClaimOutcome.CLAIMED, ClaimStatus.APPENDING),
+    ]
+    assert store.finalize_many(copies_of(2, 3), "b") == [None, None]
+    assert store.route_counts(ROUTE).by_status == {"done": 3}
+
+
+def test_a_batch_of_open_claims_is_one_small_item(dynamodb_store, dynamodb_client, clock):
+    """A batch of 10 claims (Lambda's batch) is one item under 1 KB: one write unit a write."""
+    store = dynamodb_store
+    owner = "lambda:" + "f" * 36
+    store.claim_many(keys_of(*range(100_001, 100_011)), owner, clock.now + LEASE + 0.123456, fingerprints=prints_of(*range(100_001, 100_011)))
+    store.mark_appending_many(keys_of(*range(100_001, 100_011)), owner, dest_uidvalidity=123456789, dest_uid_floor=1234567)
+
+    items = dynamodb_client.scan(TableName=store._table)["Items"]
+    (opened,) = [item for item in items if item["sk"]["S"].startswith("OPEN#")]
+    assert _kilobytes(opened) <= 1
+    assert _item_size(opened) < 900  # 6-digit UIDs, 9-digit destination UIDVALIDITY and floor
+
+
+def test_releases_renewals_and_claims_of_one_route_at_once_all_hold(store, clock):
+    """One owner releasing its claims one by one and renewing the rest, while another claims,
+    marks and finalizes batches of the same route and UIDVALIDITY (on DynamoDB: one OPEN# item
+    under every one of these writes): each change lands, none undoes another."""
+    store.claim_many(keys_of(*range(1, 11)), "a", clock.now + LEASE)
+    start = threading.Barrier(3, timeout=30)
+
+    def release_each() -> None:
+        start.wait()
+        for uid in range(1, 11, 2):
+            store.release(uid_key(uid), "a")
+
+    def renew() -> None:
+        start.wait()
+        for _ in range(5):
+            store.extend_leases(keys_of(*range(2, 11, 2)), "a", clock.now + 5 * LEASE)
+
+    def copy_batches() -> None:
+        start.wait()
+        for first in (11, 16):
+            uids = list(range(first, first + 5))
+            assert [r.outcome for r in store.claim_many(keys_of(*uids), "b", clock.now + LEASE, fingerprints=prints_of(*uids))] == [
+                ClaimOutcome.CLAIMED
+            ] * 5
+            assert store.mark_appending_many(keys_of(*uids), "b") == 5
+            assert store.finalize_many(copies_of(*uids), "b") == [None] * 5
+
+    with ThreadPoolExecutor(3) as pool:
+        for done in [pool.submit(job) for job in (release_each, renew, copy_batches)]:
+            done.result()
+
+    assert [store.get_claim(uid_key(uid)).status for uid in range(1, 11, 2)] == [ClaimStatus.FAILED] * 5
+    held = [store.get_claim(uid_key(uid)) for uid in range(2, 11, 2)]
+    assert {(c.owner, c.lease_until) for c in held} == {("a", clock.now + 5 * LEASE)}
+    assert store.route_counts(ROUTE).by_status == {"done": 10, "failed": 5, "in_progress": 5}

@@ -71,6 +71,8 @@ CONSUMER_GRANTS = {
     ("dynamodb:PutItem", "StateTable"),
     ("dynamodb:UpdateItem", "StateTable"),
     ("dynamodb:DeleteItem", "StateTable"),
+    ("dynamodb:BatchGetItem", "StateTable"),
+    ("dynamodb:Query", "StateTable"),
     ("sqs:ReceiveMessage", "RefQueue"),
     ("sqs:DeleteMessage", "RefQueue"),
     ("sqs:ChangeMessageVisibility", "RefQueue"),
@@ -312,7 +314,6 @@ AWS_ADAPTERS = {
 # Calls no function makes: the CLI's (status, redrive, auth ... --write-secret-id, run with the
 # operator's own credentials) and the helpers that create tables and queues for the tests.
 NOT_CALLED_BY_FUNCTIONS = {
-    "dynamodb:Query",  # status
     "dynamodb:CreateTable",  # create_state_table
     "dynamodb:UpdateTimeToLive",
     "sqs:CreateQueue",  # create_fifo_queue_pair

@@ -183,3 +183,50 @@ def test_without_a_budget_overquota_waits_what_the_throttle_says(world):
     world.source_of("work").quota_spent_next("fetch")
     result = world.copier().copy_message(ref)
     assert (result.outcome, result.retry_after) == (Outcome.PAUSED, 60)
+
+
+# -- a batch's downloads, reserved at once -------------------------------------------------------
+def test_a_batch_reserved_at_once_counts_once_and_gives_back_what_was_not_taken(state, clock):
+    budget = DownloadBudget(state, 1000, clock=clock)
+    counted = []
+    real_count = state.count_download
+
+    def count_download(account, hour, size):
+        counted.append(size)
+        real_count(account, hour, size)
+
+    state.count_download = count_download
+    with budget.reserving(ACCOUNT, 600):
+        assert budget.reserve(ACCOUNT, 200).fits
+        assert budget.reserve(ACCOUNT, 300).fits
+        assert budget.downloaded(ACCOUNT) == 600  # reserved ahead: the others see all of it
+        assert budget.reserve(ACCOUNT, 200).fits  # more than is left of it: counted on its own
+        assert budget.downloaded(ACCOUNT) == 800
+
+    assert counted == [600, 200, -100]  # the batch once, the one beyond it, the 100 not taken
+    assert budget.downloaded(ACCOUNT) == 700
+
+
+def test_a_batch_that_does_not_fit_reserves_each_message_on_its_own(state, clock):
+    budget = DownloadBudget(state, 1000, clock=clock)
+    budget.reserve(ACCOUNT, 500)
+
+    with budget.reserving(ACCOUNT, 800):
+        assert budget.downloaded(ACCOUNT) == 500  # the whole batch was not counted
+        assert budget.reserve(ACCOUNT, 400).fits
+        assert not budget.reserve(ACCOUNT, 400).fits
+
+    assert budget.downloaded(ACCOUNT) == 900
+
+
+def test_the_copier_counts_a_batch_of_downloads_once(world):
+    refs = [world.arrive("work", email(f"m {n}", body="x" * 1000)) for n in range(5)]
+    copier = world.copier(daily_download_bytes=2_000_000_000)
+    counted = []
+    real_count = world.state.inner.count_download
+    world.state.inner.count_download = lambda *args: (counted.append(args[2]), real_count(*args))[1]
+
+    results = copier.copy_messages(refs)
+
+    assert [r.outcome for r in results] == [Outcome.COPIED] * 5
+    assert counted == [sum(ref.size for ref in refs)]  # one count; the sizes queued were exact
