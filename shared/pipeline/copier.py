@@ -281,10 +281,13 @@ class Copier:
         if self._pause_over(route) is not None:
             return
         steps: list[_Step] = []
+        fingerprints: set[str] = set()
         for step in batch.steps:
-            if step.fingerprint_seen_before(steps):
+            if step.ref.fingerprint in fingerprints:
                 break
             steps.append(step)
+            if step.ref.fingerprint:
+                fingerprints.add(step.ref.fingerprint)
         results = self.state.claim_many(
             [step.ref.key for step in steps],
             self.owner,
