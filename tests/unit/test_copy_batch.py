@@ -241,9 +241,11 @@ def test_a_lane_that_learns_of_a_throttle_met_by_another_sends_nothing_more(worl
     world.queue.send_refs([work, home])
     batch = receive_all(world)
     world.destination.refuse_next_append("throttled by the destination", permanent=False, retry_after=30)
-    throttled = threading.Event()
-    # bob's message is claimed, then its FETCH waits until alice's APPEND was throttled.
-    world.source_of("home").before_next("fetch", lambda: throttled.wait(10))
+    throttled, home_claimed = threading.Event(), threading.Event()
+    # bob's message is claimed, then its FETCH waits until alice's APPEND was throttled (which
+    # waits, at alice's FETCH, until bob's message was claimed).
+    world.source_of("home").before_next("fetch", lambda: home_claimed.set() or throttled.wait(10))
+    world.source_of("work").before_next("fetch", lambda: home_claimed.wait(10))
     main = world.copier()
     lane = replace(main)  # as the CLI makes its lanes: what the copier met, the lane knows
 
@@ -260,7 +262,7 @@ def test_a_lane_that_learns_of_a_throttle_met_by_another_sends_nothing_more(worl
     answered = copy_batch(batch, copier=watched(main), queue=world.queue, lanes=[watched(lane)])
     results = {message.group_id: result for message, result in answered}
 
-    assert throttled.is_set()
+    assert throttled.is_set() and home_claimed.is_set()
     assert results["work"].outcome is Outcome.PAUSED and results["home"].outcome is Outcome.PAUSED
     assert 0 < results["home"].retry_after <= 30
     assert world.destination.calls_to("append") == [("append", ("Work", work.uid))]  # home's never sent
