@@ -1,4 +1,5 @@
-"""IMAP sessions kept open for reuse: one per route's source, one to the destination.
+"""IMAP sessions kept open for reuse: one per route's source, one to the destination (and one
+more to the destination per lane: `drain` copies the routes of several accounts at once).
 
 A warm Lambda container or a long `drain` reuses them across messages and invocations. A
 session idle for a while, or with unread input (a server says BYE before it closes one), is
@@ -26,8 +27,8 @@ import select
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -37,7 +38,15 @@ import imapclient
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.imap import ImapDestination, ImapSource
-from shared.mailbox.port import AppendAnswer, AppendRejected, EndpointDown, FolderState, ListedMessage, SourceMessage, UidFloor
+from shared.mailbox.port import (
+    AppendAnswer,
+    AppendRejected,
+    EndpointDown,
+    FolderState,
+    ListedMessage,
+    SourceMessage,
+    UidFloor,
+)
 from shared.mailbox.session import (
     ImapAccount,
     ImapTimedOut,

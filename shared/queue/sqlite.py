@@ -35,7 +35,6 @@ from pathlib import Path
 
 from shared.errors import QueueUnavailable
 from shared.message_ref import MessageRef
-from shared.state import HolderProbe, HolderState, sqlite_file
 from shared.queue.port import (
     DEAD_LETTER_PEEK_LIMIT,
     MAX_BATCH,
@@ -47,6 +46,7 @@ from shared.queue.port import (
     check_receive_arguments,
     check_visibility,
 )
+from shared.state import HolderProbe, HolderState, sqlite_file
 
 # As in SQS FIFO.
 DEDUP_WINDOW_SECONDS = 300

@@ -69,10 +69,10 @@ import pytest
 from imapclient import imap_utf7
 
 from tests.harness.imap_wire import (
-    Listening,
     CRLF,
     LITERAL_AT_END,
     ImapSyntaxError,
+    Listening,
     Response,
     SessionClosed,
     Tok,

@@ -15,8 +15,6 @@ own ``append`` rewrites line endings), ``seed``, ``read_folder``, ``corpus``, ``
 
 from __future__ import annotations
 
-from collections import Counter
-
 import csv
 import hashlib
 import os
@@ -29,6 +27,7 @@ import ssl as ssl_module
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlparse
 
-import requests
-
 import pytest
+import requests
 
 from tests.harness.tls import LocalCA, make_local_ca
 

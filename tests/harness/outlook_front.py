@@ -66,10 +66,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.harness.imap_wire import (
-    Listening,
     CRLF,
     LITERAL_AT_END,
     ImapSyntaxError,
+    Listening,
     Response,
     SessionClosed,
     Tok,

@@ -25,6 +25,7 @@ from shared.tokens.store import (
 )
 from tests.harness.aws import REGION, unique_name
 
+
 @pytest.fixture
 def token_path(tmp_path):
     return tmp_path / "state-tokens" / "microsoft.db"

@@ -19,7 +19,14 @@ import pytest
 
 from shared.errors import StateStoreUnavailable
 from shared.message_ref import MessageRef
-from shared.pipeline.copier import STOPPED_HOLDER_WAIT_SECONDS, THROTTLE_MARGIN_SECONDS, CopyResult, Outcome, lease_for, throttled_visibility
+from shared.pipeline.copier import (
+    STOPPED_HOLDER_WAIT_SECONDS,
+    THROTTLE_MARGIN_SECONDS,
+    CopyResult,
+    Outcome,
+    lease_for,
+    throttled_visibility,
+)
 from shared.queue.port import MAX_VISIBILITY_SECONDS
 from shared.redaction import register_secret
 from shared.state import ClaimOutcome, ClaimStatus, HolderState
