@@ -82,9 +82,10 @@ STOPPED_HOLDER_WAIT_SECONDS = 20 * 60
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 # A batch is fetched and appended in chunks, the next one's FETCH overlapping this one's APPENDs:
 # the bodies of two chunks at most are in memory at once. Each chunk costs a round trip or two,
-# so chunks are large: at 40 to 100 ms, chunks of 25 made a batch of 100 slower than one chunk.
-CHUNK_MESSAGES = 250
-CHUNK_BYTES = 8 * 1024 * 1024
+# so chunks are large: at 40 to 100 ms, chunks of 25 made a batch of 100 slower than one chunk,
+# and chunks of 500 (16 MiB) copied 1,000 messages faster than chunks of 250 (8 MiB).
+CHUNK_MESSAGES = 500
+CHUNK_BYTES = 16 * 1024 * 1024
 # Added to a throttled message's wait: a receive right at the end of the wait could come early.
 THROTTLE_MARGIN_SECONDS = 1
 
