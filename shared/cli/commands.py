@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -273,9 +274,20 @@ def _print_summary(app: bootstrap.App, tally: RunTally) -> None:
 def _scan(
     args: argparse.Namespace, app: bootstrap.App, routes: Sequence[Route] | None = None, *, copying_next: bool = True
 ) -> list[RouteScan]:
+    # Logged in to the destination while the scan goes on: a session for each account found
+    # with new mail, up to one a lane (copy_batch hands an account's routes to a lane).
+    sessions = iter([app.connections, *app.connections.lanes(_lanes_wanted(app))] if copying_next else [])
+    accounts_seen: set[str] = set()
+    seen_lock = threading.Lock()
+
     def prepare_destination(route: Route) -> None:
-        if copying_next:  # logged in to the destination while the scan goes on
-            app.connections.prepare_destination(route.outlook_folder)
+        with seen_lock:
+            if route.gmail_user in accounts_seen:
+                return
+            accounts_seen.add(route.gmail_user)
+            connections = next(sessions, None)
+        if connections is not None:
+            connections.prepare_destination(route.outlook_folder)
 
     return scan_routes(
         app.settings.routes if routes is None else routes,
@@ -290,6 +302,12 @@ def _scan(
     )
 
 
+def _lanes_wanted(app: bootstrap.App) -> int:
+    """Copying threads beside the main one: one an account, OUTLOOK_MAX_CONNECTIONS in all."""
+    accounts = {route.gmail_user for route in app.settings.routes}
+    return min(app.settings.outlook_max_connections, len(accounts)) - 1
+
+
 def _consume(app: bootstrap.App, tally: RunTally, *, show_progress: bool = True) -> None:
     """`show_progress=False`: no progress line (a watch's round prints its own), waits still said."""
     app.state.check_health()  # the gate, also when consuming alone
@@ -302,10 +320,8 @@ def _consume(app: bootstrap.App, tally: RunTally, *, show_progress: bool = True)
             progress.advance(result)
 
     copier = app.copier(lease_for(lease))
-    accounts = {route.gmail_user for route in app.settings.routes}
     # The routes of other Gmail accounts copied at the same time, one Outlook session each.
-    more = min(app.settings.outlook_max_connections, len(accounts)) - 1
-    lanes = [replace(copier, mailboxes=lane) for lane in app.connections.lanes(more)]
+    lanes = [replace(copier, mailboxes=lane) for lane in app.connections.lanes(_lanes_wanted(app))]
     try:
         tally.left_waiting = consume_queue(
             app.queue,
