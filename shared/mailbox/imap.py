@@ -261,10 +261,12 @@ def open_folder_watch(account: ImapAccount, folder: str) -> ImapFolderWatch:
     client = open_session(account)
     try:
         source = ImapSource(client, account)
-        source.examine(folder)
+        with _failures_as_imap_failure(account, "examine", folder):
+            named = source.folder_named(folder)  # a SPECIAL-USE name looked up once, not again by examine
+        source.examine(named)
         if b"IDLE" not in client.capabilities():
             raise ImapFailure(scrub(f"{account.label} at {account.endpoint}: the server does not offer IDLE"), step="IDLE")
-        return ImapFolderWatch(client, account, source.folder_named(folder))
+        return ImapFolderWatch(client, account, named)
     except BaseException:
         close_quietly(client)
         raise

@@ -158,7 +158,7 @@ class Copier:
     # its next APPENDs, not at its next batch.
     pauses_met: dict[str, Pause] = field(default_factory=dict, repr=False)
     # Pauses of the mailboxes ("destination", "source <account>") as last read from state (once
-    # a batch: None until then) and met here since.
+    # a batch: None until then); those met since are in pauses_met.
     _pauses: dict[str, Pause] | None = field(default=None, init=False, repr=False)
     _lookup_bounds: dict[str, Watermark | None] = field(default_factory=dict, init=False, repr=False)
     # Destination folders as listed for the messages a route's first scan found (folder -> the
@@ -215,7 +215,7 @@ class Copier:
         fingerprints_claimed: set[str] = set()
 
         def claim(step: _Step) -> CopyResult | None:
-            if step.ref.fingerprint and step.ref.fingerprint in fingerprints_claimed:
+            if step.ref.fingerprint in fingerprints_claimed:
                 # Its twin is ahead of it in this batch, not yet copied: it is taken up again once
                 # the twin is final, and skipped then as its duplicate.
                 return CopyResult(Outcome.UNPROCESSED, retry_after=0)
@@ -228,9 +228,10 @@ class Copier:
 
         # Every claim of the batch in one commit, before anything is fetched. A claim that cannot
         # be taken is no failure of the message's (none can be recorded without it): what raises
-        # here ends the batch.
+        # here ends the batch. They are taken at once up to the first twin (no claim loop gets
+        # further), then looked at one by one.
         with self.state.batched():
-            self._claim_many(route, batch)
+            self._claim_many(route, batch.up_to_first_twin())
             batch.each(batch.steps, claim)
         if not claimed:
             return
@@ -252,7 +253,7 @@ class Copier:
         paused = self._pause_over(route)
         if paused is not None:
             # Its mailbox asked to be left alone: a command now would only be refused again.
-            return CopyResult(Outcome.PAUSED, key, describe(paused), retry_after=paused.until - self.clock())
+            return self._waits_for(key, paused)
         claimed = step.taken or self.state.claim_uid(
             key, self.owner, self.lease_until(), self.holder_state, fingerprint=step.ref.fingerprint
         )
@@ -276,19 +277,11 @@ class Copier:
         step.look_first = step.look_first or step.unrecorded
         return None
 
-    def _claim_many(self, route: Route, batch: _Batch) -> None:
-        """The claims _claim takes one by one, taken at once (StateStore.claim_many): those of
-        the steps up to the first that will not be claimed (a twin of one ahead, or held)."""
+    def _claim_many(self, route: Route, steps: Sequence[_Step]) -> None:
+        """The claims _claim takes one by one, taken at once (StateStore.claim_many), up to the
+        first that is held."""
         if self._pause_over(route) is not None:
             return
-        steps: list[_Step] = []
-        fingerprints: set[str] = set()
-        for step in batch.steps:
-            if step.ref.fingerprint in fingerprints:
-                break
-            steps.append(step)
-            if step.ref.fingerprint:
-                fingerprints.add(step.ref.fingerprint)
         results = self.state.claim_many(
             [step.ref.key for step in steps],
             self.owner,
@@ -468,9 +461,7 @@ class Copier:
             # Another lane met the destination's throttle meanwhile: nothing more is sent to it.
             for step in steps:
                 self._let_go(step.ref, append_outcome_unknown=step.resuming_append)
-                step.result = CopyResult(
-                    Outcome.PAUSED, step.ref.key, describe(throttled), retry_after=throttled.until - self.clock()
-                )
+                step.result = self._waits_for(step.ref.key, throttled)
             batch.stop(steps[0].result)
             return False
         ready = self._guarded(route, steps[0], self._destination_ready, route)
@@ -774,11 +765,12 @@ class Copier:
         until, why = until_why
         self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
         pause = self.state.pause(mailbox, until, why)
-        if self._pauses is not None:
-            self._pauses[mailbox] = pause
         self.pauses_met[mailbox] = pause
         log.warning("route %s UID %d: %s", ref.route, ref.uid, describe(pause))
-        return CopyResult(Outcome.PAUSED, ref.key, describe(pause), retry_after=pause.until - self.clock())
+        return self._waits_for(ref.key, pause)
+
+    def _waits_for(self, key: UidKey, pause: Pause) -> CopyResult:
+        return CopyResult(Outcome.PAUSED, key, describe(pause), retry_after=pause.until - self.clock())
 
     def _let_go(self, ref: MessageRef, *, append_outcome_unknown: bool) -> None:
         try:
@@ -818,6 +810,16 @@ class _Batch:
         self.steps = [_Step(ref, source_mailbox) for ref in refs]
         self.claimed: list[_Step] = []  # claimed, to be fetched
         self.blocking: CopyResult | None = None  # the first result that stopped the batch
+
+    def up_to_first_twin(self) -> list[_Step]:
+        """The steps before the first whose fingerprint one of them has (its twin)."""
+        seen: set[str] = set()
+        for index, step in enumerate(self.steps):
+            if step.ref.fingerprint in seen:
+                return self.steps[:index]
+            if step.ref.fingerprint:
+                seen.add(step.ref.fingerprint)
+        return list(self.steps)
 
     def each(
         self, steps: Sequence[_Step], operation: Callable[[_Step], CopyResult | None]
