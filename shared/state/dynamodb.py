@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -67,6 +67,8 @@ SCAN_SK = "SCAN"
 # Up to where a route's messages may be in the destination with no record (set_lookup_bound).
 LOOKUP_SK = "LOOKUP"
 _HEALTH_KEY = {"pk": {"S": "HEALTH"}, "sk": {"S": "HEALTH"}}
+
+T = TypeVar("T")
 
 # A claim write can fail because the claim changed between two attempts (another owner took it
 # and released it); past this many tries the claim is busy enough to answer HELD.
@@ -268,9 +270,9 @@ class DynamoStateStore(StateStore):
         holder_state: HolderProbe | None,
     ) -> list[ClaimResult]:
         uids = [key.uid for key, _ in group]
-        for _ in range(_OPEN_TRIES):
+
+        def attempt(opened: _Open) -> list[ClaimResult] | _Changed:
             now = self._clock()
-            opened = self._read_open(route, uidvalidity)
             items = self._uid_items(route, uidvalidity, uids)
             copies = self._copies_of(route, group)
             failures: set[int] | None = None
@@ -300,10 +302,9 @@ class DynamoStateStore(StateStore):
                 results.append(result)
                 if result.outcome is ClaimOutcome.HELD:
                     break
-            if entries == opened.entries or self._write_open(opened, entries, flagged):
-                return results
-            _back_off()
-        raise self._too_busy(route)
+            return results if self._written(opened, entries, flagged) else _CHANGED
+
+        return self._on_open(route, uidvalidity, attempt)
 
     def get_claim(self, key: UidKey, *, fingerprint: str | None = None) -> Claim | None:
         entry = self._read_open(key.route, key.uidvalidity).entries.get(key.uid)
@@ -326,9 +327,9 @@ class DynamoStateStore(StateStore):
         self, route: str, uidvalidity: int, keys: list[UidKey], owner: str, lease_until: float
     ) -> list[ClaimLost]:
         """The leases of `keys` that `owner` holds extended; the ClaimLost of each other."""
-        for _ in range(_OPEN_TRIES):
+
+        def attempt(opened: _Open) -> list[ClaimLost] | _Changed:
             now = self._clock()
-            opened = self._read_open(route, uidvalidity)
             entries = dict(opened.entries)
             lost: list[ClaimLost] = []
             for key in keys:
@@ -342,10 +343,9 @@ class DynamoStateStore(StateStore):
                     entries[key.uid] = replace(found, lease_until=lease_until, updated_at=now)
                 else:
                     lost.append(claim_lost(key, owner, found))
-            if entries == opened.entries or self._write_open(opened, entries, opened.flagged):
-                return lost
-            _back_off()
-        raise self._too_busy(route)
+            return lost if self._written(opened, entries, opened.flagged) else _CHANGED
+
+        return self._on_open(route, uidvalidity, attempt)
 
     def mark_appending(
         self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
@@ -379,9 +379,9 @@ class DynamoStateStore(StateStore):
         dest_uid_floor: int | None,
     ) -> int:
         """How many of `keys`, from the first, are marked APPENDING: up to the first not held."""
-        for _ in range(_OPEN_TRIES):
+
+        def attempt(opened: _Open) -> int | _Changed:
             now = self._clock()
-            opened = self._read_open(route, uidvalidity)
             entries = dict(opened.entries)
             marked = 0
             for key in keys:
@@ -402,10 +402,9 @@ class DynamoStateStore(StateStore):
                 else:
                     break
                 marked += 1
-            if entries == opened.entries or self._write_open(opened, entries, opened.flagged):
-                return marked
-            _back_off()
-        raise self._too_busy(route)
+            return marked if self._written(opened, entries, opened.flagged) else _CHANGED
+
+        return self._on_open(route, uidvalidity, attempt)
 
     def finalize(
         self,
@@ -442,9 +441,9 @@ class DynamoStateStore(StateStore):
         """A claim made final as its own UID# item (skipped, or done without a copy record of its
         own): one transaction puts the item, takes the entry out of OPEN# and deletes the failure
         record (and puts an unresolved FP# record, see finalize)."""
-        for _ in range(_OPEN_TRIES):
+
+        def attempt(opened: _Open) -> None | _Changed:
             now = self._clock()
-            opened = self._read_open(key.route, key.uidvalidity)
             found = opened.entries.get(key.uid)
             if found is None:
                 self._finalize_item(
@@ -456,7 +455,7 @@ class DynamoStateStore(StateStore):
                     reason=reason,
                     append_unresolved=append_unresolved,
                 )
-                return
+                return None
             if not is_owned_by(found, owner):
                 raise claim_lost(key, owner, found)
             final = replace(
@@ -468,10 +467,9 @@ class DynamoStateStore(StateStore):
                 unresolved = self._unresolved_item(key, fingerprint, now, found)
                 if unresolved is not None:
                     actions.append({"Put": {"TableName": self._table, "Item": unresolved}})
-            if self._transact_open(actions):
-                return
-            _back_off()
-        raise self._too_busy(key.route)
+            return None if self._transact_open(actions) else _CHANGED
+
+        self._on_open(key.route, key.uidvalidity, attempt)
 
     def _finalize_copies(self, copies: Sequence[Copied], owner: str, reason: str | None) -> list[ClaimLost | None]:
         """Copies made DONE. For each whose claim is an OPEN# entry of `owner`: its FP# record is
@@ -539,9 +537,8 @@ class DynamoStateStore(StateStore):
     ) -> None:
         """The entries of `keys` (recorded as copied) out of OPEN#, in one conditional write; a
         key whose entry `owner` no longer holds gets its ClaimLost in `lost`."""
-        for attempt in range(_OPEN_TRIES):
-            if attempt:
-                opened = self._read_open(opened.route, opened.uidvalidity)
+
+        def attempt(opened: _Open) -> None | _Changed:
             entries, flagged = dict(opened.entries), set(opened.flagged)
             for key, index in zip(keys, indexes, strict=True):
                 found = entries.get(key.uid)
@@ -551,18 +548,16 @@ class DynamoStateStore(StateStore):
                     lost[index] = None
                 else:
                     lost[index] = claim_lost(key, owner, found)
-            if entries == opened.entries or self._write_open(opened, entries, flagged):
-                return
-            _back_off()
-        raise self._too_busy(opened.route)
+            return None if self._written(opened, entries, flagged) else _CHANGED
+
+        self._on_open(opened.route, opened.uidvalidity, attempt, first=opened)
 
     def release(self, key: UidKey, owner: str, *, append_outcome_unknown: bool = False) -> None:
-        for _ in range(_OPEN_TRIES):
-            opened = self._read_open(key.route, key.uidvalidity)
+        def attempt(opened: _Open) -> None | _Changed:
             found = opened.entries.get(key.uid)
             if found is None:
                 self._release_item(key, owner, append_outcome_unknown=append_outcome_unknown)
-                return
+                return None
             if not is_owned_by(found, owner):
                 raise claim_lost(key, owner, found)
             released = replace(
@@ -572,24 +567,42 @@ class DynamoStateStore(StateStore):
                 lease_until=0.0,
                 updated_at=self._clock(),
             )
-            if self._transact_open(self._moved_out(opened, released)):
-                return
-            _back_off()
-        raise self._too_busy(key.route)
+            return None if self._transact_open(self._moved_out(opened, released)) else _CHANGED
+
+        self._on_open(key.route, key.uidvalidity, attempt)
 
     def _flag_failure(self, key: UidKey) -> None:
         """A failure recorded for a claim open in OPEN#: flagged there first, so that the claim's
         finalize deletes the record (a flag with no record deletes nothing)."""
-        for _ in range(_OPEN_TRIES):
-            opened = self._read_open(key.route, key.uidvalidity)
+
+        def attempt(opened: _Open) -> None | _Changed:
             if key.uid not in opened.entries or key.uid in opened.flagged:
-                return
-            if self._write_open(opened, opened.entries, opened.flagged | {key.uid}):
-                return
-            _back_off()
-        raise self._too_busy(key.route)
+                return None
+            return None if self._write_open(opened, opened.entries, opened.flagged | {key.uid}) else _CHANGED
+
+        self._on_open(key.route, key.uidvalidity, attempt)
 
     # -- the OPEN# item ----------------------------------------------------------------------
+    def _on_open(
+        self, route: str, uidvalidity: int, attempt: Callable[[_Open], T | _Changed], *, first: _Open | None = None
+    ) -> T:
+        """`attempt` on the route's OPEN# item as read (`first`, else read now); read again and
+        retried while it answers _CHANGED, its conditional write having found the item changed
+        since (another writer's success: optimistic concurrency on the version)."""
+        opened = first
+        for _ in range(_OPEN_TRIES):
+            outcome = attempt(opened if opened is not None else self._read_open(route, uidvalidity))
+            if not isinstance(outcome, _Changed):
+                return outcome
+            opened = None
+            _back_off()
+        raise self._too_busy(route)
+
+    def _written(self, opened: _Open, entries: dict[int, Claim], flagged: frozenset[int] | set[int]) -> bool:
+        """OPEN# with `entries` and `flagged` in place: nothing to write when they are as read, else
+        the conditional write (False when the item changed since `opened` was read)."""
+        return entries == opened.entries or self._write_open(opened, entries, flagged)
+
     def _read_open(self, route: str, uidvalidity: int) -> _Open:
         return _open_from_item(route, uidvalidity, self._get(route_pk(route), open_sk(uidvalidity)))
 
@@ -1344,6 +1357,13 @@ def _uid_item_of(claim: Claim) -> dict:
         if getattr(claim, name) is not None:
             item[name] = _n(getattr(claim, name))
     return item
+
+
+class _Changed:
+    """What an attempt on OPEN# answers when its write found the item changed: read and retry."""
+
+
+_CHANGED = _Changed()
 
 
 def _back_off() -> None:
