@@ -10,23 +10,22 @@ asks for; an endpoint that does not answer in time raises `TokenEndpointTimedOut
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
-
-import google.auth.exceptions
-import google.auth.transport.requests
-import google.oauth2.credentials
-import msal
-import msal.authority
-import requests
-import requests.adapters
-import urllib3.exceptions
 
 from shared.errors import TokenRefreshFailed, brief
 from shared.redaction import register_secret, scrub
+
+# google-auth, msal and requests are imported where first used: together they take about as long
+# to import as copying a few hundred messages, and a run whose routes all log in with passwords
+# never needs them.
+if TYPE_CHECKING:
+    import msal
+    import requests
 
 GOOGLE_SCOPE = "https://mail.google.com/"
 # msal adds offline_access, openid and profile itself and refuses them in this list.
@@ -52,24 +51,32 @@ class TokenEndpointTimedOut(TokenRefreshFailed):
         super().__init__(message)
 
 
-class _TimeoutAdapter(requests.adapters.HTTPAdapter):
-    """Sends with our timeout, whatever the caller passed (google-auth's own default is 120 s),
-    and no hidden retries (msal mounts one by default): a timeout is counted by the caller."""
+@functools.cache
+def _timeout_adapter_class() -> type:
+    import requests.adapters
 
-    def __init__(self, timeout: float) -> None:
-        self._timeout = timeout
-        super().__init__(max_retries=0)
+    class TimeoutAdapter(requests.adapters.HTTPAdapter):
+        """Sends with our timeout, whatever the caller passed (google-auth's own default is 120 s),
+        and no hidden retries (msal mounts one by default): a timeout is counted by the caller."""
 
-    def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
-        kwargs["timeout"] = self._timeout
-        return super().send(request, **kwargs)
+        def __init__(self, timeout: float) -> None:
+            self._timeout = timeout
+            super().__init__(max_retries=0)
+
+        def send(self, request: requests.PreparedRequest, **kwargs: object) -> requests.Response:
+            kwargs["timeout"] = self._timeout
+            return super().send(request, **kwargs)
+
+    return TimeoutAdapter
 
 
 def http_session(timeout: float, session: requests.Session | None = None) -> requests.Session:
     """`session` (a new one by default) with every call waiting at most `timeout` seconds to
     connect and for each read. It trusts REQUESTS_CA_BUNDLE as any requests session does."""
+    import requests
+
     session = session if session is not None else requests.Session()
-    adapter = _TimeoutAdapter(timeout)
+    adapter = _timeout_adapter_class()(timeout)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -77,6 +84,9 @@ def http_session(timeout: float, session: requests.Session | None = None) -> req
 
 def timed_out(error: BaseException) -> bool:
     """Whether an HTTP failure (requests', urllib3's, or google-auth's wrapping them) is a timeout."""
+    import requests
+    import urllib3.exceptions
+
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -139,6 +149,9 @@ class GoogleTokenSource:
         fix: str = GOOGLE_FIX,
     ) -> None:
         self._account = account
+        import google.auth.transport.requests
+        import google.oauth2.credentials
+
         self._fix = fix
         self._timeout = timeout
         self._credentials = google.oauth2.credentials.Credentials(
@@ -167,6 +180,8 @@ class GoogleTokenSource:
             self._credentials.token = None
 
     def _refresh(self) -> None:
+        import google.auth.exceptions
+
         try:
             self._credentials.refresh(self._request)
         except google.auth.exceptions.RefreshError as exc:
@@ -232,6 +247,8 @@ class MicrosoftTokenSource:
             self._token = None
 
     def _refresh(self) -> None:
+        import requests
+
         app = self._application()
         used = self._keeper.current()
         try:
@@ -262,6 +279,10 @@ class MicrosoftTokenSource:
         # Built on first use: msal reads the authority's OpenID configuration when constructed,
         # which is network I/O that must not happen before the fail-safe gate.
         if self._app is None:
+            import msal
+            import msal.authority
+            import requests
+
             host = urlparse(self._authority).hostname or ""
             # Instance discovery asks Microsoft about the authority; only its own hosts know it.
             discovery = None if host in msal.authority.WELL_KNOWN_AUTHORITY_HOSTS else False

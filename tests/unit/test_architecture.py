@@ -44,3 +44,19 @@ def test_importing_the_use_cases_loads_no_adapter() -> None:
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout))
     assert set(USE_CASES) <= loaded
     assert sorted(name for name in ADAPTERS if name in loaded) == []
+
+
+# Loaded only when an OAuth route refreshes a token: together longer to import than copying a few
+# hundred messages, and a run of password routes (local Dovecot) never needs them.
+TOKEN_LIBRARIES = ("google.auth", "google.oauth2", "msal", "requests", "urllib3")
+
+
+def test_the_cli_loads_no_token_library_until_a_token_is_refreshed() -> None:
+    code = (
+        "import json, sys\n"
+        "import shared.cli.main, shared.bootstrap, shared.tokens.sources, shared.tokens.store\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout))
+    assert "shared.tokens.sources" in loaded
+    assert sorted(name for name in TOKEN_LIBRARIES if name in loaded) == []
