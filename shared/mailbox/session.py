@@ -171,6 +171,7 @@ def _open_once(account: ImapAccount) -> imapclient.IMAPClient:
         client = _connect(account)
         try:
             _login(client, account)
+            _keep_capabilities(client, account)
         except BaseException:
             close_quietly(client)
             raise
@@ -264,6 +265,16 @@ def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
             raise _failure(account, "XOAUTH2 login", _describe(exc), cause=exc) from None
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
         raise _failure(account, "XOAUTH2 login", _describe(exc), cause=exc) from None
+
+
+def _keep_capabilities(client: imapclient.IMAPClient, account: ImapAccount) -> None:
+    """Keep the capabilities the login's answer carried (Dovecot and Gmail send them with it).
+    imaplib forgets that answer at the first SELECT or EXAMINE, and asking after it costs a round
+    trip before the first FETCH or APPEND. A server that sent none is asked now."""
+    try:
+        client.capabilities()
+    except (OSError, imapclient.exceptions.IMAPClientError) as exc:
+        raise _failure(account, "capability", _describe(exc), cause=exc) from None
 
 
 def _xoauth2(client: imapclient.IMAPClient, account: ImapAccount) -> None:

@@ -214,3 +214,22 @@ def test_a_session_gmail_expires_mid_run_is_reopened_and_nothing_fails(sync_env,
     assert "failed (attempt" not in done.stderr  # within the same try, not a failure of the message
     assert sorted(landed["Work"]) == sorted(message(f"m{n}") for n in range(3))
     assert row.clean, row
+
+
+def test_a_gmail_session_asks_for_capabilities_once(sync_env, dovecot_pair, gmail_front):
+    """Gmail sends its post-login capabilities with the login's answer. imaplib forgets them at
+    the first EXAMINE, so asking after it (for X-GM-EXT-1) cost every scan a round trip: kept
+    from the login, only imaplib's own CAPABILITY before login goes out."""
+    setup = sync_env()
+    front = gmail_front(dovecot_pair.gmail)
+    through_gmail_front(setup, front)
+    user = setup.routes[0].gmail_user
+    front.deliver(user, message("one capability"), internaldate=dt.datetime.now(UTC).replace(microsecond=0))
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 copied, 0 skipped, 0 failed" in done.stdout
+    logins = front.sent(b" AUTHENTICATE XOAUTH2")
+    assert logins >= 1
+    assert front.sent(b" CAPABILITY") == logins
