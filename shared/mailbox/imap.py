@@ -8,9 +8,9 @@ are fetched with BODY.PEEK, and nothing is stored.
 APPEND does not go through imapclient: its `append()` passes the message to imaplib, which
 rewrites every CR, LF and CRLF into CRLF, and `multiappend()` sends exact bytes but cannot send a
 literal8 and does not report a NO. `_run_with_literal` is the one place that speaks the
-protocol itself; `ImapSource._uid_fetch` sends through imaplib and parses with imapclient's parser
-(imapclient's `fetch` keys a response without a UID item by its sequence number, so another
-message's answer could pass for the one asked). Everything else uses imapclient's public API.
+protocol itself; `ImapSource._uid_fetch` sends through imaplib (imapclient's `fetch` keys a
+response without a UID item by its sequence number, so another message's answer could pass for
+the one asked) and parses plain answers itself, the rest with imapclient's parser. Everything else uses imapclient's public API.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from imapclient import IMAPClient
-from imapclient.datetime_util import datetime_to_INTERNALDATE
+from imapclient.datetime_util import datetime_to_INTERNALDATE, parse_to_datetime
 from imapclient.imap_utf7 import encode as encode_mailbox_name
 from imapclient.response_parser import parse_fetch_response
 
@@ -615,11 +615,72 @@ def _uid_fetch(client: IMAPClient, uids: Sequence[int], items: bytes) -> dict[in
     found: dict[int, dict[bytes, object]] = {}
     # parse_fetch_response keys by sequence number: a message answered in two responses
     # (its flags apart) is merged under it, and both carry the UID.
-    for response in parse_fetch_response(data, client.normalise_times, uid_is_key=False).values():
+    parsed = _parse_plain_fetch(data, client.normalise_times)
+    if parsed is None:
+        parsed = parse_fetch_response(data, client.normalise_times, uid_is_key=False)
+    for response in parsed.values():
         uid = response.get(b"UID")
         if uid in asked:
             found.setdefault(uid, {}).update(response)
     return found
+
+
+# One FETCH response as Dovecot, Gmail and Exchange write it for the items the copier asks for:
+# simple items (UID, FLAGS of plain atoms, INTERNALDATE, RFC822.SIZE) around at most one literal,
+# BODY[] or BODY[HEADER.FIELDS (...)]; imaplib hands it over as (head up to the literal's size,
+# literal) and the rest of the line. Anything else goes to imapclient's parser.
+_PLAIN_ITEM = rb'(?:UID \d+|RFC822\.SIZE \d+|FLAGS \([^()"{}\\\r\n]*(?:\\[^()"{}\\\r\n]*)*\)|INTERNALDATE "[^"\\\r\n]*")'
+_PLAIN_HEAD = re.compile(
+    rb"(\d+) \(((?:" + _PLAIN_ITEM + rb" )*)(BODY\[(?:|HEADER\.FIELDS \([A-Z0-9 -]*\))\]) \{\d+\}\Z", re.IGNORECASE
+)
+_PLAIN_TAIL = re.compile(rb"((?: " + _PLAIN_ITEM + rb")*)\)\Z", re.IGNORECASE)
+_PLAIN_WHOLE = re.compile(rb"(\d+) \((" + _PLAIN_ITEM + rb"(?: " + _PLAIN_ITEM + rb")*)\)\Z", re.IGNORECASE)
+_PLAIN_ITEMS = re.compile(rb'(UID|RFC822\.SIZE|FLAGS|INTERNALDATE) (\d+|\(([^)]*)\)|"([^"]*)")', re.IGNORECASE)
+
+
+def _parse_plain_fetch(data: list, normalise_times: bool) -> dict[int, dict[bytes, object]] | None:
+    """`data` (imaplib's FETCH answer) parsed as imapclient's parse_fetch_response would, when
+    each response is of the plain shape above; else None. imapclient's lexer reads a character at
+    a time, which took about as long as the rest of a copy (0.1 ms a message) on loopback."""
+    parsed: dict[int, dict[bytes, object]] = {}
+    index = 0
+    while index < len(data):
+        item = data[index]
+        if isinstance(item, tuple):
+            head, literal = item
+            match = _PLAIN_HEAD.match(head) if isinstance(head, bytes) and isinstance(literal, bytes) else None
+            tail = data[index + 1] if index + 1 < len(data) else None
+            ending = _PLAIN_TAIL.match(tail) if match is not None and isinstance(tail, bytes) else None
+            if ending is None:
+                return None
+            seq, items = int(match[1]), match[2] + b" " + ending[1]
+            response: dict[bytes, object] | None = {match[3].upper(): literal}
+            index += 2
+        elif isinstance(item, bytes) and (whole := _PLAIN_WHOLE.match(item)) is not None:
+            seq, items, response = int(whole[1]), whole[2], {}
+            index += 1
+        else:
+            return None
+        response = _plain_items(items, response, normalise_times)
+        if response is None:
+            return None
+        parsed.setdefault(seq, {b"SEQ": seq}).update(response)
+    return parsed
+
+
+def _plain_items(items: bytes, response: dict[bytes, object], normalise_times: bool) -> dict[bytes, object] | None:
+    for name, value, flags, date in _PLAIN_ITEMS.findall(items):
+        name = name.upper()
+        if name == b"FLAGS":
+            response[name] = tuple(flags.split())
+        elif name == b"INTERNALDATE":
+            try:
+                response[name] = parse_to_datetime(date, normalise=normalise_times)
+            except ValueError:
+                return None
+        else:
+            response[name] = int(value)
+    return response
 
 
 def _listed(client: IMAPClient, uids: Sequence[int]) -> list[ListedMessage]:
