@@ -170,6 +170,27 @@ def test_destination_gone_silent_mid_append_is_paused_and_the_message_charged_no
     assert (proxy.sent(b" APPEND "), proxy.unanswered) == (2, 2)  # not repeated; two new connections
 
 
+def test_a_destination_silent_after_the_last_append_does_not_hold_the_run_at_logout(sync_env, dovecot_pair, imap_proxy):
+    """Every APPEND answered, then no answer to LOGOUT: the run is over, and nothing is left to
+    learn from the session. drain used to wait IMAP_TIMEOUT for that answer (a round trip at
+    the end of every run when the server does answer); it sends LOGOUT and closes."""
+    setup = sync_env()
+    proxy = imap_proxy(dovecot_pair.outlook)
+    timeout = 40
+    setup.env |= {"OUTLOOK_IMAP_PORT": str(proxy.port), "IMAP_TIMEOUT": str(timeout)}
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(3))
+    proxy.go_silent(b" LOGOUT")
+
+    done, took = timed_drain(setup)
+
+    print(f"destination silent at LOGOUT: drain took {took:.1f} s")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "route work: 3 copied, 0 skipped, 0 failed\n" in done.stdout
+    assert proxy.sent(b" LOGOUT") == 1
+    assert took < timeout, (took, done.stdout, done.stderr)
+
+
 # ---- the adapters on their own, in this process -----------------------------------------------
 SHORT = 0.5  # seconds: the timeout the adapters are given here
 
