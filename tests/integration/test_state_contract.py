@@ -895,6 +895,24 @@ def test_claim_many_claims_in_order_up_to_the_first_held(store, clock):
     assert results[0].claim == store.get_claim(uid_key(1))
 
 
+def test_a_batch_of_two_routes_larger_than_one_query_is_claimed_marked_and_finalized_whole(store, clock):
+    """A batch's keys read at once (SQLite: an IN list of at most 500 UIDs a query) across two
+    routes and a key given twice: every key is claimed, marked and made final, none left out."""
+    other = [UidKey("other", 7, uid) for uid in range(1, 4)]
+    keys = keys_of(*range(1, 503)) + other + [other[0]]
+
+    results = store.claim_many(keys, "a", clock.now + LEASE)
+
+    assert [r.outcome for r in results] == [ClaimOutcome.CLAIMED] * len(keys)
+    assert store.mark_appending_many(keys, "a", dest_uidvalidity=9, dest_uid_floor=100) == len(keys)
+    copies = [Copied(key, 5000 + n, f"fp:{key.route}:{key.uid}") for n, key in enumerate(keys[:-1])]
+    assert store.finalize_many(copies, "a") == [None] * len(copies)
+    sample = [keys[0], keys[499], keys[500], keys[501], *other]
+    assert {store.get_claim(key).status for key in sample} == {ClaimStatus.DONE}
+    assert store.get_claim(other[2]).dest_uid == 5000 + 504
+    assert store.find_copied("fp:other:3", ["other"]).dest_uid == 5000 + 504
+
+
 def test_a_batch_finalized_is_final_by_key_with_or_without_its_fingerprint(store, clock):
     store.claim_many(keys_of(1, 2, 3), "a", clock.now + LEASE, fingerprints=prints_of(1, 2, 3))
     assert store.mark_appending_many(keys_of(1, 2, 3), "a", dest_uidvalidity=9, dest_uid_floor=100) == 3
