@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from shared.errors import MailSyncerError, QueueUnavailable, StateStoreUnavailable
-from shared.mailbox.port import MailboxThrottled, MessageSummary, SourceMailbox, fingerprint
+from shared.mailbox.port import FolderState, MailboxThrottled, MessageSummary, SourceMailbox, fingerprint
 from shared.message_ref import MessageRef
 from shared.pipeline.budget import DownloadBudget
 from shared.pipeline.pauses import describe, source_pause_name, throttle_pause
@@ -81,7 +81,8 @@ def scan_routes(
     account is paused is not scanned (its commands would only be refused again); a throttle met
     while scanning pauses the account, as the consumer's would (`download_budget`: see
     shared.pipeline.pauses.throttle_pause). `on_new_mail` is told of a route with messages to
-    queue as soon as its search finds them (the CLI logs in to the destination meanwhile).
+    queue as soon as EXAMINE shows mail above its watermark (any mail, on its first scan), else
+    when its search finds some (the CLI logs in to the destination meanwhile).
     `accounts_at_once`: the routes of that many source accounts scanned at the same time, a
     thread each (an account's routes one after the other: they share its sessions); the scans
     come back in the order of `routes` all the same."""
@@ -146,6 +147,16 @@ def _scan_or_say_why_not(
     return scan
 
 
+def _has_mail_above(folder: FolderState, last_uid: int | None) -> bool:
+    """Whether EXAMINE's answer shows mail above `last_uid` (None: any mail at all, for a route
+    with no watermark): UIDNEXT past it. Mail can be expunged meanwhile, or older than a new
+    route's start point: the SEARCH decides what is queued; this only starts the destination's
+    login early."""
+    if last_uid is None:
+        return folder.exists > 0
+    return folder.uidnext is not None and folder.uidnext - 1 > last_uid
+
+
 class _SummaryReader:
     """A chunk's summaries; when the server cannot read one message of it (Dovecot ends the
     session: "BYE FETCH failed: Internal error"), the chunk is halved and each half read in a new
@@ -198,6 +209,9 @@ def scan_route(
         folder = source.examine(route.gmail_folder)
         mark = state.read_watermark(route.name)
         renumbered = mark is not None and mark.uidvalidity != folder.uidvalidity
+        told = not dry_run and _has_mail_above(folder, None if mark is None or renumbered else mark.last_uid)
+        if told:
+            on_new_mail(route)  # a round trip before the SEARCH that lists it
         if mark is not None and not renumbered:
             uids = source.uids_above(mark.last_uid)
         else:
@@ -216,7 +230,7 @@ def scan_route(
                 )
             uids = source.uids_since(since)
         scan.found = len(uids)
-        if uids and not dry_run:
+        if uids and not dry_run and not told:
             on_new_mail(route)
         if mark is None and uids and not dry_run:
             # No watermark: this store has no record of what was copied before (a first run, a

@@ -414,3 +414,38 @@ def test_scan_route_alone_records_no_scan(world):
 
     assert result.enqueued == 1
     assert world.state.inner.read_scan("work") is None
+
+
+# -- telling the CLI of new mail (it logs in to the destination meanwhile) ----------------------------
+
+
+def scan_telling(world: FakeWorld) -> list[tuple]:
+    """One scan of route work; what happened, in order: the source's calls and ("new mail",)."""
+    source = world.source_of("work")
+    told: list[tuple] = []
+    scan_routes(
+        [world.routes["work"]],
+        state=world.state,
+        queue=world.queue,
+        open_source=world.mailboxes.open_source,
+        limits=limits(),
+        clock=world.clock,
+        on_new_mail=lambda route: told.append(("new mail", len(source.calls))),
+    )
+    return [call[0] for call in source.calls[: told[0][1]]] + ["new mail"] if told else []
+
+
+def test_new_mail_above_the_watermark_is_told_at_examine_before_the_search(world):
+    arrive_on(world, "work", FIRST_SCAN_DAY)
+    scan(world)
+    world.source_of("work").calls.clear()
+    arrive_on(world, "work", FIRST_SCAN_DAY)
+
+    assert scan_telling(world) == ["examine", "new mail"]
+
+
+def test_a_first_scan_tells_of_mail_at_examine_and_nothing_new_tells_nothing(world):
+    arrive_on(world, "work", FIRST_SCAN_DAY)
+    assert scan_telling(world) == ["examine", "new mail"]
+    world.source_of("work").calls.clear()
+    assert scan_telling(world) == []
