@@ -32,7 +32,7 @@ from shared.errors import ImapFailure, TokenRefreshFailed, shorten
 from shared.mailbox import retry
 from shared.mailbox.port import DownloadQuotaSpent, EndpointDown, MailboxThrottled
 from shared.redaction import scrub
-from shared.tokens.sources import TokenEndpointTimedOut, TokenSource
+from shared.tokens.sources import TokenEndpointTimedOut, TokenEndpointUntrusted, TokenSource
 
 
 class TransientImapFailure(ImapFailure):
@@ -290,7 +290,7 @@ def _xoauth2(client: imapclient.IMAPClient, account: ImapAccount) -> None:
         raise ImapTimedOut(message, step="token", endpoint=exc.endpoint, timeout=exc.timeout) from None
     except TokenRefreshFailed as exc:
         message = f"{account.label}: token refresh failed: {exc}"
-        if exc.refused:
+        if exc.refused or isinstance(exc, TokenEndpointUntrusted):
             raise ImapFailure(message, step="token") from None
         raise TransientImapFailure(message, step="token") from None  # the endpoint may be back soon
     token_endpoint = getattr(account.token_source, "endpoint", None)

@@ -11,9 +11,10 @@ asks for; an endpoint that does not answer in time raises `TokenEndpointTimedOut
 from __future__ import annotations
 
 import functools
+import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlparse
 
@@ -39,6 +40,11 @@ HTTP_TIMEOUT_SECONDS = 30
 # What a refused token's error says to do, unless the wiring knows better (see bootstrap).
 GOOGLE_FIX = "get a new refresh token with `python -m shared.cli auth gmail` (see README)"
 MICROSOFT_FIX = "get a new refresh token with `python -m shared.cli auth microsoft` (see README)"
+
+
+class TokenEndpointUntrusted(TokenRefreshFailed):
+    """The token endpoint's TLS certificate was refused: trying again cannot help until the CA
+    that signs it is trusted (REQUESTS_CA_BUNDLE)."""
 
 
 class TokenEndpointTimedOut(TokenRefreshFailed):
@@ -87,20 +93,46 @@ def timed_out(error: BaseException) -> bool:
     import requests
     import urllib3.exceptions
 
+    # NewConnectionError derives from ConnectTimeoutError, refused or not (requests checks so too).
+    timeouts = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    for current in _causes(error, passing_over=urllib3.exceptions.NewConnectionError):
+        if isinstance(current, timeouts):
+            return True
+    return False
+
+
+def untrusted_certificate(error: BaseException) -> str | None:
+    """Why the server's TLS certificate was refused, when that is what an HTTP failure was."""
+    for current in _causes(error):
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current.verify_message or str(current)
+    return None
+
+
+def _causes(error: BaseException, passing_over: type[BaseException] | tuple = ()) -> Iterator[BaseException]:
+    """`error` and what it wraps: causes, contexts, urllib3's reasons, exceptions in its args;
+    neither a `passing_over` one nor what it wraps."""
     seen: set[int] = set()
-    pending = [error]
+    pending: list[BaseException] = [error]
     while pending:
         current = pending.pop()
-        if current is None or id(current) in seen:
+        if id(current) in seen or isinstance(current, passing_over):
             continue
         seen.add(id(current))
-        if isinstance(current, urllib3.exceptions.NewConnectionError):
-            continue  # urllib3 derives it from ConnectTimeoutError, refused or not (requests checks so too)
-        if isinstance(current, (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)):
-            return True
-        pending += [current.__cause__, current.__context__, getattr(current, "reason", None)]
-        pending += [arg for arg in current.args if isinstance(arg, BaseException)]
-    return False
+        yield current
+        # urllib3's `reason` is an exception or a string (an SSLError's is its text).
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        pending += [inner for inner in wrapped if isinstance(inner, BaseException)]
+
+
+def _untrusted(provider: str, account: str, endpoint: str, why: str) -> TokenEndpointUntrusted:
+    return TokenEndpointUntrusted(
+        scrub(
+            f"{provider} token refresh for {account}: the TLS certificate of {endpoint} is not trusted ({why}); "
+            "behind a proxy that re-signs TLS, set REQUESTS_CA_BUNDLE (environment or .env) to a PEM file "
+            "with its CA"
+        )
+    )
 
 
 class TokenSource(Protocol):
@@ -192,6 +224,8 @@ class GoogleTokenSource:
             text = f"Google token refresh for {self._account} refused by {self._token_uri}: {error} {detail}".strip()
             raise TokenRefreshFailed(scrub(_with_fix(text, self._fix if refused else None)), refused=refused) from None
         except google.auth.exceptions.TransportError as exc:
+            if (why := untrusted_certificate(exc)) is not None:
+                raise _untrusted("Google", self._account, self._token_uri, why) from None
             if timed_out(exc):
                 raise TokenEndpointTimedOut(
                     scrub(f"Google token refresh for {self._account}: no answer from {self._token_uri} within {self._timeout:g} s"),
@@ -303,6 +337,8 @@ class MicrosoftTokenSource:
         return self._app
 
     def _raise_if_timed_out(self, exc: BaseException) -> None:
+        if (why := untrusted_certificate(exc)) is not None:
+            raise _untrusted("Microsoft", self._account, self._authority, why) from None
         if timed_out(exc):
             raise TokenEndpointTimedOut(
                 scrub(f"Microsoft token refresh for {self._account}: no answer from {self._authority} within {self._timeout:g} s"),
