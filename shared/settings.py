@@ -255,6 +255,9 @@ class Settings(_WireSettings):
     outlook_imap_port: int = Field(default=993, ge=1, le=65535)
     outlook_imap_ssl: bool = True
     imap_ca_bundle: Path | None = None
+    # Extra trusted CAs (PEM) for the token endpoints, as requests reads it from the environment;
+    # accepted in .env too (a proxy that re-signs TLS needs it for every call).
+    requests_ca_bundle: Path | None = None
     # At most a day: a socket's timeout must fit the platform's time_t, and "inf" or 1e10 raised
     # a raw OverflowError at every connect (found by tests/unit/test_fuzz_settings.py).
     imap_timeout: float = Field(default=60.0, gt=0, le=MAX_IMAP_TIMEOUT_SECONDS)
@@ -409,13 +412,23 @@ def load_settings(env_file: str | Path | None = ".env", *, secrets_client: Any =
         raise SettingsInvalid(_problems(exc, place_of=_env_name, unknown="unknown setting in .env")) from None
     finally:
         _secret_values.reset(token)
-    settings._routes = _routes_of(settings)
     settings._dotenv_path = None if env_file is None else Path(env_file).absolute()
     settings._secret_sources = secret_sources
-    _check_credentials(settings)
-    _check_limits(settings)
+    # Every problem at once: a newcomer with an empty .env learns all that is missing in one run.
+    problems: list[str] = []
+    for check in (_set_routes, _check_credentials, _check_limits):
+        try:
+            check(settings)
+        except SettingsInvalid as exc:
+            problems += exc.problems
+    if problems:
+        raise SettingsInvalid(problems)
     _register_secrets(settings)
     return settings
+
+
+def _set_routes(settings: Settings) -> None:
+    settings._routes = _routes_of(settings)
 
 
 class AuthSettings(_WireSettings):
@@ -435,6 +448,7 @@ class AuthSettings(_WireSettings):
     ms_authority: str | None = None
     aws_endpoint_url: str | None = None
     aws_region: str | None = None
+    requests_ca_bundle: Path | None = None
 
     @field_validator("google_token_uri")
     @classmethod
@@ -444,9 +458,27 @@ class AuthSettings(_WireSettings):
 
 def load_auth_settings(env_file: str | Path | None = ".env") -> AuthSettings:
     try:
-        return AuthSettings(_env_file=env_file)  # type: ignore[call-arg]
+        settings = AuthSettings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise SettingsInvalid(_problems(exc, place_of=_env_name)) from None
+    if settings.requests_ca_bundle is not None and not settings.requests_ca_bundle.is_file():
+        raise SettingsInvalid([f"REQUESTS_CA_BUNDLE: no file at {settings.requests_ca_bundle}"])
+    return settings
+
+
+def trust_ca_bundle(bundle: Path | None) -> None:
+    """REQUESTS_CA_BUNDLE from .env as if it were in the environment, where requests reads it
+    (google-auth and msal both call through requests): for this process only."""
+    if bundle is not None and not os.environ.get("REQUESTS_CA_BUNDLE"):
+        os.environ["REQUESTS_CA_BUNDLE"] = str(bundle)
+
+
+def missing_env_file(env_file: str | None) -> list[str]:
+    """The problem with an --env-file named on the command line that is not there (a typo under
+    cron would otherwise run on the environment alone); none for the default .env."""
+    if env_file is None or Path(env_file).is_file():
+        return []
+    return [f"--env-file {env_file}: no such file"]
 
 
 # -- Secrets Manager ---------------------------------------------------------------------
@@ -561,12 +593,17 @@ def _routes_from_json(raw: str) -> list[Route]:
 
 def _fallback_route(settings: Settings) -> Route:
     missing = [
-        name
-        for name, value in (("GMAIL_USER", settings.gmail_user), ("OUTLOOK_FOLDER", settings.outlook_folder))
+        f"{name}: required when SYNC_ROUTES_JSON is unset{what}"
+        for name, value, what in (
+            ("GMAIL_USER", settings.gmail_user, " (the Gmail address to copy from)"),
+            ("OUTLOOK_FOLDER", settings.outlook_folder, " (the Outlook folder to copy into)"),
+        )
         if not value
     ]
+    if missing and settings.gmail_refresh_token is None and settings.gmail_password is None:
+        missing.append("GMAIL_REFRESH_TOKEN: required (or GMAIL_PASSWORD for a password login)")
     if missing:
-        raise SettingsInvalid([f"{name}: required when SYNC_ROUTES_JSON is unset" for name in missing])
+        raise SettingsInvalid(missing)
     fields = {
         "name": settings.route_name,
         "gmail_user": settings.gmail_user,
@@ -615,8 +652,10 @@ def _check_credentials(settings: Settings) -> None:
         problems.append("MS_CLIENT_ID: required with MS_REFRESH_TOKEN")
     if settings.ms_refresh_token is not None and not settings.ms_authority_url.startswith("https://"):
         problems.append("MS_AUTHORITY: must be an https:// URL (msal refuses plain http)")
-    if settings.imap_ca_bundle is not None and not settings.imap_ca_bundle.is_file():
-        problems.append(f"IMAP_CA_BUNDLE: no file at {settings.imap_ca_bundle}")
+    for name in ("imap_ca_bundle", "requests_ca_bundle"):
+        bundle = getattr(settings, name)
+        if bundle is not None and not bundle.is_file():
+            problems.append(f"{name.upper()}: no file at {bundle}")
     if problems:
         raise SettingsInvalid(problems)
 

@@ -18,7 +18,7 @@ def auth(args: argparse.Namespace) -> ExitCode:
     """`auth gmail` / `auth microsoft`: consent in a browser (or with a device code), then the
     refresh token as JSON on stdout, or merged into a Secrets Manager secret. Needs no routes
     yet: it reads only the OAuth clients and endpoints (flags first, then env and .env)."""
-    from shared.settings import load_auth_settings, microsoft_authority
+    from shared.settings import load_auth_settings, microsoft_authority, missing_env_file, trust_ca_bundle
     from shared.tokens.consent import (
         AuthFailed,
         Browser,
@@ -30,10 +30,13 @@ def auth(args: argparse.Namespace) -> ExitCode:
 
     configure_logging("WARNING")  # the libraries' info lines are not for this screen
     report = Report(out=sys.stderr)
+    if problems := missing_env_file(args.env_file):
+        return report.settings_invalid(problems)
     try:
-        settings = load_auth_settings(args.env_file)
+        settings = load_auth_settings(args.env_file or ".env")
     except SettingsInvalid as exc:
         return report.settings_invalid(exc.problems)
+    trust_ca_bundle(settings.requests_ca_bundle)
     browser = Browser(open=not args.no_browser, out=sys.stderr, timeout=args.timeout, port=args.port)
     try:
         if args.provider == "gmail":

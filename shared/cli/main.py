@@ -22,7 +22,7 @@ from shared.cli.report import ExitCode, Report
 from shared.errors import MailSyncerError, QueueUnavailable, SettingsInvalid, StateStoreUnavailable
 from shared.logs import configure_logging
 from shared.redaction import scrub
-from shared.settings import Settings, load_settings
+from shared.settings import Settings, load_settings, missing_env_file, trust_ca_bundle
 
 log = logging.getLogger("mail_syncer.cli")
 
@@ -35,10 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "auth":
         return auth(args)  # before the settings: it runs before the routes and tokens exist
     report = Report()
+    if problems := missing_env_file(args.env_file):
+        return report.settings_invalid(problems)
     try:
-        settings = load_settings(args.env_file)
+        settings = load_settings(args.env_file or ".env")
     except SettingsInvalid as exc:
         return report.settings_invalid(exc.problems)
+    trust_ca_bundle(settings.requests_ca_bundle)
     configure_logging(settings.log_level)
     app = bootstrap.build(settings)
     interrupted = False

@@ -23,7 +23,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "70 internal error (a bug; see the log), "
         "130 interrupted.",
     )
-    parser.add_argument("--env-file", default=".env", help="settings file read after the environment (default: .env)")
+    parser.add_argument(
+        "--env-file", metavar="PATH",
+        help="settings file read after the environment (default: .env, if there; a file named here must exist)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers: dict[str, Command] = {}
 

@@ -8,6 +8,13 @@ from enum import IntEnum
 from shared.redaction import scrub
 
 
+# Where a newcomer goes from a settings error: every setting is described in .env.example.
+SETTINGS_HINT = (
+    "      every setting is described in .env.example: `cp .env.example .env`, fill it in, then `make check`"
+    " (it validates the settings and logs in to every mailbox)"
+)
+
+
 class ExitCode(IntEnum):
     OK = 0
     COPY_FAILURES = 1  # some messages could not be copied (and are recorded)
@@ -40,6 +47,7 @@ class Report:
         """One line per settings problem; the exit code that says the settings are at fault."""
         for problem in problems:
             self.fail("settings", problem)
+        print(SETTINGS_HINT, file=self.out, flush=True)
         return ExitCode.SETTINGS
 
     def warn(self, what: str, detail: str) -> None:

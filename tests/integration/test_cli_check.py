@@ -11,8 +11,13 @@ import re
 
 import pytest
 
+from shared.cli.report import SETTINGS_HINT
 from tests.harness.aws import unique_name
 from tests.harness.mail import seed
+
+
+# What follows the settings' problems: where every setting is described, and how to check them.
+HINT = " ".join(SETTINGS_HINT.split())
 
 
 def lines(done) -> list[str]:
@@ -88,7 +93,7 @@ def test_bad_routes(sync_env, routes_json, expected):
     setup.env["SYNC_ROUTES_JSON"] = routes_json
     done = setup.cli("check")
     assert done.returncode == 3
-    assert lines(done) == [expected]
+    assert lines(done) == [expected, HINT]
     assert "rt-SECRET-in-json" not in done.stdout + done.stderr
     assert_clean(done, setup)
 
@@ -101,7 +106,7 @@ def test_missing_secret_id(sync_env, aws_env, aws_client):
     setup.env.update(aws_env | {"AWS_SECRETS_MANAGER_SECRET_IDS": f"{present},{missing}"})
     done = setup.cli("check")
     assert done.returncode == 3
-    assert lines(done) == [f"FAIL settings secret {missing} (AWS_SECRETS_MANAGER_SECRET_IDS): not found"]
+    assert lines(done) == [f"FAIL settings secret {missing} (AWS_SECRETS_MANAGER_SECRET_IDS): not found", HINT]
     assert_clean(done, setup)
 
 
@@ -112,7 +117,7 @@ def test_secret_that_is_not_an_object(sync_env, aws_env, aws_client):
     setup.env.update(aws_env | {"AWS_SECRETS_MANAGER_SECRET_IDS": name})
     done = setup.cli("check")
     assert done.returncode == 3
-    assert lines(done) == [f"FAIL settings secret {name} is not a JSON object"]
+    assert lines(done) == [f"FAIL settings secret {name} is not a JSON object", HINT]
     assert "rt-SECRET-in-list" not in done.stdout
 
 

@@ -88,11 +88,34 @@ def test_bad_routes_name_their_place(env, routes_json, expected):
 
 
 def test_fallback_needs_user_and_folder(env):
-    env(**DESTINATION)
+    env(**DESTINATION, GMAIL_REFRESH_TOKEN="tok-123456")
     assert problems() == [
-        "GMAIL_USER: required when SYNC_ROUTES_JSON is unset",
-        "OUTLOOK_FOLDER: required when SYNC_ROUTES_JSON is unset",
+        "GMAIL_USER: required when SYNC_ROUTES_JSON is unset (the Gmail address to copy from)",
+        "OUTLOOK_FOLDER: required when SYNC_ROUTES_JSON is unset (the Outlook folder to copy into)",
     ]
+
+
+def test_with_no_settings_at_all_every_missing_one_is_named_at_once(env):
+    """A fresh clone with no .env: the source's and the destination's settings, in one run
+    (the destination's were named only once the route's were fixed)."""
+    assert problems() == [
+        "GMAIL_USER: required when SYNC_ROUTES_JSON is unset (the Gmail address to copy from)",
+        "OUTLOOK_FOLDER: required when SYNC_ROUTES_JSON is unset (the Outlook folder to copy into)",
+        "GMAIL_REFRESH_TOKEN: required (or GMAIL_PASSWORD for a password login)",
+        "OUTLOOK_USER: required (the destination mailbox)",
+        "MS_REFRESH_TOKEN: required (or OUTLOOK_PASSWORD for a password login)",
+    ]
+
+
+def test_a_ca_bundle_for_the_token_endpoints_is_a_setting_of_env_and_its_file_must_exist(env, tmp_path):
+    """README says token calls trust REQUESTS_CA_BUNDLE; in .env it was refused as unknown."""
+    bundle = tmp_path / "proxy-ca.pem"
+    Path(".env").write_text(f"REQUESTS_CA_BUNDLE={bundle}\n")
+    env(**DESTINATION, SYNC_ROUTES_JSON=json.dumps([ROUTE]))
+    assert problems() == [f"REQUESTS_CA_BUNDLE: no file at {bundle}"]
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert load_settings().requests_ca_bundle == bundle
+    assert load_auth_settings().requests_ca_bundle == bundle
 
 
 def test_fallback_without_credentials(env):
