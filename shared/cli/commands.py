@@ -28,7 +28,7 @@ from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
 from shared.pipeline.watch import RouteWatch, WatchTimes, idle_budget
 from shared.redaction import scrub
-from shared.settings import Route
+from shared.settings import Route, Settings
 
 # -- check -------------------------------------------------------------------------------
 
@@ -289,7 +289,7 @@ def _scan(
         if connections is not None:
             connections.prepare_destination(route.outlook_folder)
 
-    return scan_routes(
+    scans = scan_routes(
         app.settings.routes if routes is None else routes,
         state=app.state,
         queue=app.queue,
@@ -300,6 +300,26 @@ def _scan(
         on_new_mail=prepare_destination,
         accounts_at_once=SCAN_ACCOUNTS_AT_ONCE,
     )
+    _print_start_points(app.settings, scans)
+    return scans
+
+
+def _print_start_points(settings: Settings, scans: Sequence[RouteScan]) -> None:
+    """A route's first scan says where it started and what it leaves behind: mail older than
+    the start is never copied, and a user who expected the whole folder must learn it now."""
+    routes = {route.name: route for route in settings.routes}
+    for scan in scans:
+        route = routes.get(scan.route)
+        if scan.older is None or scan.since is None or route is None:
+            continue
+        why = "its since" if route.since else f"FALLBACK_SINCE_DAYS={settings.fallback_since_days}"
+        line = f"route {scan.route}: first scan, from {scan.since} ({why}): {scan.found} new"
+        if scan.older:
+            line += (
+                f"; {scan.older} older message(s) in {route.gmail_folder} are not copied"
+                " (to copy them too, set the route's since: \"since\" in SYNC_ROUTES_JSON, or SINCE)"
+            )
+        print(line, flush=True)
 
 
 def _lanes_wanted(app: bootstrap.App) -> int:

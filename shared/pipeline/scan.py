@@ -46,6 +46,11 @@ class RouteScan:
     enqueued: int = 0  # references sent this run (or, dry run, that would be sent)
     left_for_next_run: int = 0  # found but over the cap
     watermark: Watermark | None = None  # after the run
+    # Where a scan without a watermark (a route's first, or after a UIDVALIDITY change) started:
+    # the route's `since`, else today less FALLBACK_SINCE_DAYS; None for a scan above a watermark.
+    since: dt.date | None = None
+    # On a route's first scan: the folder's messages from before `since`, which are not copied.
+    older: int | None = None
     refs: list[MessageRef] = field(default_factory=list)  # what was (or would be) sent
     error: str | None = None  # why the route could not be scanned
     # Not scanned, and why: its source account asked to be left alone ("source <account> paused
@@ -229,6 +234,9 @@ def scan_route(
                     "recognised by fingerprint)", route.name, mark.uidvalidity, folder.uidvalidity, since,
                 )
             uids = source.uids_since(since)
+            scan.since = since
+            if mark is None:
+                scan.older = max(0, folder.exists - len(uids))
         scan.found = len(uids)
         if uids and not dry_run and not told:
             on_new_mail(route)
@@ -268,7 +276,9 @@ def scan_route(
             state.advance_watermark(route.name, folder.uidvalidity, folder.uidnext - 1)
     scan.watermark = mark if dry_run else state.read_watermark(route.name)
     log.info(
-        "route %s: %d new, %s %d, %d left for the next run",
-        route.name, scan.found, "would enqueue" if dry_run else "enqueued", scan.enqueued, scan.left_for_next_run,
+        "route %s: %d new%s, %s %d, %d left for the next run%s",
+        route.name, scan.found, f" since {scan.since}" if scan.since else "",
+        "would enqueue" if dry_run else "enqueued", scan.enqueued, scan.left_for_next_run,
+        f"; {scan.older} older not copied" if scan.older else "",
     )
     return scan

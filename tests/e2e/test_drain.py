@@ -118,3 +118,27 @@ def test_routes_of_three_accounts_are_copied_over_at_most_outlook_max_connection
         assert f"route {account.name}: 15 copied, 0 skipped, 0 failed" in done.stdout
         copied = read_folder(dovecot_pair.outlook, setup.outlook_user, account.outlook_folder)
         assert_copied_exactly(sources[account.name], copied, kept=servers.kept)
+
+
+def test_a_first_drain_says_where_it_starts_and_what_older_mail_it_leaves(sync_env, dovecot_pair):
+    """Issue 15: older mail was left out without a word. The first drain names its start date
+    and the number of older messages in the folder it will never copy, and how to include them."""
+    import datetime as dt
+
+    setup = sync_env()
+    setup.env["FALLBACK_SINCE_DAYS"] = "7"
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    old = [(f"Subject: old {n}\r\n\r\nold\r\n".encode(), (), now - dt.timedelta(days=40 + n)) for n in range(3)]
+    new = [(f"Subject: new {n}\r\n\r\nnew\r\n".encode(), (), now - dt.timedelta(hours=n)) for n in range(2)]
+    seed(dovecot_pair.gmail, setup.routes[0].gmail_user, "INBOX", old + new)
+
+    done = setup.cli("drain")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    start = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=7)).isoformat()
+    line = next(line for line in done.stdout.splitlines() if "first scan" in line)
+    assert line.startswith(f"route work: first scan, from {start} (FALLBACK_SINCE_DAYS=7): 2 new; "), line
+    assert "3 older message(s) in INBOX are not copied" in line and "since" in line, line
+    assert "route work: 2 copied, 0 skipped, 0 failed" in done.stdout
+    again = setup.cli("drain")
+    assert "first scan" not in again.stdout

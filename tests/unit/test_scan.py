@@ -90,6 +90,20 @@ def test_a_first_run_enqueues_the_messages_since_today_minus_the_fallback_days(w
     assert old not in queued_uids(world)
 
 
+def test_a_first_scan_tells_where_it_started_and_how_many_older_messages_it_leaves(world):
+    """A dry run said "9 new" for a folder of 41, and nothing said the other 32 would never be
+    copied: the scan now reports its start and the older messages it leaves behind."""
+    day = FIRST_SCAN_DAY
+    arrive_on(world, "work", *[day - dt.timedelta(days=30)] * 3, day - dt.timedelta(days=8), day, day)
+
+    [first] = scan(world)
+
+    assert (first.since, first.found, first.older) == (day - dt.timedelta(days=FALLBACK_DAYS), 2, 4)
+    arrive_on(world, "work", day)
+    [later] = scan(world)
+    assert (later.since, later.found, later.older) == (None, 1, None)  # above the watermark: nothing left behind
+
+
 def test_a_reference_carries_the_fingerprint_and_size_of_its_message(world):
     body = email("Invoice", body="x" * 300)
     world.arrive("work", body, internaldate=noon(FIRST_SCAN_DAY), gmail_msgid=991)
