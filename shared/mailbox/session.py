@@ -272,9 +272,10 @@ def _login(client: imapclient.IMAPClient, account: ImapAccount) -> None:
 
 
 def _keep_capabilities(client: imapclient.IMAPClient, account: ImapAccount) -> None:
-    """Keep the capabilities the login's answer carried (Dovecot and Gmail send them with it).
-    imaplib forgets that answer at the first SELECT or EXAMINE, and asking after it costs a round
-    trip before the first FETCH or APPEND. A server that sent none is asked now."""
+    """Keep the capabilities the login's answer carried (Gmail sends them with it). imaplib
+    forgets that answer at the first SELECT or EXAMINE, and asking after it costs a round trip
+    before the first FETCH or APPEND. A server that sent none (Dovecot here, Exchange) is asked
+    now: the question was coming anyway."""
     try:
         client.capabilities()
     except (OSError, imapclient.exceptions.IMAPClientError) as exc:
