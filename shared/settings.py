@@ -559,6 +559,15 @@ def _routes_of(settings: Settings) -> list[Route]:
     return routes
 
 
+def routes_by_account(routes: Iterable[Route]) -> dict[str, list[Route]]:
+    """The routes of each Gmail account, in their order: an account's routes share its sessions
+    and limits, so they are scanned, watched and copied one after the other."""
+    by_account: dict[str, list[Route]] = {}
+    for route in routes:
+        by_account.setdefault(route.gmail_user, []).append(route)
+    return by_account
+
+
 def reserved_folder_problem(folder: str) -> str | None:
     """Why Outlook.com refuses to create `folder`, or None: a name it reserves, in any case, as
     the folder or as its top level (created first)."""

@@ -28,7 +28,7 @@ from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
 from shared.pipeline.watch import RouteWatch, WatchTimes, idle_budget
 from shared.redaction import scrub
-from shared.settings import Route, Settings
+from shared.settings import Route, Settings, routes_by_account
 
 # -- check -------------------------------------------------------------------------------
 
@@ -324,8 +324,7 @@ def _print_start_points(settings: Settings, scans: Sequence[RouteScan]) -> None:
 
 def _lanes_wanted(app: bootstrap.App) -> int:
     """Copying threads beside the main one: one an account, OUTLOOK_MAX_CONNECTIONS in all."""
-    accounts = {route.gmail_user for route in app.settings.routes}
-    return min(app.settings.outlook_max_connections, len(accounts)) - 1
+    return min(app.settings.outlook_max_connections, len(routes_by_account(app.settings.routes))) - 1
 
 
 def _consume(app: bootstrap.App, tally: RunTally, *, show_progress: bool = True) -> None:

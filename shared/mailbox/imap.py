@@ -10,7 +10,8 @@ rewrites every CR, LF and CRLF into CRLF, and `multiappend()` sends exact bytes 
 literal8 and does not report a NO. `_run_with_literal` is the one place that speaks the
 protocol itself; `ImapSource._uid_fetch` sends through imaplib (imapclient's `fetch` keys a
 response without a UID item by its sequence number, so another message's answer could pass for
-the one asked) and parses plain answers itself, the rest with imapclient's parser. Everything else uses imapclient's public API.
+the one asked) and parses plain answers itself, the rest with imapclient's parser. Everything
+else uses imapclient's public API.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from shared.pipeline.budget import DownloadBudget
 from shared.pipeline.pauses import describe, source_pause_name, throttle_pause
 from shared.queue import MessageQueue
 from shared.redaction import scrub
-from shared.settings import Route
+from shared.settings import Route, routes_by_account
 from shared.state import StateStore, Watermark
 
 log = logging.getLogger("mail_syncer.scan")
@@ -102,9 +102,7 @@ def scan_routes(
             for route in some
         ]
 
-    by_account: dict[str, list[Route]] = {}
-    for route in routes:
-        by_account.setdefault(route.gmail_user, []).append(route)
+    by_account = routes_by_account(routes)
     if accounts_at_once <= 1 or len(by_account) <= 1:
         return scan_each(routes)
     with ThreadPoolExecutor(min(accounts_at_once, len(by_account)), thread_name_prefix="scan") as pool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from shared.mailbox.port import FolderWatch
 from shared.redaction import scrub
-from shared.settings import Route
+from shared.settings import Route, routes_by_account
 
 log = logging.getLogger("mail_syncer.watch")
 
@@ -46,11 +46,8 @@ def idle_budget(routes: Sequence[Route], spare: Callable[[str, int], int]) -> tu
     """The routes that get an IDLE session, and those left to the rescan alone. `spare(account,
     wanted)` says how many sessions of the account's budget may idle (Gmail allows 15 a account,
     and an IDLE session is one of them); the account's first routes get them."""
-    by_account: dict[str, list[Route]] = {}
-    for route in routes:
-        by_account.setdefault(route.gmail_user, []).append(route)
     idle, rescanned = [], []
-    for user, its_routes in by_account.items():
+    for user, its_routes in routes_by_account(routes).items():
         granted = spare(user, len(its_routes))
         idle += its_routes[:granted]
         rescanned += its_routes[granted:]
