@@ -461,9 +461,15 @@ def load_auth_settings(env_file: str | Path | None = ".env") -> AuthSettings:
         settings = AuthSettings(_env_file=env_file)  # type: ignore[call-arg]
     except ValidationError as exc:
         raise SettingsInvalid(_problems(exc, place_of=_env_name)) from None
-    if settings.requests_ca_bundle is not None and not settings.requests_ca_bundle.is_file():
-        raise SettingsInvalid([f"REQUESTS_CA_BUNDLE: no file at {settings.requests_ca_bundle}"])
+    if problems := _missing_bundles(settings, "requests_ca_bundle"):
+        raise SettingsInvalid(problems)
     return settings
+
+
+def _missing_bundles(settings: BaseSettings, *names: str) -> list[str]:
+    """A problem for each CA-bundle setting of `names` that names no file."""
+    bundles = ((name, getattr(settings, name)) for name in names)
+    return [f"{name.upper()}: no file at {bundle}" for name, bundle in bundles if bundle is not None and not bundle.is_file()]
 
 
 def trust_ca_bundle(bundle: Path | None) -> None:
@@ -661,10 +667,7 @@ def _check_credentials(settings: Settings) -> None:
         problems.append("MS_CLIENT_ID: required with MS_REFRESH_TOKEN")
     if settings.ms_refresh_token is not None and not settings.ms_authority_url.startswith("https://"):
         problems.append("MS_AUTHORITY: must be an https:// URL (msal refuses plain http)")
-    for name in ("imap_ca_bundle", "requests_ca_bundle"):
-        bundle = getattr(settings, name)
-        if bundle is not None and not bundle.is_file():
-            problems.append(f"{name.upper()}: no file at {bundle}")
+    problems += _missing_bundles(settings, "imap_ca_bundle", "requests_ca_bundle")
     if problems:
         raise SettingsInvalid(problems)
 
