@@ -130,6 +130,12 @@ class CopyResult:
     # (Outlook's suggested backoff, Gmail's bandwidth limits); see throttled_visibility.
     retry_after: float | None = None
     attempts: int = 0  # FAILED: the failed attempts recorded for it so far, this one included
+    # COPIED: what was copied, for per-message lines and metrics: the bytes appended, the
+    # source's INTERNALDATE, and the milliseconds from its batch's start to its copy recorded.
+    # They describe a result without deciding anything: left out of ==.
+    size: int | None = field(default=None, compare=False)
+    internaldate: dt.datetime | None = field(default=None, compare=False)
+    elapsed_ms: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -196,7 +202,7 @@ class Copier:
         route = self.routes[refs[0].route]
         if any(ref.route != route.name for ref in refs):
             raise ValueError("copy_messages: one route at a time")
-        batch = _Batch(refs, _source_pause_name(route))
+        batch = _Batch(refs, _source_pause_name(route), self.clock())
         try:
             self._claim_each(route, batch)
             self._copy_claimed(route, batch)
@@ -426,7 +432,7 @@ class Copier:
             found = self._copies_made_before(route, step, earliest)
             if found:
                 how = "copied before the state store knew of it" if step.unrecorded else "after an interrupted APPEND"
-                return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}")
+                return self._done(ref, found[0], f"{FOUND_IN_DESTINATION} {how}", message=message, started=step.started)
         return None
 
     def _copies_made_before(self, route: Route, step: _Step, earliest: dt.date | None) -> list[int]:
@@ -559,7 +565,7 @@ class Copier:
         except Exception as exc:  # noqa: BLE001 - as _guarded makes of it, for each
             return {step: self._after_error(route, step, exc) for step, _ in landed}
         return {
-            step: self._lost(step, failed) if failed is not None else CopyResult(Outcome.COPIED, step.ref.key, "", answer.uid)
+            step: self._lost(step, failed) if failed is not None else self._copied(step, answer.uid)
             for (step, answer), failed in zip(landed, lost, strict=True)
         }
 
@@ -727,9 +733,21 @@ class Copier:
         """Routes that share a destination folder also share what counts as a duplicate."""
         return [name for name, route in self.routes.items() if route.outlook_folder == folder]
 
-    def _done(self, ref: MessageRef, dest_uid: int | None, note: str = "") -> CopyResult:
+    def _done(
+        self, ref: MessageRef, dest_uid: int | None, note: str = "", *, message: SourceMessage | None = None,
+        started: float | None = None,
+    ) -> CopyResult:
         self.state.finalize(ref.key, self.owner, ClaimStatus.DONE, dest_uid=dest_uid, fingerprint=ref.fingerprint)
-        return CopyResult(Outcome.COPIED, ref.key, note, dest_uid)
+        return self._described(CopyResult(Outcome.COPIED, ref.key, note, dest_uid), message, started)
+
+    def _copied(self, step: _Step, dest_uid: int | None) -> CopyResult:
+        return self._described(CopyResult(Outcome.COPIED, step.ref.key, "", dest_uid), step.message, step.started)
+
+    def _described(self, result: CopyResult, message: SourceMessage | None, started: float | None) -> CopyResult:
+        elapsed = None if started is None else max(0, round((self.clock() - started) * 1000))
+        if message is None:
+            return replace(result, elapsed_ms=elapsed)
+        return replace(result, size=len(message.body), internaldate=message.internaldate, elapsed_ms=elapsed)
 
     def _skip(self, ref: MessageRef, reason: str, *, append_unresolved: bool = False) -> CopyResult:
         if append_unresolved and not ref.fingerprint:
@@ -803,11 +821,12 @@ class _Step:
     appending: bool = False  # marked APPENDING in this batch
     result: CopyResult | None = None
     taken: ClaimResult | None = None  # its claim as Copier._claim_many took it, for _claim
+    started: float | None = None  # when its batch began (Copier.clock), for CopyResult.elapsed_ms
 
 
 class _Batch:
-    def __init__(self, refs: Sequence[MessageRef], source_mailbox: str) -> None:
-        self.steps = [_Step(ref, source_mailbox) for ref in refs]
+    def __init__(self, refs: Sequence[MessageRef], source_mailbox: str, started: float | None = None) -> None:
+        self.steps = [_Step(ref, source_mailbox, started=started) for ref in refs]
         self.claimed: list[_Step] = []  # claimed, to be fetched
         self.blocking: CopyResult | None = None  # the first result that stopped the batch
 

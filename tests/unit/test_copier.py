@@ -97,6 +97,9 @@ def test_a_new_message_is_copied_byte_for_byte_with_flags_and_date_and_recorded_
     assert copy.body == body
     assert copy.flags == ("\\Seen", "\\Flagged", "$Important")  # \Recent belongs to a session
     assert copy.internaldate == world.source_of("work").message("INBOX", ref.uid).internaldate
+    # What -v and the metrics say of it.
+    assert (result.size, result.internaldate) == (len(body), copy.internaldate)
+    assert result.elapsed_ms is not None and result.elapsed_ms >= 0
     claim = world.claim(ref)
     assert (claim.status, claim.dest_uid, claim.fingerprint, claim.owner) == (
         ClaimStatus.DONE, copy.uid, ref.fingerprint, "consumer-1"
