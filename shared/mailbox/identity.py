@@ -115,6 +115,24 @@ def _instant(value: bytes | None) -> dt.datetime | None:
     return parsed.astimezone(dt.timezone.utc)
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A message as a person reads it in a list: From and Subject decoded, as written (a dry
+    run's listing), never compared."""
+
+    sender: str  # "" when absent
+    subject: str  # "" when absent
+
+    @classmethod
+    def of(cls, header_block: bytes) -> Headline:
+        fields = _fields(header_block)
+        sender, subject = fields.get("from"), fields.get("subject")
+        return cls(
+            sender=_WHITE_SPACE.sub(" ", _decoded(sender)).strip() if sender else "",
+            subject=_WHITE_SPACE.sub(" ", _decoded(subject)).strip() if subject else "",
+        )
+
+
 def _addresses(value: bytes | None) -> frozenset[str]:
     if not value:
         return frozenset()

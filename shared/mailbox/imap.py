@@ -34,7 +34,7 @@ from imapclient.response_parser import parse_fetch_response
 from shared.errors import ImapFailure
 from shared.mailbox import retry
 from shared.mailbox.identity import FIELDS as IDENTITY_FIELDS
-from shared.mailbox.identity import Identity
+from shared.mailbox.identity import Headline, Identity
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendAnswer,
@@ -693,7 +693,8 @@ def _listed(client: IMAPClient, uids: Sequence[int]) -> list[ListedMessage]:
             internaldate = data.get(b"INTERNALDATE")
             if not isinstance(internaldate, dt.datetime):
                 continue
-            listed.append(ListedMessage(uid, internaldate, Identity.of(_header_fields(data) or b"")))
+            block = _header_fields(data) or b""
+            listed.append(ListedMessage(uid, internaldate, Identity.of(block), Headline.of(block)))
     return sorted(listed, key=lambda message: message.uid)
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from shared.errors import MailSyncerError
-from shared.mailbox.identity import Identity, header_block
+from shared.mailbox.identity import Headline, Identity, header_block
 from shared.settings import Route
 
 # The flags copied to the destination. \Recent belongs to a session and \Deleted would hide the
@@ -63,6 +63,8 @@ class ListedMessage:
     uid: int
     internaldate: dt.datetime  # timezone-aware
     identity: Identity
+    # From and Subject as written, for a person (a dry run lists them); not compared.
+    headline: Headline | None = field(default=None, compare=False)
 
 
 def copies_in(listed: Iterable[ListedMessage], message: SourceMessage) -> list[int]:

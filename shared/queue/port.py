@@ -10,6 +10,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shared.errors import MailSyncerError
 from shared.message_ref import MessageRef
 
 # SQS's limits, kept by both adapters so a caller's mistake is a ValueError on either.
@@ -129,6 +130,12 @@ class MessageQueue(abc.ABC):
     def describe(self) -> str:
         """Where the queue lives, for messages: `SQS queue URL`, `SQLite /path`."""
 
+    def of_groups(self, groups: Sequence[str]) -> MessageQueue:
+        """This queue as one that receives, and counts in `depths` and `in_flight_past`, only the
+        messages of `groups` (a CLI's `--route`); sending and the dead letters are unchanged.
+        An adapter that cannot receive by group (SQS) raises GroupsNotSelectable."""
+        raise GroupsNotSelectable(f"{self.describe()} cannot hand out one route's messages alone")
+
     def close(self) -> None:  # noqa: B027 - optional for adapters
         """Release connections."""
 
@@ -144,3 +151,8 @@ def check_receive_arguments(max_messages: int, visibility_timeout: int, wait_sec
 def check_visibility(seconds: int) -> None:
     if not 0 <= seconds <= MAX_VISIBILITY_SECONDS:
         raise ValueError(f"visibility timeout: {seconds}, expected 0 to {MAX_VISIBILITY_SECONDS}")
+
+
+class GroupsNotSelectable(MailSyncerError):
+    """The queue hands out every group's messages: a run cannot copy one route's alone."""
+

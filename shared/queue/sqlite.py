@@ -23,6 +23,7 @@ the message in flight.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import secrets
@@ -88,12 +89,16 @@ CREATE TABLE IF NOT EXISTS queue_dead_letters (
 );
 """
 
+# The rows of the groups a view was narrowed to (SqliteQueue.of_groups); every row without one.
+OF_GROUPS = "(:groups IS NULL OR group_id IN (SELECT value FROM json_each(:groups)))"
+
 # The next visible messages in send order, skipping the groups that had a message in flight when
 # this receive began (later messages of a group delivered by this same receive do not block it).
-NEXT_VISIBLE = """
+NEXT_VISIBLE = f"""
 SELECT seq, message_id, group_id, body, receive_count FROM queue_messages
 WHERE seq > :after AND visible_at <= :now
   AND group_id NOT IN (SELECT value FROM json_each(:blocked))
+  AND {OF_GROUPS}
 ORDER BY seq LIMIT :limit
 """
 
@@ -126,6 +131,13 @@ class SqliteQueue(MessageQueue):
         self._schema_lock = threading.Lock()
         self._local = threading.local()
         self._opened: list[tuple[threading.Thread, sqlite3.Connection]] = []  # by thread, for close()
+        self._groups: str | None = None  # JSON list of the groups received and counted (of_groups)
+
+    def of_groups(self, groups: Sequence[str]) -> SqliteQueue:
+        # A view sharing this one's connections and receiver name: one process, one file.
+        view = copy.copy(self)
+        view._groups = json.dumps(sorted(set(groups)))
+        return view
 
     def describe(self) -> str:
         return f"SQLite {self._path}"
@@ -206,19 +218,20 @@ class SqliteQueue(MessageQueue):
         with self._connection() as conn:
             # One statement: the three counts come from one snapshot.
             visible, in_flight, dead = conn.execute(
-                """
-                SELECT (SELECT COUNT(*) FROM queue_messages WHERE visible_at <= :now),
-                       (SELECT COUNT(*) FROM queue_messages WHERE visible_at > :now),
-                       (SELECT COUNT(*) FROM queue_dead_letters)
+                f"""
+                SELECT (SELECT COUNT(*) FROM queue_messages WHERE visible_at <= :now AND {OF_GROUPS}),
+                       (SELECT COUNT(*) FROM queue_messages WHERE visible_at > :now AND {OF_GROUPS}),
+                       (SELECT COUNT(*) FROM queue_dead_letters WHERE {OF_GROUPS})
                 """,
-                {"now": self._clock()},
+                {"now": self._clock(), "groups": self._groups},
             ).fetchone()
         return QueueDepths(visible=visible, in_flight=in_flight, dead=dead)
 
     def in_flight_past(self, seconds: float) -> int | None:
         with self._connection() as conn:
             (count,) = conn.execute(
-                "SELECT COUNT(*) FROM queue_messages WHERE visible_at > ?", (self._clock() + seconds,)
+                f"SELECT COUNT(*) FROM queue_messages WHERE visible_at > :after AND {OF_GROUPS}",
+                {"after": self._clock() + seconds, "groups": self._groups},
             ).fetchone()
         return count
 
@@ -264,7 +277,10 @@ class SqliteQueue(MessageQueue):
             while len(received) < max_messages:
                 rows = conn.execute(
                     NEXT_VISIBLE,
-                    {"after": after, "now": now, "blocked": blocked, "limit": max_messages - len(received)},
+                    {
+                        "after": after, "now": now, "blocked": blocked, "limit": max_messages - len(received),
+                        "groups": self._groups,
+                    },
                 ).fetchall()
                 if not rows:
                     break

@@ -169,6 +169,19 @@ class DynamoStateStore(StateStore):
         except _ConditionFailed:
             pass
 
+    def widen_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        try:
+            self._call(
+                "put_item",
+                TableName=self._table,
+                Item=_item_key(route_pk(route), LOOKUP_SK)
+                | {"uidvalidity": _n(uidvalidity), "last_uid": _n(last_uid), "updated_at": _n(self._clock())},
+                ConditionExpression="attribute_not_exists(pk) OR uidvalidity <> :v OR last_uid < :u",
+                ExpressionAttributeValues={":v": _n(uidvalidity), ":u": _n(last_uid)},
+            )
+        except _ConditionFailed:
+            pass  # it covers this UID already
+
     def read_lookup_bound(self, route: str) -> Watermark | None:
         item = self._get(route_pk(route), LOOKUP_SK)
         if item is None:

@@ -203,6 +203,13 @@ class StateStore(abc.ABC):
         before appending it. Set once per route: a later call leaves the first bound."""
 
     @abc.abstractmethod
+    def widen_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        """Make the bound cover `last_uid` too: older messages queued below the watermark (a
+        backfill, `drain --since`) may also be in the destination with no record here. Under the
+        same UIDVALIDITY the higher of the two stays; with no bound, or one of another UIDVALIDITY
+        (whose UIDs are gone), this one is set."""
+
+    @abc.abstractmethod
     def read_lookup_bound(self, route: str) -> Watermark | None: ...
 
     # -- claims ----------------------------------------------------------------------------

@@ -178,6 +178,21 @@ class SqliteStateStore(StateStore):
                 (route, uidvalidity, last_uid, self._clock()),
             )
 
+    def widen_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        with self._writing() as db:
+            # SET reads the row's old values: the CASE compares the bound that was there.
+            db.execute(
+                """
+                INSERT INTO lookup_bounds (route, uidvalidity, last_uid, updated_at) VALUES (?, ?, ?, ?)
+                ON CONFLICT (route) DO UPDATE SET
+                    last_uid = CASE WHEN uidvalidity = excluded.uidvalidity
+                                    THEN max(last_uid, excluded.last_uid) ELSE excluded.last_uid END,
+                    uidvalidity = excluded.uidvalidity,
+                    updated_at = excluded.updated_at
+                """,
+                (route, uidvalidity, last_uid, self._clock()),
+            )
+
     def read_lookup_bound(self, route: str) -> Watermark | None:
         with self._reading() as db:
             row = db.execute("SELECT * FROM lookup_bounds WHERE route = ?", (route,)).fetchone()

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from shared.errors import MailSyncerError
-from shared.mailbox.identity import Identity, header_block
+from shared.mailbox.identity import Headline, Identity, header_block
 from shared.mailbox.port import (
     SYSTEM_FLAGS_COPIED,
     AppendAnswer,
@@ -106,7 +106,8 @@ class StoredMessage:
 
     def listed(self, served: bytes | None = None) -> ListedMessage:
         """Its INTERNALDATE and the identity of the bytes a FETCH serves (`served`, else its own)."""
-        return ListedMessage(self.uid, self.internaldate, Identity.of(header_block(served if served is not None else self.body)))
+        block = header_block(served if served is not None else self.body)
+        return ListedMessage(self.uid, self.internaldate, Identity.of(block), Headline.of(block))
 
     def summary(self) -> MessageSummary:
         """As the IMAP source makes it: the header block's hash only when there is no other identity."""

@@ -178,6 +178,10 @@ class FailingStateStore(StateStore):
         self._enter("set_lookup_bound")
         self.inner.set_lookup_bound(route, uidvalidity, last_uid)
 
+    def widen_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        self._enter("widen_lookup_bound")
+        self.inner.widen_lookup_bound(route, uidvalidity, last_uid)
+
     def read_lookup_bound(self, route: str) -> Watermark | None:
         self._enter("read_lookup_bound")
         return self.inner.read_lookup_bound(route)

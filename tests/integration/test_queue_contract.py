@@ -375,6 +375,32 @@ def test_depths_count_visible_in_flight_and_dead(queue):
     assert queue.depths() == QueueDepths(visible=2, in_flight=0, dead=1)
 
 
+def test_sqlite_a_view_of_some_groups_receives_and_counts_only_theirs(tmp_path):
+    # `--route`: a run copies the messages of its routes and waits for none of the others'.
+    queue = sqlite_backend(tmp_path / "q.db").queue
+    queue.send_refs(refs("alpha", 1, 2) + refs("beta", 1) + refs("gamma", 1))
+    view = queue.of_groups(["alpha", "gamma"])
+
+    assert view.depths() == QueueDepths(visible=3, in_flight=0, dead=0)
+    received = view.receive()
+    assert [m.body for m in received] == [body("alpha", 1), body("alpha", 2), body("gamma", 1)]
+    assert view.depths() == QueueDepths(visible=0, in_flight=3, dead=0)
+    view.quarantine(received[0], "malformed")
+    view.delete_many(received[1:])
+    assert view.depths() == QueueDepths(visible=0, in_flight=0, dead=1)
+    assert view.receive() == []
+    # The whole queue is as before for everyone else: beta's message waits.
+    assert [m.body for m in queue.receive() if m.group_id == "beta"] == [body("beta", 1)]
+
+
+def test_sqs_cannot_give_one_groups_messages_alone(aws_env, aws_client):
+    from shared.queue.port import GroupsNotSelectable
+
+    backend = next(sqs_backend(aws_env, aws_client("sqs")))
+    with pytest.raises(GroupsNotSelectable, match="cannot hand out one route's messages alone"):
+        backend.queue.of_groups(["alpha"])
+
+
 # --- redrive -------------------------------------------------------------------------------------
 
 

@@ -835,6 +835,17 @@ def test_a_lookup_bound_is_kept_once_per_route(store):
     assert (store.read_lookup_bound("other").uidvalidity, store.read_lookup_bound("other").last_uid) == (3, 5)
 
 
+def test_a_lookup_bound_widens_to_cover_a_backfill_and_never_narrows(store):
+    store.widen_lookup_bound(ROUTE, 7, 30)  # none before: set
+    store.set_lookup_bound(ROUTE, 7, 40)  # set once: left as it is
+    assert store.read_lookup_bound(ROUTE).last_uid == 30
+    store.widen_lookup_bound(ROUTE, 7, 55)
+    store.widen_lookup_bound(ROUTE, 7, 12)  # lower: the bound stays
+    assert (store.read_lookup_bound(ROUTE).uidvalidity, store.read_lookup_bound(ROUTE).last_uid) == (7, 55)
+    store.widen_lookup_bound(ROUTE, 9, 4)  # renumbered: the old UIDs are gone, the new bound counts
+    assert (store.read_lookup_bound(ROUTE).uidvalidity, store.read_lookup_bound(ROUTE).last_uid) == (9, 4)
+
+
 # -- batched writes ------------------------------------------------------------------------------
 def test_writes_in_a_batch_all_hold_after_it_and_a_refused_one_is_undone_alone(store, clock):
     first, second = uid_key(1), uid_key(2)
