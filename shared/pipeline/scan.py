@@ -21,7 +21,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from shared.errors import MailSyncerError, QueueUnavailable, StateStoreUnavailable
-from shared.mailbox.port import FolderState, MailboxThrottled, MessageSummary, SourceMailbox, fingerprint
+from shared.mailbox.port import (
+    FolderState,
+    ListedMessage,
+    MailboxThrottled,
+    MessageSummary,
+    SourceMailbox,
+    fingerprint,
+)
 from shared.message_ref import MessageRef
 from shared.pipeline.budget import DownloadBudget
 from shared.pipeline.pauses import describe, source_pause_name, throttle_pause
@@ -51,7 +58,13 @@ class RouteScan:
     since: dt.date | None = None
     # On a route's first scan: the folder's messages from before `since`, which are not copied.
     older: int | None = None
+    # A backfill (`backfill_since`, below the watermark): messages from `since` on that this
+    # store never queued (counted in `found`), and those it knows already (queued or copied).
+    backfilled: int | None = None
+    known: int = 0
     refs: list[MessageRef] = field(default_factory=list)  # what was (or would be) sent
+    # Dry run: each ref's INTERNALDATE, From and Subject, for the listing.
+    listed: list[ListedMessage] = field(default_factory=list)
     error: str | None = None  # why the route could not be scanned
     # Not scanned, and why: its source account asked to be left alone ("source <account> paused
     # until ...: reason"). Not an error: the next scan after the pause goes on from the watermark.
@@ -77,6 +90,7 @@ def scan_routes(
     clock: Callable[[], float] = time.time,
     on_new_mail: Callable[[Route], None] = lambda route: None,
     accounts_at_once: int = 1,
+    backfill_since: dt.date | None = None,
 ) -> list[RouteScan]:
     """Scan every route; one route's failure is recorded and the others go on.
 
@@ -90,7 +104,8 @@ def scan_routes(
     when its search finds some (the CLI logs in to the destination meanwhile).
     `accounts_at_once`: the routes of that many source accounts scanned at the same time, a
     thread each (an account's routes one after the other: they share its sessions); the scans
-    come back in the order of `routes` all the same."""
+    come back in the order of `routes` all the same. `backfill_since`: also queue the messages
+    from that day on, below the watermark, that this store never queued (`drain --since`)."""
     state.check_health()
 
     def scan_each(some: Sequence[Route]) -> list[RouteScan]:
@@ -98,6 +113,7 @@ def scan_routes(
             _scan_or_say_why_not(
                 route, state=state, queue=queue, open_source=open_source, limits=limits, dry_run=dry_run,
                 download_budget=download_budget, clock=clock, on_new_mail=on_new_mail,
+                backfill_since=backfill_since,
             )
             for route in some
         ]
@@ -122,6 +138,7 @@ def _scan_or_say_why_not(
     download_budget: DownloadBudget | None,
     clock: Callable[[], float],
     on_new_mail: Callable[[Route], None],
+    backfill_since: dt.date | None = None,
 ) -> RouteScan:
     pause = state.read_pause(source_pause_name(route.gmail_user))
     if pause is not None and pause.until > clock():
@@ -129,7 +146,7 @@ def _scan_or_say_why_not(
     try:
         scan = scan_route(
             route, state=state, queue=queue, open_source=open_source, limits=limits, dry_run=dry_run,
-            on_new_mail=on_new_mail,
+            on_new_mail=on_new_mail, backfill_since=backfill_since,
         )
     except (StateStoreUnavailable, QueueUnavailable):
         raise
@@ -206,6 +223,7 @@ def scan_route(
     limits: ScanLimits,
     dry_run: bool = False,
     on_new_mail: Callable[[Route], None] = lambda route: None,
+    backfill_since: dt.date | None = None,
 ) -> RouteScan:
     scan = RouteScan(route.name)
     with open_source(route) as source:
@@ -215,8 +233,12 @@ def scan_route(
         told = not dry_run and _has_mail_above(folder, None if mark is None or renumbered else mark.last_uid)
         if told:
             on_new_mail(route)  # a round trip before the SEARCH that lists it
+        summaries = _SummaryReader(route, source, open_source, folder.uidvalidity)
+        backlog: list[MessageRef] = []
         if mark is not None and not renumbered:
             uids = source.uids_above(mark.last_uid)
+            if backfill_since is not None:
+                backlog = _backlog(route, source, summaries, state, folder, mark, backfill_since, scan)
         else:
             since = route.since or limits.today - dt.timedelta(days=limits.fallback_since_days)
             if renumbered and route.since is None and mark.updated_at:
@@ -233,19 +255,26 @@ def scan_route(
                 )
             uids = source.uids_since(since)
             scan.since = since
+            # A first scan's window is the backfill: later, `drain --since` reaches further back.
+            if backfill_since is not None and backfill_since < since:
+                uids = source.uids_since(backfill_since)
+                scan.since = since = backfill_since
             if mark is None:
                 scan.older = max(0, folder.exists - len(uids))
-        scan.found = len(uids)
-        if uids and not dry_run and not told:
+        scan.found = len(uids) + len(backlog)
+        if (uids or backlog) and not dry_run and not told:
             on_new_mail(route)
         if mark is None and uids and not dry_run:
             # No watermark: this store has no record of what was copied before (a first run, a
             # lost state file, another copier before it). Each of these is looked for in the
             # destination before it is appended; set before any is queued.
             state.set_lookup_bound(route.name, folder.uidvalidity, uids[-1])
-        pending = uids[: limits.max_enqueue_per_run]
-        scan.left_for_next_run = len(uids) - len(pending)
-        summaries = _SummaryReader(route, source, open_source, folder.uidvalidity)
+        # Older messages first (their UIDs are lower), within the same cap.
+        backlog_now = backlog[: limits.max_enqueue_per_run]
+        pending = uids[: limits.max_enqueue_per_run - len(backlog_now)]
+        scan.left_for_next_run = scan.found - len(backlog_now) - len(pending)
+        if backlog_now:
+            _queue_backlog(route, backlog_now, source, state, queue, folder, scan, dry_run=dry_run)
         for start in range(0, len(pending), CHUNK):
             chunk = pending[start : start + CHUNK]
             found, unreadable = summaries.read(chunk)
@@ -262,6 +291,7 @@ def scan_route(
             scan.refs.extend(refs)
             scan.enqueued += len(refs)
             if dry_run:
+                scan.listed.extend(source.identities(chunk))
                 continue
             queue.send_refs(refs)
             # Up to the chunk's last UID, not its last summary: UIDs expunged since the search
@@ -273,6 +303,11 @@ def scan_route(
             # above it.
             state.advance_watermark(route.name, folder.uidvalidity, folder.uidnext - 1)
     scan.watermark = mark if dry_run else state.read_watermark(route.name)
+    if scan.backfilled is not None:
+        log.info(
+            "route %s: backfill from %s: %d older message(s) never queued, %d known already",
+            route.name, scan.since, scan.backfilled, scan.known,
+        )
     log.info(
         "route %s: %d new%s, %s %d, %d left for the next run%s",
         route.name, scan.found, f" since {scan.since}" if scan.since else "",
@@ -280,3 +315,57 @@ def scan_route(
         f"; {scan.older} older not copied" if scan.older else "",
     )
     return scan
+
+
+def _backlog(
+    route: Route,
+    source: SourceMailbox,
+    summaries: _SummaryReader,
+    state: StateStore,
+    folder: FolderState,
+    mark: Watermark,
+    since: dt.date,
+    scan: RouteScan,
+) -> list[MessageRef]:
+    """A backfill: the references of the messages from `since` on, below the watermark, that this
+    store never queued (no claim: neither copied, skipped nor tried). Those it knows are left to
+    their records: copied ones stay copied, failed ones wait for `redrive`."""
+    older = [uid for uid in source.uids_since(since) if uid <= mark.last_uid]
+    backlog: list[MessageRef] = []
+    for start in range(0, len(older), CHUNK):
+        found, unreadable = summaries.read(older[start : start + CHUNK])
+        refs = [MessageRef(route.name, folder.uidvalidity, s.uid, fingerprint(s), s.size) for s in found]
+        refs += [MessageRef(route.name, folder.uidvalidity, uid, None, None) for uid, _ in unreadable]
+        for ref in sorted(refs, key=lambda ref: ref.uid):
+            if state.get_claim(ref.key, fingerprint=ref.fingerprint) is None:
+                backlog.append(ref)
+            else:
+                scan.known += 1
+    scan.since, scan.backfilled = since, len(backlog)
+    return backlog
+
+
+def _queue_backlog(
+    route: Route,
+    refs: Sequence[MessageRef],
+    source: SourceMailbox,
+    state: StateStore,
+    queue: MessageQueue,
+    folder: FolderState,
+    scan: RouteScan,
+    *,
+    dry_run: bool,
+) -> None:
+    """Send a backfill's references; the watermark stays where it is (it only moves up)."""
+    scan.refs.extend(refs)
+    scan.enqueued += len(refs)
+    if dry_run:
+        for start in range(0, len(refs), CHUNK):
+            scan.listed.extend(source.identities([ref.uid for ref in refs[start : start + CHUNK]]))
+        return
+    # Never queued by this store, so perhaps copied by something before it (another copier, a
+    # lost state file): each is looked for in the destination before it is appended.
+    state.widen_lookup_bound(route.name, folder.uidvalidity, max(ref.uid for ref in refs))
+    for start in range(0, len(refs), CHUNK):
+        queue.send_refs(refs[start : start + CHUNK])
+

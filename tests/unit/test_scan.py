@@ -40,7 +40,10 @@ def limits(today: dt.date = FIRST_SCAN_DAY, *, cap: int = 1000) -> ScanLimits:
     return ScanLimits(max_enqueue_per_run=cap, fallback_since_days=FALLBACK_DAYS, today=today)
 
 
-def scan(world: FakeWorld, *route_names: str, today: dt.date = FIRST_SCAN_DAY, cap: int = 1000, dry_run: bool = False):
+def scan(
+    world: FakeWorld, *route_names: str, today: dt.date = FIRST_SCAN_DAY, cap: int = 1000, dry_run: bool = False,
+    backfill_since: dt.date | None = None,
+):
     return scan_routes(
         [world.routes[name] for name in route_names or ("work",)],
         state=world.state,
@@ -50,6 +53,7 @@ def scan(world: FakeWorld, *route_names: str, today: dt.date = FIRST_SCAN_DAY, c
         dry_run=dry_run,
         download_budget=DownloadBudget(world.state, 1_000_000, clock=world.clock),
         clock=world.clock,
+        backfill_since=backfill_since,
     )
 
 
@@ -295,6 +299,57 @@ def test_the_cap_per_run_leaves_the_rest_for_the_next_runs_each_sent_once(world)
     assert [run.watermark.last_uid for run in runs] == [uids[1], uids[3], uids[4], uids[4]]
 
 
+# -- a backfill: drain --since -------------------------------------------------------------------
+
+
+def test_a_backfill_queues_the_older_messages_never_queued_once_and_leaves_the_watermark(world):
+    day = FIRST_SCAN_DAY
+    old = arrive_on(world, "work", day - dt.timedelta(days=40), day - dt.timedelta(days=20))
+    too_old = arrive_on(world, "work", day - dt.timedelta(days=90))
+    recent = arrive_on(world, "work", day)
+    [first] = scan(world)
+    assert (first.found, first.older) == (1, 3)
+    world.copier().copy_messages(world.queue.refs())  # the recent one is copied
+    mark = watermark(world)
+    new = arrive_on(world, "work", day)
+
+    [backfill] = scan(world, backfill_since=day - dt.timedelta(days=50))
+
+    assert (backfill.since, backfill.backfilled, backfill.known) == (day - dt.timedelta(days=50), 2, 1)
+    assert (backfill.found, backfill.enqueued, backfill.left_for_next_run) == (3, 3, 0)
+    assert queued_uids(world) == [*recent, *old, *new]  # older ones first; the copied one not again
+    assert too_old[0] not in queued_uids(world)
+    assert watermark(world) == (mark[0], new[0])  # moved for the new one only
+    # Never queued by this store: each is looked for in the destination before it is appended.
+    assert world.state.inner.read_lookup_bound("work").last_uid >= max(old)
+    world.copier().copy_messages(world.queue.refs()[1:])
+    [again] = scan(world, backfill_since=day - dt.timedelta(days=50))
+    assert (again.backfilled, again.known, again.enqueued) == (0, 4, 0)  # all copied now: none queued again
+
+
+def test_a_backfill_keeps_to_the_cap_per_run_older_messages_first(world):
+    day = FIRST_SCAN_DAY
+    old = arrive_on(world, "work", *[day - dt.timedelta(days=30)] * 3)
+    scan(world)
+    new = arrive_on(world, "work", day, day)
+
+    [run] = scan(world, cap=4, backfill_since=day - dt.timedelta(days=31))
+
+    assert (run.found, run.enqueued, run.left_for_next_run) == (5, 4, 1)
+    assert queued_uids(world)[-4:] == [*old, new[0]]
+
+
+def test_a_first_scan_with_a_backfill_date_before_its_window_starts_there(world):
+    day = FIRST_SCAN_DAY
+    old = arrive_on(world, "work", day - dt.timedelta(days=30))
+    older = arrive_on(world, "work", day - dt.timedelta(days=60))
+
+    [first] = scan(world, backfill_since=day - dt.timedelta(days=31))
+
+    assert (first.since, first.found, first.older) == (day - dt.timedelta(days=31), 1, 1)
+    assert queued_uids(world) == old and older[0] not in queued_uids(world)
+
+
 # -- dry runs ------------------------------------------------------------------------------------
 
 
@@ -309,6 +364,10 @@ def test_a_dry_run_lists_what_would_be_enqueued_and_writes_nothing(world):
     [result] = scan(world, dry_run=True)
 
     assert [ref.uid for ref in result.refs] == new and result.enqueued == 2
+    # What a person reads in the listing: INTERNALDATE, From and Subject of each.
+    assert [(m.uid, m.internaldate, bool(m.headline.subject)) for m in result.listed] == [
+        (uid, noon(FIRST_SCAN_DAY), True) for uid in new
+    ]
     assert result.watermark == mark
     assert len(world.queue.calls) == sends
     assert world.state.inner.read_watermark("work") == mark
