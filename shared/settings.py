@@ -317,6 +317,9 @@ class Settings(_WireSettings):
     max_message_bytes: int = Field(default=OUTLOOK_MAX_MESSAGE_BYTES, ge=1024, le=2**40)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The CLI's log lines on stderr: "text" for a person, "json" (one object a line) for a log
+    # collector; `--log-format` overrides it.
+    log_format: Literal["text", "json"] = "text"
 
     _routes: list[Route] = PrivateAttr(default_factory=list)
     # Provenance (see source_of): the .env file read, and the secret each secret-borne setting came from.
@@ -350,6 +353,11 @@ class Settings(_WireSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def routes(self) -> list[Route]:

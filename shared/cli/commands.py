@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import sys
 import threading
 import time
@@ -17,9 +18,11 @@ from dataclasses import replace
 
 from shared import bootstrap, claim_owners
 from shared.cli.progress import Progress, RunTally
-from shared.cli.report import ExitCode, Report
+from shared.cli.report import ExitCode, Report, UsageProblem
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
+from shared.claim_owners import readable
 from shared.mailbox.imap import ImapSource, open_folder_watch
+from shared.mailbox.port import ListedMessage
 from shared.mailbox.session import open_session
 from shared.pipeline.consume import consume_queue
 from shared.pipeline.copier import CopyResult, Outcome, lease_for
@@ -27,8 +30,13 @@ from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
 from shared.pipeline.redrive import redrive_dead_letters
 from shared.pipeline.scan import RouteScan, scan_routes
 from shared.pipeline.watch import RouteWatch, WatchTimes, idle_budget
+from shared.queue import MessageQueue
+from shared.queue.port import GroupsNotSelectable
 from shared.redaction import scrub
 from shared.settings import Route, Settings, routes_by_account
+
+# Each message's outcome at DEBUG (its fields in JSON logs); `-v` prints the same line on stdout.
+message_log = logging.getLogger("mail_syncer.messages")
 
 # -- check -------------------------------------------------------------------------------
 
@@ -109,50 +117,71 @@ SCAN_ACCOUNTS_AT_ONCE = 8
 
 
 def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    scans = _scan(args, app, copying_next=False)
+    scans = _scan(args, app, selected_routes(args, app), copying_next=False)
     _print_scans(scans, dry_run=args.dry_run)
     return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
 
 
 def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    routes = selected_routes(args, app)
     tally = RunTally()
-    _consume(app, tally)
-    _print_summary(app, tally)
+    _consume(app, tally, routes, verbose=args.verbose)
+    _print_summary(app, tally, routes)
     return _exit_code(tally)
 
 
 def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    scans = _scan(args, app)
+    routes = selected_routes(args, app)
+    scans = _scan(args, app, routes, copying_next=not args.dry_run)
     if args.dry_run:
         _print_scans(scans, dry_run=True)
         return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
     tally = RunTally()
     tally.add_scans(scans)
-    _consume(app, tally)
-    _print_summary(app, tally)
+    _consume(app, tally, routes, verbose=args.verbose)
+    _print_summary(app, tally, routes)
     return _exit_code(tally)
 
 
 def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Scan and copy, again and again, until no route has anything left to enqueue."""
+    routes = selected_routes(args, app)
+    if args.dry_run:
+        if args.watch:
+            raise UsageProblem("--dry-run and --watch: a dry run lists what would be copied now, then ends")
+        scans = _scan(args, app, routes, copying_next=False)
+        _print_scans(scans, dry_run=True)
+        return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
     tally = RunTally()
     while True:
-        scans = _scan(args, app)
+        scans = _scan(args, app, routes)
         tally.add_scans(scans)
-        _consume(app, tally)
+        _consume(app, tally, routes, verbose=args.verbose)
         if not any(s.left_for_next_run for s in scans if not s.error):
             break
-    _print_summary(app, tally)
-    if getattr(args, "watch", False):
-        return _watch(args, app, tally)
+    _print_summary(app, tally, routes)
+    if args.watch:
+        return _watch(args, app, tally, routes)
     return _exit_code(tally)
 
 
-def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally) -> ExitCode:
+def selected_routes(args: argparse.Namespace, app: bootstrap.App) -> list[Route]:
+    """The routes `--route` names (each known), in the settings' order; every route without it."""
+    routes = app.settings.routes
+    names = getattr(args, "route", None)
+    if not names:
+        return list(routes)
+    known = [route.name for route in routes]
+    unknown = [name for name in dict.fromkeys(names) if name not in known]
+    if unknown:
+        raise UsageProblem(f"--route: unknown route {', '.join(map(repr, unknown))} (routes: {', '.join(known)})")
+    return [route for route in routes if route.name in names]
+
+
+def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally, routes: Sequence[Route]) -> ExitCode:
     """After the drain: IDLE on each route's source, and copy what arrives, until Ctrl-C or
     SIGTERM (main turns the KeyboardInterrupt into exit 130 after the summary here)."""
     settings = app.settings
-    routes = settings.routes
     idle_on, rescanned = idle_budget(routes, app.connections.set_aside)
     times = WatchTimes(reidle_seconds=settings.watch_reidle_seconds, rescan_seconds=settings.watch_rescan_seconds)
     print(
@@ -172,7 +201,7 @@ def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally) -> Exi
         scans = _scan(args, app, due)
         this_round.add_scans(scans)
         tally.add_scans(scans)
-        _consume(app, this_round, show_progress=False)
+        _consume(app, this_round, routes, verbose=args.verbose, show_progress=False)
         for result in this_round.last.values():
             tally.add(result)
         tally.quarantined += this_round.quarantined
@@ -193,7 +222,7 @@ def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally) -> Exi
         # Interrupted (or failed): say what the watch did, then main says how it ended.
         minutes = (time.monotonic() - started) / 60
         print(f"watch ended after {minutes:.1f} min, {rounds} copy round(s); in all, drain and watch:")
-        _print_summary(app, tally)
+        _print_summary(app, tally, routes)
     return _exit_code(tally)
 
 
@@ -217,13 +246,8 @@ def _round_lines(routes: Sequence[Route], tally: RunTally) -> list[str]:
 
 def reconcile(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Record as copied what each route's destination folder holds already; copies nothing."""
-    known = [route.name for route in app.settings.routes]
-    unknown = [name for name in args.route or () if name not in known]
-    if unknown:
-        print(f"reconcile --route: unknown route {', '.join(map(repr, unknown))} (routes: {', '.join(known)})", file=sys.stderr)
-        return ExitCode.USAGE
+    routes = selected_routes(args, app)
     app.state.check_health()  # the gate: what is recorded must be kept
-    routes = [route for route in app.settings.routes if not args.route or route.name in args.route]
     limits = app.scan_limits()
     results = reconcile_routes(
         routes,
@@ -266,13 +290,13 @@ def _exit_code(tally: RunTally) -> ExitCode:
     return ExitCode.PAUSED if tally.waits else ExitCode.OK
 
 
-def _print_summary(app: bootstrap.App, tally: RunTally) -> None:
+def _print_summary(app: bootstrap.App, tally: RunTally, routes: Sequence[Route]) -> None:
     now = time.time()
-    tally.print_summary(app.settings.routes, [pause for pause in app.state.pauses() if pause.until > now])
+    tally.print_summary(routes, [pause for pause in app.state.pauses() if pause.until > now])
 
 
 def _scan(
-    args: argparse.Namespace, app: bootstrap.App, routes: Sequence[Route] | None = None, *, copying_next: bool = True
+    args: argparse.Namespace, app: bootstrap.App, routes: Sequence[Route], *, copying_next: bool = True
 ) -> list[RouteScan]:
     # Logged in to the destination while the scan goes on: a session for each account found
     # with new mail, up to one a lane (copy_batch hands an account's routes to a lane).
@@ -290,7 +314,7 @@ def _scan(
             connections.prepare_destination(route.outlook_folder)
 
     scans = scan_routes(
-        app.settings.routes if routes is None else routes,
+        routes,
         state=app.state,
         queue=app.queue,
         open_source=app.connections.borrowed_source,
@@ -299,25 +323,36 @@ def _scan(
         download_budget=app.download_budget(),
         on_new_mail=prepare_destination,
         accounts_at_once=SCAN_ACCOUNTS_AT_ONCE,
+        backfill_since=getattr(args, "since", None),
     )
-    _print_start_points(app.settings, scans)
+    _print_start_points(app.settings, scans, getattr(args, "since", None))
     return scans
 
 
-def _print_start_points(settings: Settings, scans: Sequence[RouteScan]) -> None:
+def _print_start_points(settings: Settings, scans: Sequence[RouteScan], backfill_since: dt.date | None) -> None:
     """A route's first scan says where it started and what it leaves behind: mail older than
-    the start is never copied, and a user who expected the whole folder must learn it now."""
+    the start is never copied, and a user who expected the whole folder must learn it now. A
+    backfill (`--since`) says what it found below the watermark."""
     routes = {route.name: route for route in settings.routes}
     for scan in scans:
         route = routes.get(scan.route)
+        if scan.backfilled is not None:
+            print(
+                f"route {scan.route}: from {scan.since} (--since): {scan.backfilled} older message(s) never copied"
+                f" before, to copy; {scan.known} copied or tried before, left as they are",
+                flush=True,
+            )
         if scan.older is None or scan.since is None or route is None:
             continue
-        why = "its since" if route.since else f"FALLBACK_SINCE_DAYS={settings.fallback_since_days}"
+        why = "--since" if backfill_since == scan.since else "its since" if route.since else (
+            f"FALLBACK_SINCE_DAYS={settings.fallback_since_days}"
+        )
         line = f"route {scan.route}: first scan, from {scan.since} ({why}): {scan.found} new"
         if scan.older:
             line += (
                 f"; {scan.older} older message(s) in {route.gmail_folder} are not copied"
-                " (to copy them too, set the route's since: \"since\" in SYNC_ROUTES_JSON, or SINCE)"
+                " (to copy them too: `drain --since YYYY-MM-DD` once, or the route's since:"
+                " \"since\" in SYNC_ROUTES_JSON, or SINCE)"
             )
         print(line, flush=True)
 
@@ -327,23 +362,29 @@ def _lanes_wanted(app: bootstrap.App) -> int:
     return min(app.settings.outlook_max_connections, len(routes_by_account(app.settings.routes))) - 1
 
 
-def _consume(app: bootstrap.App, tally: RunTally, *, show_progress: bool = True) -> None:
-    """`show_progress=False`: no progress line (a watch's round prints its own), waits still said."""
+def _consume(
+    app: bootstrap.App, tally: RunTally, routes: Sequence[Route], *, verbose: bool = False, show_progress: bool = True
+) -> None:
+    """`show_progress=False`: no progress line (a watch's round prints its own), waits still said.
+    `verbose`: a line per message on stdout. Only `routes`' messages are taken from the queue."""
     app.state.check_health()  # the gate, also when consuming alone
     lease = app.settings.lease_seconds
-    progress = Progress(total=app.queue.depths().visible)
+    queue = _queue_of(app, routes)
+    progress = Progress(total=queue.depths().visible, quiet=app.settings.log_format == "json" or not show_progress)
 
     def on_result(result: CopyResult) -> None:
         tally.add(result)
-        if show_progress:
-            progress.advance(result)
+        log_outcome(result)
+        if verbose:
+            progress.note(message_line(result))
+        progress.advance(result)
 
     copier = app.copier(lease_for(lease))
     # The routes of other Gmail accounts copied at the same time, one Outlook session each.
     lanes = [replace(copier, mailboxes=lane) for lane in app.connections.lanes(_lanes_wanted(app))]
     try:
         tally.left_waiting = consume_queue(
-            app.queue,
+            queue,
             copier,
             lanes=lanes,
             visibility_timeout=lease,
@@ -352,14 +393,52 @@ def _consume(app: bootstrap.App, tally: RunTally, *, show_progress: bool = True)
             on_wait=progress.waiting,
         )
     finally:
-        if show_progress:
-            progress.finish()
+        progress.finish()
     # A run never ends as if all were well while messages wait in the dead letters.
-    tally.dead_letters = app.queue.depths().dead
+    tally.dead_letters = queue.depths().dead
     tally.settle(app.state.get_claim)
 
 
+def _queue_of(app: bootstrap.App, routes: Sequence[Route]) -> MessageQueue:
+    """The queue, or with `--route` a view of it that hands out those routes' messages alone."""
+    if len(routes) == len(app.settings.routes):
+        return app.queue
+    try:
+        return app.queue.of_groups([route.name for route in routes])
+    except GroupsNotSelectable as exc:
+        raise UsageProblem(f"--route: {exc}; without --route every route's messages are copied") from None
+
+
+def message_line(result: CopyResult) -> str:
+    """`-v`: `route work UID 12: copied as UID 7, 4,211 bytes, 85 ms`."""
+    where = f"route {result.key.route} UID {result.key.uid}" if result.key else "a queue message"
+    if result.outcome is Outcome.COPIED:
+        line = f"{where}: copied" + (f" as UID {result.dest_uid}" if result.dest_uid is not None else "")
+        if result.size is not None:
+            line += f", {result.size:,} bytes"
+        if result.elapsed_ms is not None:
+            line += f", {result.elapsed_ms} ms"
+        return line + (f" ({result.detail})" if result.detail else "")
+    if result.outcome is Outcome.FAILED:
+        return f"{where}: failed (attempt {result.attempts}, tried again): {result.detail}"
+    return f"{where}: {result.outcome.value}" + (f": {readable(result.detail)}" if result.detail else "")
+
+
+def log_outcome(result: CopyResult) -> None:
+    """A DEBUG log record per message, with its fields for JSON logs (LOG_LEVEL=DEBUG)."""
+    if not message_log.isEnabledFor(logging.DEBUG):
+        return
+    fields = {"outcome": result.outcome.value, "dest_uid": result.dest_uid, "bytes": result.size, "ms": result.elapsed_ms}
+    if result.key is not None:
+        fields |= {"route": result.key.route, "uid": result.key.uid, "uidvalidity": result.key.uidvalidity}
+    if result.detail:
+        fields["detail"] = result.detail
+    message_log.debug("%s", message_line(result), extra=fields)
+
+
 def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:
+    """A line per route; a dry run lists each message that would be copied, then the total."""
+    total, total_bytes = 0, 0
     for scan in scans:
         if scan.error:
             print(f"route {scan.route}: scan failed: {scan.error}")
@@ -371,8 +450,35 @@ def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:
         mark = f"UIDVALIDITY {scan.watermark.uidvalidity}, UID {scan.watermark.last_uid}" if scan.watermark else "none"
         print(f"route {scan.route}: {scan.found} new, {verb} {scan.enqueued}, {scan.left_for_next_run} left for the next run; watermark {mark}")
         if dry_run:
+            listed = {message.uid: message for message in scan.listed}
             for ref in scan.refs:
-                print(f"  UID {ref.uid} (UIDVALIDITY {ref.uidvalidity}, {ref.size} bytes, fingerprint {ref.fingerprint or 'none'})")
+                print(_listing_line(ref.uid, ref.size, listed.get(ref.uid)))
+                total, total_bytes = total + 1, total_bytes + (ref.size or 0)
+    if dry_run:
+        print(f"total: {total} message(s), {_megabytes(total_bytes)} would be copied (dry run: nothing was queued or copied)")
+
+
+def _listing_line(uid: int, size: int | None, listed: ListedMessage | None) -> str:
+    """`  UID 12  2026-11-28 09:14  4.2 kB  Alice <alice@example.com>  Quarterly report`."""
+    if listed is None:
+        return f"  UID {uid}  (gone from the source, or not readable)"
+    when = listed.internaldate.astimezone().strftime("%Y-%m-%d %H:%M")
+    headline = listed.headline
+    sender = _clipped(headline.sender if headline else "", 40) or "(no From)"
+    subject = _clipped(headline.subject if headline else "", 60) or "(no Subject)"
+    return f"  UID {uid}  {when}  {_kilobytes(size)}  {sender}  {subject}"
+
+
+def _clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _kilobytes(size: int | None) -> str:
+    return "size ?" if size is None else f"{size / 1000:.1f} kB"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB" if size >= 100_000 else f"{size / 1000:.1f} kB"
 
 
 # -- redrive -----------------------------------------------------------------------------

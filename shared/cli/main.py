@@ -18,7 +18,7 @@ from pathlib import Path
 from shared import bootstrap
 from shared.cli.auth import auth
 from shared.cli.parser import build_parser
-from shared.cli.report import ExitCode, Report
+from shared.cli.report import ExitCode, Report, UsageProblem
 from shared.errors import MailSyncerError, QueueUnavailable, SettingsInvalid, StateStoreUnavailable
 from shared.logs import configure_logging
 from shared.redaction import scrub
@@ -41,12 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.env_file or ".env")
     except SettingsInvalid as exc:
         return report.settings_invalid(exc.problems)
+    if args.log_format:
+        settings = settings.model_copy(update={"log_format": args.log_format})
     trust_ca_bundle(settings.requests_ca_bundle)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = bootstrap.build(settings)
     interrupted = False
     try:
         return handlers[args.command](args, app, report)
+    except UsageProblem as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except StateStoreUnavailable as exc:
         return _state_store_failed(args, report, exc)
     except QueueUnavailable as exc:

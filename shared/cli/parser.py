@@ -27,6 +27,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "--env-file", metavar="PATH",
         help="settings file read after the environment (default: .env, if there; a file named here must exist)",
     )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"),
+        help="log lines on stderr as text, or one JSON object a line (default: LOG_FORMAT, else text); "
+        "with json no progress line is drawn there",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers: dict[str, Command] = {}
 
@@ -37,8 +42,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     drain = command(
         "drain", commands.drain, "scan every route, then copy until the queue is empty; again while a backlog remains",
         "Scan every route for new messages and copy them until the queue is empty, repeating while a "
-        "route has more than MAX_ENQUEUE_PER_RUN waiting. Shows progress, then a summary per route.",
+        "route has more than MAX_ENQUEUE_PER_RUN waiting. Shows progress (stderr), then a summary per "
+        "route (stdout).",
     )
+    drain.add_argument("--dry-run", action="store_true", help="list what would be copied (date, from, subject, size) and a total; write and copy nothing")
+    _add_route_option(drain)
+    _add_since_option(drain)
+    _add_verbose_option(drain)
     drain.add_argument(
         "--watch", action="store_true",
         help="then stay connected: IDLE on each route's source folder (a session of its own, one of the "
@@ -52,12 +62,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
         "One cycle as the schedule runs it: scan every route (at most MAX_ENQUEUE_PER_RUN each), then copy.",
     )
     once.add_argument("--dry-run", action="store_true", help="list what would be enqueued; write and copy nothing")
+    _add_route_option(once)
+    _add_since_option(once)
+    _add_verbose_option(once)
     scan_parser = command(
         "scan", commands.scan, "enqueue references to new messages (the producer)",
         "The producer: find each route's new UIDs and enqueue references to them; copies nothing.",
     )
     scan_parser.add_argument("--dry-run", action="store_true", help="list what would be enqueued; write nothing")
-    command("consume", commands.consume, "copy what is queued until the queue is empty (the consumer)", "The consumer: copy queued messages until the queue is empty.")
+    _add_route_option(scan_parser)
+    _add_since_option(scan_parser)
+    consume_parser = command(
+        "consume", commands.consume, "copy what is queued until the queue is empty (the consumer)",
+        "The consumer: copy queued messages until the queue is empty.",
+    )
+    _add_route_option(consume_parser)
+    _add_verbose_option(consume_parser)
     status_parser = command(
         "status", status.status, "per route: watermark, copied/skipped/failed counts with reasons, dead letters, queue depths",
         "Per route: the watermark, claims by status with skip reasons, open failure records, dead letters "
@@ -137,6 +157,28 @@ def _add_auth_parser(commands) -> None:
                          help="merge the token into this Secrets Manager secret (created if missing) instead of printing it")
         sub.add_argument("--write-secret-key", metavar="KEY",
                          help="the key in that secret (default: GMAIL_REFRESH_TOKEN or MS_REFRESH_TOKEN)")
+
+
+def _add_route_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--route", metavar="NAME", action="append",
+        help="only this route (repeatable; default: every route); its messages alone are copied from the local queue",
+    )
+
+
+def _add_since_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--since", metavar="DATE", type=_date,
+        help="also copy the older messages from DATE (YYYY-MM-DD) on that were never copied: below the watermark, "
+        "before a route's start; what was copied stays copied, and the watermark does not move back",
+    )
+
+
+def _add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="a line per message on stdout: route, UID, outcome, destination UID, bytes, ms",
+    )
 
 
 def _date(text: str) -> dt.date:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from shared.claim_owners import readable
+from shared.logs import live_line
 from shared.message_ref import UidKey
 from shared.pipeline.consume import Wait
 from shared.pipeline.copier import FOUND_IN_DESTINATION, CopyResult, Outcome
@@ -24,22 +25,40 @@ WAIT_REMINDER_SECONDS = 60.0
 
 
 class Progress:
-    def __init__(self, total: int, stream: TextIO | None = None, clock=time.monotonic) -> None:
+    """The progress line, on stderr: redrawn in place on a terminal, else a line every
+    LOG_EVERY_SECONDS. It counts messages, each by its latest outcome (a message failed once and
+    copied on its retry is one copied message), as the summary does. While it is drawn, log lines
+    (shared.logs.live_line) and `note`s clear it first and draw it again after, so no two share a
+    line. `quiet`: nothing drawn (JSON logs own stderr), notes still written."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, clock=time.monotonic, *, quiet: bool = False) -> None:
         self.total = total
         self.stream = stream or sys.stderr
         self.clock = clock
         self.started = clock()
-        self.counts: Counter[Outcome] = Counter()
+        self.quiet = quiet
+        self.latest: dict[object, Outcome] = {}  # message (its key, else the result) -> latest outcome
         self._last_shown = 0.0
-        self._tty = self.stream.isatty()
+        self._shown_line: str | None = None  # what was last drawn or written
+        self._tty = self.stream.isatty() and not quiet
+        self._drawn = False  # a line is on the terminal now, without its newline
         self._wait_shown: tuple | None = None
         self._wait_shown_at = 0.0
+        if self._tty:
+            live_line.clear, live_line.redraw = self._clear, self._redraw
 
     def advance(self, result: CopyResult) -> None:
-        self.counts[result.outcome] += 1
+        self.latest[result.key if result.key is not None else object()] = result.outcome
         now = self.clock()
         if now - self._last_shown >= (0.2 if self._tty else LOG_EVERY_SECONDS):
             self._show(now)
+
+    def note(self, line: str, stream: TextIO | None = None) -> None:
+        """A line of its own (`-v`: one a message, on stdout), never glued to the progress line."""
+        with live_line.lock:
+            self._clear()
+            print(line, file=stream or sys.stdout, flush=True)
+            self._redraw()
 
     def waiting(self, wait: Wait) -> None:
         """Say what the run waits for: when it starts to wait for something else, and every
@@ -49,26 +68,52 @@ class Progress:
         if what == self._wait_shown and now - self._wait_shown_at < WAIT_REMINDER_SECONDS:
             return
         self._wait_shown, self._wait_shown_at = what, now
-        self.stream.write(("\r\033[K" if self._tty else "") + describe_wait(wait) + "\n")
-        self.stream.flush()
+        self.note(describe_wait(wait), self.stream)
 
     def finish(self) -> None:
-        if sum(self.counts.values()):
-            self._show(self.clock())
-            if self._tty:
+        """The last count, unless it is on screen already; the terminal's line ended."""
+        with live_line.lock:
+            if live_line.clear == self._clear:
+                live_line.clear = live_line.redraw = None
+            if self.latest and not self.quiet and self._line() != self._shown_line:
+                self._show(self.clock())
+            if self._drawn:
                 self.stream.write("\n")
                 self.stream.flush()
+                self._drawn = False
+
+    def _line(self) -> str:
+        counts = Counter(self.latest.values())
+        done = counts[Outcome.COPIED] + counts[Outcome.SKIPPED] + counts[Outcome.ALREADY_DONE]
+        line = f"{done}/{max(self.total, done)} done: {counts[Outcome.COPIED]} copied, {counts[Outcome.SKIPPED]} skipped"
+        if counts[Outcome.FAILED]:
+            line += f", {counts[Outcome.FAILED]} failed (tried again)"
+        return line
 
     def _show(self, now: float) -> None:
+        if self.quiet:
+            return
         self._last_shown = now
-        done = self.counts[Outcome.COPIED] + self.counts[Outcome.SKIPPED] + self.counts[Outcome.ALREADY_DONE]
-        rate = self.counts[Outcome.COPIED] / max(now - self.started, 1e-6)
-        line = (
-            f"{done}/{max(self.total, done)} done: {self.counts[Outcome.COPIED]} copied, "
-            f"{self.counts[Outcome.SKIPPED]} skipped, {self.counts[Outcome.FAILED]} failures; {rate:.1f} messages/s"
-        )
-        self.stream.write(f"\r{line}\033[K" if self._tty else f"{line}\n")
-        self.stream.flush()
+        line = self._line()
+        copied = sum(1 for outcome in self.latest.values() if outcome is Outcome.COPIED)
+        self._shown_line = line
+        shown = f"{line}; {copied / max(now - self.started, 1e-6):.1f} messages/s"
+        with live_line.lock:
+            if self._tty:
+                self.stream.write(f"\r{shown}\033[K")
+                self._drawn = True
+            else:
+                self.stream.write(f"{shown}\n")
+            self.stream.flush()
+
+    def _clear(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def _redraw(self) -> None:
+        if self._drawn and self._shown_line is not None:
+            self._show(self.clock())
 
 
 def describe_wait(wait: Wait, now: float | None = None) -> str:

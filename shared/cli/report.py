@@ -29,6 +29,10 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
+class UsageProblem(Exception):
+    """A command line that cannot be run as given (an unknown --route): exit 2, one line."""
+
+
 class Report:
     """One line per check: `ok    what  detail` or `FAIL  what  detail`."""
 

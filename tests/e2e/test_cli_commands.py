@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import make_msgid
 
 from tests.harness.mail import assert_copied_exactly, corpus_seed, read_folder, seed
 
@@ -17,19 +21,39 @@ def status_json(setup) -> dict:
     return json.loads(done.stdout)
 
 
+def email_message(subject: str, *, sender: str, size: int) -> bytes:
+    """A message as a mail client writes it: a From with a non-ASCII name (RFC 2047 encoded)."""
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = sender, "bob@mail.test", subject
+    message["Message-ID"] = make_msgid(domain="mail.test")
+    message.set_content("x" * size)
+    return message.as_bytes(policy=SMTP)
+
+
 def test_dry_runs_list_what_would_be_sent_and_write_nothing(sync_env, dovecot_pair):
     setup = sync_env()
     user = setup.routes[0].gmail_user
-    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(3))
-    uids = [m.uid for m in read_folder(dovecot_pair.gmail, user, "INBOX")]
+    when = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=1)
+    seeded = [
+        (email_message(f"Quarterly report {n}", sender="Jürgen Alt <jurgen@mail.test>", size=900 * n), (), when)
+        for n in (1, 2, 3)
+    ]
+    uids = seed(dovecot_pair.gmail, user, "INBOX", seeded)
+    shown_at = when.astimezone().strftime("%Y-%m-%d %H:%M")
 
-    for command in ("scan", "run-once"):
+    for command in ("scan", "run-once", "drain"):
         done = setup.cli(command, "--dry-run")
 
         assert done.returncode == 0, done.stdout + done.stderr
         assert "route work: 3 new, would enqueue 3, 0 left for the next run" in done.stdout
-        listed = [int(uid) for uid in re.findall(r"^  UID (\d+) \(UIDVALIDITY", done.stdout, re.MULTILINE)]
-        assert listed == uids
+        # What a person checks before copying: which messages, from whom, about what, how big.
+        listed = re.findall(r"^  UID (\d+)  (\S+ \S+)  ([\d.]+) kB  (.+?)  (Quarterly report \d)$", done.stdout, re.M)
+        sizes = [len(body) for body, _, _ in seeded]
+        assert listed == [
+            (str(uid), shown_at, f"{size / 1000:.1f}", "Jürgen Alt <jurgen@mail.test>", f"Quarterly report {n}")
+            for uid, size, n in zip(uids, sizes, (1, 2, 3), strict=True)
+        ], done.stdout
+        assert f"total: 3 message(s), {sum(sizes) / 1000:.1f} kB would be copied (dry run: nothing was queued or copied)" in done.stdout
         status = status_json(setup)
         (route,) = status["routes"]
         assert route["watermark"] is None and route["claims"] == {}

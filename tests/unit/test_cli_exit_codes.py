@@ -18,7 +18,9 @@ STATE_DB = Path("/data/state.db")
 
 def run_failing(monkeypatch, exc: Exception, *, state_table: str | None = None) -> int:
     """`scan` with settings where the state store is in STATE_DB (or `state_table`), its use case raising `exc`."""
-    settings = SimpleNamespace(state_table=state_table, state_db_path=STATE_DB, log_level="INFO", requests_ca_bundle=None)
+    settings = SimpleNamespace(
+        state_table=state_table, state_db_path=STATE_DB, log_level="INFO", log_format="text", requests_ca_bundle=None
+    )
     monkeypatch.setattr(cli_main, "load_settings", lambda env_file: settings)
     monkeypatch.setattr(cli_main.bootstrap, "build", lambda settings: SimpleNamespace(close=lambda **how: None))
     monkeypatch.setattr("signal.signal", lambda *args: None)  # main's handlers stay out of pytest's process

@@ -104,3 +104,73 @@ def test_a_failure_another_run_finished_since_is_not_a_failure_of_this_run():
         "  UID 804: connection reset",
     ]
     assert tally.copy_failed  # 804 still failed
+
+
+# -- the progress line: messages counted once, never glued to a log line --------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def result(uid: int, outcome: Outcome) -> CopyResult:
+    return CopyResult(outcome, UidKey("work", 7, uid), "" if outcome is not Outcome.FAILED else "timeout")
+
+
+def test_the_progress_counts_messages_by_their_latest_outcome_as_the_summary_does():
+    """It said `5 failures` for one message tried five times, where the summary said `1 failed`."""
+    stream = io.StringIO()
+    progress = Progress(total=2, stream=stream)
+    for _ in range(5):
+        progress.advance(result(1, Outcome.FAILED))
+    progress.advance(result(2, Outcome.COPIED))
+    progress.finish()
+
+    assert stream.getvalue().splitlines()[-1].startswith("1/2 done: 1 copied, 0 skipped, 1 failed (tried again);")
+    progress = Progress(total=1, stream=io.StringIO())
+    progress.advance(result(1, Outcome.FAILED))
+    progress.advance(result(1, Outcome.COPIED))
+    assert progress._line() == "1/1 done: 1 copied, 0 skipped"
+
+
+def test_without_a_terminal_the_last_count_is_written_once():
+    """`1/1 done` was written twice: by the message's advance, then again by finish."""
+    stream = io.StringIO()
+    progress = Progress(total=1, stream=stream)
+    progress.advance(result(1, Outcome.COPIED))
+    progress.finish()
+
+    assert [line.split(";")[0] for line in stream.getvalue().splitlines()] == ["1/1 done: 1 copied, 0 skipped"]
+
+
+def test_on_a_terminal_a_log_line_clears_the_progress_line_and_it_is_drawn_again_after(capsys):
+    """`...0.0 messages/s2026-11-30 13:12:54,803 WARNING ...`: a log line was glued to the progress."""
+    import logging
+
+    from shared.logs import _LineKeepingHandler
+
+    terminal = Terminal()
+    handler = _LineKeepingHandler(terminal)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("mail_syncer.test_progress")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        progress = Progress(total=2, stream=terminal)
+        progress.advance(result(1, Outcome.COPIED))
+        log.warning("route work: something to say")
+        progress.note("route work UID 2: copied")
+        progress.advance(result(2, Outcome.COPIED))
+        progress.finish()
+    finally:
+        log.removeHandler(handler)
+
+    # What the terminal shows: each \r starts the line over, \033[K wipes the rest of it.
+    shown = []
+    for line in terminal.getvalue().split("\n"):
+        shown.append(line.split("\r")[-1].replace("\033[K", ""))
+    assert shown[0] == "WARNING route work: something to say"
+    assert shown[1].startswith("2/2 done: 2 copied, 0 skipped;") and shown[2] == ""
+    assert capsys.readouterr().out == "route work UID 2: copied\n"
+    assert "messages/sWARNING" not in terminal.getvalue()
