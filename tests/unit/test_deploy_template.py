@@ -31,7 +31,9 @@ from pydantic import SecretStr
 from shared import metrics
 from shared.errors import TokenRefreshFailed
 from shared.message_ref import UidKey
+from shared.outcome_lines import outcome_fields
 from shared.pipeline.copier import CopyResult, Outcome
+from shared.queue import ReceivedMessage
 from shared.settings import Settings
 from shared.state import dynamodb as dynamo_state
 from shared.tokens.sources import MicrosoftTokenSource
@@ -518,6 +520,21 @@ def test_dashboard_shows_the_consumers_metrics_the_queues_and_the_functions(reso
     (log_widget,) = [w for w in widgets if w["type"] == "log"]
     assert log_widget["properties"]["query"].startswith(f"SOURCE '/aws/lambda/{SERVICE}-{STAGE}-consumer' |")
     assert 'filter outcome in ["failed", "dead-lettered"' in log_widget["properties"]["query"]
+
+
+def test_readme_lists_every_widget_and_alarm_and_queries_the_fields_the_consumer_logs(resources) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Operating in AWS: logs, metrics, dashboard, alarms", 1)[1].split("\n## ", 1)[0]
+    titles = [w["properties"]["title"] for w in json.loads(resources["Dashboard"]["Properties"]["DashboardBody"])["widgets"]]
+    listed = re.findall(r"^\d+\. \*(.+?)\*", section, re.M) + re.findall(r" and \d+\. \*(.+?)\*", section)
+    assert sorted(listed) == sorted(titles)
+    for alarm in _of_type(resources, "AWS::CloudWatch::Alarm").values():
+        suffix = alarm["Properties"]["AlarmName"].removeprefix(f"{SERVICE}-{STAGE}-")
+        assert f"mail-syncer-<stage>-{suffix}" in section or f"-{suffix}`" in section, suffix
+    (query,) = re.findall(r"```\n(fields .+?)```", section, re.S)
+    fields = set(re.findall(r"\b(route|uid|outcome|detail|message_id)\b", query))
+    assert fields == {"route", "uid", "outcome", "detail", "message_id"}
+    assert fields <= set(outcome_fields(ReceivedMessage("r", "{}", "m", "g", 1), CopyResult(Outcome.FAILED, UidKey("g", 1, 1), "x")))
 
 
 def test_outputs_name_the_queues_and_the_table(template) -> None:
