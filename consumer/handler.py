@@ -4,6 +4,9 @@ Returns `batchItemFailures` (the function uses ReportBatchItemFailures): message
 acknowledged, and after one of those the rest of its route's messages, unprocessed, so SQS
 redelivers them in order. A message failed by a throttle is made visible again after the
 server's suggested wait (at least), instead of the queue's visibility timeout.
+
+Each message gets a log line with its route, UID, outcome and SQS message id (shared.outcome_lines);
+the batch's counts go to CloudWatch as embedded metrics on stdout (shared.metrics).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shared import bootstrap
+from shared import bootstrap, metrics
 from shared.claim_owners import lambda_invocation
+from shared.outcome_lines import log_outcomes
 from shared.pipeline.copier import copy_batch, throttled_visibility
 from shared.queue import ReceivedMessage
 from shared.redaction import scrubbed_exceptions
@@ -34,6 +38,9 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         if wait is not None:
             # Back as the throttling server asked, not after the queue's (long) visibility timeout.
             app.queue.extend_visibility(message, wait)
+    log_outcomes(results)
+    namespace = metrics.namespace_for(getattr(context, "function_name", None))
+    metrics.write(metrics.batch_documents([result for _, result in results], namespace=namespace, now=time.time()))
     retry = [message.message_id for message, result in results if not result.outcome.acknowledged]
     return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in retry]}
 

@@ -48,8 +48,17 @@ def scrub(text: str) -> str:
     return scrubber.scrub(text)
 
 
+# What every LogRecord has (and what formatters and the Lambda runtime add): anything else on a
+# record came from `extra=` and is scrubbed like the message.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "aws_request_id"}
+# The scrubbed traceback of a record that had one, as a field of its own: JSON formatters (the
+# Lambda runtime's) read only exc_info, which the filter drops, never exc_text.
+TRACEBACK_FIELD = "traceback"
+
+
 class ScrubbingFilter(logging.Filter):
-    """Formats each record's message once, scrubbed, so no handler sees the raw text."""
+    """Formats each record's message once, scrubbed, so no handler sees the raw text; scrubs the
+    fields passed with `extra=` too, which JSON formatters write out as keys."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -60,7 +69,23 @@ class ScrubbingFilter(logging.Filter):
             formatted = logging.Formatter().formatException(record.exc_info)
             record.exc_text = scrub(formatted)
             record.exc_info = None
+            setattr(record, TRACEBACK_FIELD, record.exc_text)
+        for name, value in list(vars(record).items()):
+            if name not in _RECORD_ATTRIBUTES and not name.startswith("_"):
+                setattr(record, name, _scrubbed_field(value))
         return True
+
+
+def _scrubbed_field(value: object) -> object:
+    """A JSON-ready copy of an `extra=` value with every secret replaced; a value JSON cannot
+    hold becomes its scrubbed text (the Lambda runtime's encoder would refuse it)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_scrubbed_field(item) for item in value]
+    if isinstance(value, dict):
+        return {scrub(str(key)): _scrubbed_field(item) for key, item in value.items()}
+    return scrub(str(value))
 
 
 class ScrubbedError(Exception):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -77,6 +78,39 @@ def test_consumer_quarantines_a_malformed_body_and_goes_on(lambda_env, dovecot_p
         "queue body.route: unknown route 'nobody'",
         "queue body: not JSON (Expecting value: line 1 column 1 (char 0))",
     ]
+
+
+def test_consumer_logs_each_message_and_writes_its_metrics(lambda_env, dovecot_pair, aws_client, capsys, caplog):
+    """What the dashboard and a Logs Insights query read: a line per message with its fields, and
+    embedded metric documents on stdout whose counts, bytes and lags are those of the copies."""
+    setup, queue_url = lambda_env
+    user = setup.routes[0].gmail_user
+    seed(dovecot_pair.gmail, user, "INBOX", corpus_seed(3))
+    source = read_folder(dovecot_pair.gmail, user, "INBOX")
+    producer.handler({}, LambdaContext())
+    capsys.readouterr()
+    started = time.time()
+
+    with caplog.at_level(logging.INFO, logger="mail_syncer.outcome"):
+        run_consumer_until_empty(aws_client("sqs"), queue_url)
+
+    copied = read_folder(dovecot_pair.outlook, setup.outlook_user, "Gmail/Corpus")
+    assert len(copied) == len(source) == 3
+    lines = [r for r in caplog.records if r.name == "mail_syncer.outcome"]
+    assert sorted((r.route, r.uid, r.outcome, r.bytes) for r in lines) == sorted(
+        ("corpus", m.uid, "copied", len(m.body)) for m in source
+    )
+    assert {r.dest_uid for r in lines} == {m.uid for m in copied}
+    assert len({r.message_id for r in lines}) == 3 and all(r.message_id for r in lines)
+    documents = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"_aws"')]
+    assert {d["_aws"]["CloudWatchMetrics"][0]["Namespace"] for d in documents} == {"mail-syncer"}
+    assert sum(d.get("Copied", 0) for d in documents) == 3
+    assert sum(d.get("Failed", 0) + d.get("Skipped", 0) for d in documents) == 0
+    assert sum(d.get("BytesCopied", 0) for d in documents) == sum(len(m.body) for m in source)
+    lags = [lag for d in documents for lag in d.get("CopyLag", [])]
+    # From each message's arrival in the source (seeded just now) to its copy.
+    oldest = max(started - m.internaldate.timestamp() for m in source)
+    assert len(lags) == 3 and all(0 <= lag <= oldest + (time.time() - started) + 1 for lag in lags)
 
 
 def test_claims_expire_soon_after_the_invocation_ends(lambda_env, dovecot_pair, aws_client, monkeypatch):

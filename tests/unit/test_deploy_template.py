@@ -9,6 +9,7 @@ checks everything. Needs Node.js 20.19+ for npx; no AWS account.
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import fcntl
 import json
@@ -27,8 +28,15 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
+from shared import metrics
+from shared.errors import TokenRefreshFailed
+from shared.message_ref import UidKey
+from shared.outcome_lines import outcome_fields
+from shared.pipeline.copier import CopyResult, Outcome
+from shared.queue import ReceivedMessage
 from shared.settings import Settings
 from shared.state import dynamodb as dynamo_state
+from shared.tokens.sources import MicrosoftTokenSource
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = "ci"
@@ -368,7 +376,10 @@ def _target(resource: Any) -> str:
 
 def test_alarms_watch_dead_letters_and_both_functions_errors_and_mail_when_asked(template, resources) -> None:
     alarms = {a["Properties"]["AlarmName"]: a["Properties"] for a in _of_type(resources, "AWS::CloudWatch::Alarm").values()}
-    assert set(alarms) == {f"{SERVICE}-{STAGE}-{n}" for n in ("dead-letters", "producer-errors", "consumer-errors")}
+    assert set(alarms) == {
+        f"{SERVICE}-{STAGE}-{n}"
+        for n in ("dead-letters", "producer-errors", "consumer-errors", "stalled-route", "refused-token")
+    }
     dead = alarms[f"{SERVICE}-{STAGE}-dead-letters"]
     assert (dead["Namespace"], dead["MetricName"]) == ("AWS/SQS", "ApproximateNumberOfMessagesVisible")
     assert dead["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}}]
@@ -378,9 +389,10 @@ def test_alarms_watch_dead_letters_and_both_functions_errors_and_mail_when_asked
         assert errors["Dimensions"] == [
             {"Name": "FunctionName", "Value": {"Ref": f"{function.capitalize()}LambdaFunction"}}
         ]
-    for alarm in alarms.values():
-        # Above zero: one dead letter or one failed invocation is enough.
-        assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", 0)
+    for name, alarm in alarms.items():
+        # Above zero: one dead letter, one failed invocation or one refused token is enough.
+        threshold = STALLED_ROUTE_SECONDS if name.endswith("-stalled-route") else 0
+        assert (alarm["ComparisonOperator"], alarm["Threshold"]) == ("GreaterThanThreshold", threshold)
         assert alarm["AlarmActions"] == {"Fn::If": ["HasAlarmEmail", [{"Ref": "AlarmTopic"}], {"Ref": "AWS::NoValue"}]}
     topic = resources["AlarmTopic"]
     assert topic["Condition"] == "HasAlarmEmail"
@@ -390,11 +402,147 @@ def test_alarms_watch_dead_letters_and_both_functions_errors_and_mail_when_asked
     assert template["Conditions"]["HasAlarmEmail"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmEmail"}, ""]}]}
 
 
+# The stalled-route alarm's threshold: twelve runs of the producer's 5-minute schedule.
+STALLED_ROUTE_SECONDS = 12 * 5 * 60
+
+
+def test_stalled_route_alarm_watches_the_queues_oldest_message_for_twelve_producer_runs(resources) -> None:
+    (rule,) = _of_type(resources, "AWS::Events::Rule").values()
+    minutes = int(re.fullmatch(r"rate\((\d+) minutes\)", rule["Properties"]["ScheduleExpression"])[1])
+    alarm = resources["StalledRouteAlarm"]["Properties"]
+    assert alarm["AlarmName"] == f"{SERVICE}-{STAGE}-stalled-route"
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == ("AWS/SQS", "ApproximateAgeOfOldestMessage", "Maximum")
+    assert alarm["Dimensions"] == [{"Name": "QueueName", "Value": {"Fn::GetAtt": ["RefQueue", "QueueName"]}}]
+    assert alarm["Threshold"] == STALLED_ROUTE_SECONDS == 12 * minutes * 60
+    # Past a failing message's retries: each waits out the queue's visibility timeout.
+    assert alarm["Threshold"] > 3 * resources["RefQueue"]["Properties"]["VisibilityTimeout"]
+
+
+def _matches(pattern: str, text: str) -> bool:
+    """CloudWatch Logs' filter pattern of quoted terms: every term in the event's text."""
+    terms = re.findall(r'"([^"]+)"', pattern)
+    assert terms and pattern == " ".join(f'"{t}"' for t in terms), f"not a pattern of quoted terms: {pattern}"
+    return all(term in text for term in terms)
+
+
+def _refresh_failure(error: str) -> TokenRefreshFailed:
+    """What a Microsoft token endpoint's answer `error` makes of a refresh (msal stood in for)."""
+
+    class Endpoint:
+        def acquire_token_by_refresh_token(self, refresh_token, scopes):
+            return {"error": error, "error_description": "AADSTS70000: the grant is not valid"}
+
+    tokens = MicrosoftTokenSource(
+        account="me@outlook.com", refresh_token="M.R3_refresh-token", client_id="c", authority="https://login.example/consumers"
+    )
+    tokens._app = Endpoint()
+    with pytest.raises(TokenRefreshFailed) as caught:
+        tokens.access_token()
+    return caught.value
+
+
+def test_refused_tokens_are_counted_from_both_functions_logs_and_alarm(resources) -> None:
+    filters = _of_type(resources, "AWS::Logs::MetricFilter")
+    assert {f["Properties"]["LogGroupName"]["Ref"] for f in filters.values()} == {"ProducerLogGroup", "ConsumerLogGroup"}
+    for metric_filter in filters.values():
+        (transformation,) = metric_filter["Properties"]["MetricTransformations"]
+        assert transformation == {"MetricNamespace": f"{SERVICE}-{STAGE}", "MetricName": "TokensRefused", "MetricValue": "1", "Unit": "Count"}
+        pattern = metric_filter["Properties"]["FilterPattern"]
+        # Matches the text of a refused token's error (in every line that reports it), and
+        # not an endpoint's other answers, which a retry can get past.
+        refused, other = _refresh_failure("invalid_grant"), _refresh_failure("invalid_client")
+        assert refused.refused and _matches(pattern, str(refused))
+        assert not other.refused and not _matches(pattern, str(other))
+    alarm = resources["TokensRefusedAlarm"]["Properties"]
+    assert alarm["AlarmName"] == f"{SERVICE}-{STAGE}-refused-token"
+    assert (alarm["Namespace"], alarm["MetricName"], alarm["Statistic"]) == (f"{SERVICE}-{STAGE}", "TokensRefused", "Sum")
+    assert alarm["TreatMissingData"] == "notBreaching"
+
+
+def test_both_functions_write_lambdas_json_log_format(resources) -> None:
+    for name in ("producer", "consumer"):
+        # The runtime's formatter: each record one JSON object, its extra= fields as keys.
+        assert _function(resources, name)["LoggingConfig"] == {"LogFormat": "JSON"}
+
+
+def _consumer_metric_names() -> set[str]:
+    """Every metric the consumer writes (shared.metrics), from a batch that has each kind."""
+    arrived = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    results = [
+        CopyResult(Outcome.COPIED, UidKey("r", 1, 1), dest_uid=1, size=10, internaldate=arrived),
+        CopyResult(Outcome.PAUSED, UidKey("r", 1, 2), "destination paused until ...", retry_after=5),
+    ]
+    documents = metrics.batch_documents(results, namespace="any", now=arrived.timestamp() + 60)
+    return {m["Name"] for d in documents for directive in d["_aws"]["CloudWatchMetrics"] for m in directive["Metrics"]}
+
+
+def _widget_metrics(widget: dict) -> set[tuple[str, str]]:
+    """(namespace, metric) of each line of a metric widget, SEARCH expressions included."""
+    found = set()
+    namespace = None
+    for line in widget["properties"]["metrics"]:
+        if isinstance(line[0], dict):
+            search = re.fullmatch(r"""SEARCH\('\{"([^"]+)",[^}]*\} MetricName="(\w+)"', '\w+', \d+\)""", line[0]["expression"])
+            assert search, line[0]["expression"]
+            found.add((search[1], search[2]))
+            continue
+        names = [part for part in line if not isinstance(part, dict)]
+        namespace = namespace if names[0] == "." else names[0]
+        found.add((namespace, names[1]))
+    return found
+
+
+def test_dashboard_shows_the_consumers_metrics_the_queues_and_the_functions(resources) -> None:
+    dashboard = resources["Dashboard"]["Properties"]
+    assert dashboard["DashboardName"] == f"{SERVICE}-{STAGE}"
+    widgets = json.loads(dashboard["DashboardBody"])["widgets"]
+    shown = {(widget["properties"]["title"], m) for widget in widgets if widget["type"] == "metric" for m in _widget_metrics(widget)}
+    metrics_shown = {m for _, m in shown}
+    namespace = f"{SERVICE}-{STAGE}"
+    assert {(namespace, name) for name in _consumer_metric_names()} <= metrics_shown
+    assert (namespace, "TokensRefused") in metrics_shown
+    queue, dlq = f"{SERVICE}-{STAGE}.fifo", f"{SERVICE}-{STAGE}-dlq.fifo"
+    lines = [line for w in widgets if w["type"] == "metric" for line in w["properties"]["metrics"] if isinstance(line[0], str)]
+    assert ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", queue] in lines
+    assert ["AWS/SQS", "ApproximateAgeOfOldestMessage", "QueueName", queue, {"yAxis": "right"}] in lines
+    assert ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", dlq] in lines
+    for function in ("producer", "consumer"):
+        for metric in ("Errors", "Throttles"):
+            assert ["AWS/Lambda", metric, "FunctionName", f"{SERVICE}-{STAGE}-{function}"] in lines
+    # Per route, and throttles by provider.
+    titles = {title for title, _ in shown}
+    assert {"Copied per route", "Failed per route", "Throttled, by provider"} <= titles
+    for provider in ("gmail", "outlook"):
+        assert [namespace, "Throttled", "Provider", provider] in lines
+    for widget in widgets:
+        assert widget["properties"]["region"] == "eu-west-1"
+    # The failures of the consumer's log, as README's query reads them.
+    (log_widget,) = [w for w in widgets if w["type"] == "log"]
+    assert log_widget["properties"]["query"].startswith(f"SOURCE '/aws/lambda/{SERVICE}-{STAGE}-consumer' |")
+    assert 'filter outcome in ["failed", "dead-lettered"' in log_widget["properties"]["query"]
+
+
+def test_readme_lists_every_widget_and_alarm_and_queries_the_fields_the_consumer_logs(resources) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Operating in AWS: logs, metrics, dashboard, alarms", 1)[1].split("\n## ", 1)[0]
+    titles = [w["properties"]["title"] for w in json.loads(resources["Dashboard"]["Properties"]["DashboardBody"])["widgets"]]
+    listed = re.findall(r"^\d+\. \*(.+?)\*", section, re.M) + re.findall(r" and \d+\. \*(.+?)\*", section)
+    assert sorted(listed) == sorted(titles)
+    for alarm in _of_type(resources, "AWS::CloudWatch::Alarm").values():
+        suffix = alarm["Properties"]["AlarmName"].removeprefix(f"{SERVICE}-{STAGE}-")
+        assert f"mail-syncer-<stage>-{suffix}" in section or f"-{suffix}`" in section, suffix
+    (query,) = re.findall(r"```\n(fields .+?)```", section, re.S)
+    fields = set(re.findall(r"\b(route|uid|outcome|detail|message_id)\b", query))
+    assert fields == {"route", "uid", "outcome", "detail", "message_id"}
+    assert fields <= set(outcome_fields(ReceivedMessage("r", "{}", "m", "g", 1), CopyResult(Outcome.FAILED, UidKey("g", 1, 1), "x")))
+
+
 def test_outputs_name_the_queues_and_the_table(template) -> None:
     outputs = template["Outputs"]
     assert outputs["QueueUrl"]["Value"] == {"Ref": "RefQueue"}
     assert outputs["DeadLetterQueueUrl"]["Value"] == {"Ref": "DeadLetterQueue"}
     assert outputs["StateTableName"]["Value"] == {"Ref": "StateTable"}
+    assert outputs["DashboardName"]["Value"] == {"Ref": "Dashboard"}
 
 
 # -- the deploy role ---------------------------------------------------------------------
