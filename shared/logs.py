@@ -16,17 +16,15 @@ import threading
 from collections.abc import Callable
 from typing import Literal
 
-from shared.redaction import ScrubbingFilter, scrub
+from shared.redaction import RECORD_ATTRIBUTES, ScrubbingFilter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LIBRARY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "requests", "msal", "google", "imapclient")
-# What every LogRecord has: anything else on a record was passed in `extra=` and goes into JSON.
-_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line. Extra fields are scrubbed as the message is (ScrubbingFilter
-    scrubs only the message and the traceback)."""
+    """One JSON object a line: the record's own keys, then each field passed with `extra=`
+    (ScrubbingFilter scrubbed them, and put the scrubbed traceback in `traceback`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -36,10 +34,8 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _RECORD_FIELDS and not key.startswith("_"):
-                entry[key] = scrub(value) if isinstance(value, str) else value
-        if record.exc_text or record.exc_info:
-            entry["traceback"] = record.exc_text or self.formatException(record.exc_info)
+            if key not in RECORD_ATTRIBUTES and not key.startswith("_"):
+                entry[key] = value
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 

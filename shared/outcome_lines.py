@@ -25,19 +25,28 @@ LEVELS = {
 
 
 def log_outcomes(results: Sequence[tuple[ReceivedMessage, CopyResult]]) -> None:
+    """The Lambda consumer's lines: each with its SQS messageId, at INFO or above (LEVELS)."""
     for message, result in results:
-        fields = outcome_fields(message, result)
-        log.log(LEVELS.get(result.outcome, logging.INFO), "%s", _text(fields), extra=fields)
+        log_outcome(result, message_id=message.message_id)
 
 
-def outcome_fields(message: ReceivedMessage, result: CopyResult) -> dict[str, Any]:
+def log_outcome(result: CopyResult, *, message_id: str | None = None, level: int | None = None) -> None:
+    """One message's line; `level` None: by its outcome (LEVELS, else INFO). The CLI logs them at
+    DEBUG, where its progress line and summary say the same to a person already."""
+    level = LEVELS.get(result.outcome, logging.INFO) if level is None else level
+    if log.isEnabledFor(level):
+        fields = outcome_fields(result, message_id)
+        log.log(level, "%s", outcome_text(result, message_id), extra=fields)
+
+
+def outcome_fields(result: CopyResult, message_id: str | None = None) -> dict[str, Any]:
     """route, uid, outcome and message_id always (route and uid None for a body that is no
-    reference); dest_uid, bytes, elapsed_ms and detail when known."""
+    reference; message_id None outside SQS); dest_uid, bytes, elapsed_ms and detail when known."""
     fields: dict[str, Any] = {
         "route": result.key.route if result.key else None,
         "uid": result.key.uid if result.key else None,
         "outcome": str(result.outcome),
-        "message_id": message.message_id,
+        "message_id": message_id,
     }
     known = {
         "dest_uid": result.dest_uid,
@@ -48,19 +57,19 @@ def outcome_fields(message: ReceivedMessage, result: CopyResult) -> dict[str, An
     return fields | {name: value for name, value in known.items() if value not in (None, "")}
 
 
-def _text(fields: dict[str, Any]) -> str:
-    where = (
-        f"route {fields['route']} UID {fields['uid']}" if fields["route"] else f"queue message {fields['message_id']}"
-    )
-    text = f"{where} {fields['outcome']}"
-    if "dest_uid" in fields:
-        text += f" as UID {fields['dest_uid']}"
-    facts = [
-        f"{fields['bytes']} bytes" if "bytes" in fields else "",
-        f"{fields['elapsed_ms']} ms" if "elapsed_ms" in fields else "",
-    ]
-    if any(facts):
-        text += f" ({', '.join(f for f in facts if f)})"
-    if "detail" in fields:
-        text += f": {fields['detail']}"
-    return text
+def outcome_text(result: CopyResult, message_id: str | None = None) -> str:
+    """`route alice UID 41: copied as UID 9, 2048 bytes, 35 ms`; `route alice UID 43: failed
+    (attempt 2): BYE server shutting down`. Also what `-v` prints a line per message."""
+    if result.key is not None:
+        text = f"route {result.key.route} UID {result.key.uid}: {result.outcome}"
+    else:
+        text = f"queue message {message_id or '(no id)'}: {result.outcome}"
+    if result.dest_uid is not None:
+        text += f" as UID {result.dest_uid}"
+    if result.size is not None:
+        text += f", {result.size} bytes"
+    if result.elapsed_ms is not None:
+        text += f", {result.elapsed_ms} ms"
+    if result.outcome is Outcome.FAILED and result.attempts:
+        text += f" (attempt {result.attempts})"
+    return text + (f": {result.detail}" if result.detail else "")

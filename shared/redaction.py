@@ -50,7 +50,7 @@ def scrub(text: str) -> str:
 
 # What every LogRecord has (and what formatters and the Lambda runtime add): anything else on a
 # record came from `extra=` and is scrubbed like the message.
-_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "aws_request_id"}
+RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "aws_request_id"}
 # The scrubbed traceback of a record that had one, as a field of its own: JSON formatters (the
 # Lambda runtime's) read only exc_info, which the filter drops, never exc_text.
 TRACEBACK_FIELD = "traceback"
@@ -71,7 +71,7 @@ class ScrubbingFilter(logging.Filter):
             record.exc_info = None
             setattr(record, TRACEBACK_FIELD, record.exc_text)
         for name, value in list(vars(record).items()):
-            if name not in _RECORD_ATTRIBUTES and not name.startswith("_"):
+            if name not in RECORD_ATTRIBUTES and not name.startswith("_"):
                 setattr(record, name, _scrubbed_field(value))
         return True
 

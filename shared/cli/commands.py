@@ -20,10 +20,10 @@ from shared import bootstrap, claim_owners
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report, UsageProblem
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
-from shared.claim_owners import readable
 from shared.mailbox.imap import ImapSource, open_folder_watch
 from shared.mailbox.port import ListedMessage
 from shared.mailbox.session import open_session
+from shared.outcome_lines import log_outcome, outcome_text
 from shared.pipeline.consume import consume_queue
 from shared.pipeline.copier import CopyResult, Outcome, lease_for
 from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
@@ -34,9 +34,6 @@ from shared.queue import MessageQueue
 from shared.queue.port import GroupsNotSelectable
 from shared.redaction import scrub
 from shared.settings import Route, Settings, routes_by_account
-
-# Each message's outcome at DEBUG (its fields in JSON logs); `-v` prints the same line on stdout.
-message_log = logging.getLogger("mail_syncer.messages")
 
 # -- check -------------------------------------------------------------------------------
 
@@ -374,9 +371,9 @@ def _consume(
 
     def on_result(result: CopyResult) -> None:
         tally.add(result)
-        log_outcome(result)
+        log_outcome(result, level=logging.DEBUG)
         if verbose:
-            progress.note(message_line(result))
+            progress.note(outcome_text(result))
         progress.advance(result)
 
     copier = app.copier(lease_for(lease))
@@ -407,33 +404,6 @@ def _queue_of(app: bootstrap.App, routes: Sequence[Route]) -> MessageQueue:
         return app.queue.of_groups([route.name for route in routes])
     except GroupsNotSelectable as exc:
         raise UsageProblem(f"--route: {exc}; without --route every route's messages are copied") from None
-
-
-def message_line(result: CopyResult) -> str:
-    """`-v`: `route work UID 12: copied as UID 7, 4,211 bytes, 85 ms`."""
-    where = f"route {result.key.route} UID {result.key.uid}" if result.key else "a queue message"
-    if result.outcome is Outcome.COPIED:
-        line = f"{where}: copied" + (f" as UID {result.dest_uid}" if result.dest_uid is not None else "")
-        if result.size is not None:
-            line += f", {result.size:,} bytes"
-        if result.elapsed_ms is not None:
-            line += f", {result.elapsed_ms} ms"
-        return line + (f" ({result.detail})" if result.detail else "")
-    if result.outcome is Outcome.FAILED:
-        return f"{where}: failed (attempt {result.attempts}, tried again): {result.detail}"
-    return f"{where}: {result.outcome.value}" + (f": {readable(result.detail)}" if result.detail else "")
-
-
-def log_outcome(result: CopyResult) -> None:
-    """A DEBUG log record per message, with its fields for JSON logs (LOG_LEVEL=DEBUG)."""
-    if not message_log.isEnabledFor(logging.DEBUG):
-        return
-    fields = {"outcome": result.outcome.value, "dest_uid": result.dest_uid, "bytes": result.size, "ms": result.elapsed_ms}
-    if result.key is not None:
-        fields |= {"route": result.key.route, "uid": result.key.uid, "uidvalidity": result.key.uidvalidity}
-    if result.detail:
-        fields["detail"] = result.detail
-    message_log.debug("%s", message_line(result), extra=fields)
 
 
 def _print_scans(scans: list[RouteScan], *, dry_run: bool) -> None:

@@ -90,15 +90,15 @@ def test_verbose_prints_a_line_per_message_and_json_logs_are_one_object_a_line(s
 
     assert done.returncode == 0, done.stdout + done.stderr
     copied = read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")
-    lines = re.findall(r"^route work UID (\d+): copied as UID (\d+), ([\d,]+) bytes, (\d+) ms$", done.stdout, re.M)
-    by_uid = {int(uid): (int(dest), int(size.replace(",", ""))) for uid, dest, size, _ in lines}
+    lines = re.findall(r"^route work UID (\d+): copied as UID (\d+), (\d+) bytes, (\d+) ms$", done.stdout, re.M)
+    by_uid = {int(uid): (int(dest), int(size)) for uid, dest, size, _ in lines}
     sources = {m.uid: m for m in read_folder(dovecot_pair.gmail, user, "INBOX")}
     assert sorted(by_uid) == uids
     assert sorted(dest for dest, _ in by_uid.values()) == [m.uid for m in copied]
     assert all(size == len(sources[uid].body) for uid, (_, size) in by_uid.items())
     # stderr is JSON, a line an object: no progress line drawn among them.
     records = [json.loads(line) for line in done.stderr.splitlines()]
-    per_message = [r for r in records if r["logger"] == "mail_syncer.messages"]
+    per_message = [r for r in records if r["logger"] == "mail_syncer.outcome"]
     assert sorted(r["uid"] for r in per_message) == uids
     assert {(r["route"], r["outcome"], r["level"]) for r in per_message} == {("work", "copied", "DEBUG")}
     assert all(r["bytes"] == len(sources[r["uid"]].body) for r in per_message)

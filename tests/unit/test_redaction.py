@@ -104,3 +104,28 @@ def test_an_exception_without_a_secret_goes_on_unchanged():
     with pytest.raises(ValueError) as caught:
         handler()
     assert caught.value is original
+
+
+def test_json_logs_are_one_object_a_line_with_their_fields_scrubbed_and_one_traceback(capsys, monkeypatch):
+    import json
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    configure_logging("INFO", "json")
+    register_secret("json-TOKEN-in-a-field")
+    log = logging.getLogger("mail_syncer.test")
+    log.info("route %s: copied", "work", extra={"route": "work", "uid": 7, "detail": "with json-TOKEN-in-a-field"})
+    try:
+        raise RuntimeError("refused json-TOKEN-in-a-field")
+    except RuntimeError:
+        log.exception("failed")
+
+    err = capsys.readouterr().err
+    assert "json-TOKEN-in-a-field" not in err
+    copied, failed = (json.loads(line) for line in err.splitlines())
+    assert {k: copied[k] for k in ("level", "logger", "message", "route", "uid", "detail")} == {
+        "level": "INFO", "logger": "mail_syncer.test", "message": "route work: copied", "route": "work", "uid": 7,
+        "detail": "with [REDACTED]",
+    }  # fmt: skip
+    assert failed["traceback"].endswith("RuntimeError: refused [REDACTED]") and "exc_text" not in failed
