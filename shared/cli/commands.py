@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from shared import bootstrap, claim_owners
+from shared.cli import run_lock
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
@@ -134,6 +135,12 @@ def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Ex
 
 
 def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """One drain at a time on a state file: a second leaves the work to the first (run_lock)."""
+    with run_lock.first_drain(app.settings, "drain --watch" if getattr(args, "watch", False) else "drain") as first:
+        return _drain(args, app, report) if first else ExitCode.OK
+
+
+def _drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Scan and copy, again and again, until no route has anything left to enqueue."""
     tally = RunTally()
     while True:
