@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from shared.cli import run_lock
+from tests.harness.mail import wait_for
 
 # A drain holding the lock until its stdin closes: prints "first" (or "second") once it knows.
 HOLDER = """
@@ -79,6 +81,8 @@ def test_a_killed_holder_leaves_no_lock_behind(holder, capsys):
 
 def test_beside_a_stopped_holder_a_drain_goes_on_and_says_so(holder, capsys):
     os.kill(holder.process.pid, signal.SIGSTOP)  # Ctrl-Z
+    stopped = lambda: psutil.Process(holder.process.pid).status() == psutil.STATUS_STOPPED  # noqa: E731
+    wait_for(stopped, timeout=10, what="the holder to stop")  # a signal arrives a moment after kill()
     try:
         with run_lock.first_drain(local_state(holder.state_file), "drain") as first:
             assert first is True
