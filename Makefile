@@ -3,6 +3,8 @@
 #   make unit    make .venv, run only the unit tests (no servers; the use cases on fakes)
 #   make drain   make .venv, then copy every route's new mail until nothing is left
 #   make check   make .venv, then validate settings and log in to every mailbox
+#   make demo    install Dovecot if missing, make .venv, then copy sample mail between two local
+#                throwaway IMAP servers: no account, no settings; nothing is left running
 #   make package   the Lambda code package (build/lambda/mail-syncer.zip) for serverless.yml
 #   make template  package, then the CloudFormation of stage ci in .serverless/ (no AWS account)
 #   make lock    re-resolve uv.lock: every dependency at its newest allowed version
@@ -33,7 +35,7 @@ LOCK_ARGS ?= --upgrade
 # tests queued for a busy one, so a few long e2e tests do not leave the others waiting at the end.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 2 ? 2 * n : 4 )))
 
-.PHONY: test unit check drain system-packages package template lock lock-check
+.PHONY: test unit check drain demo dovecot system-packages package template lock lock-check
 
 $(UV):
 	$(PYTHON) -m venv $(UV_HOME)
@@ -51,12 +53,14 @@ lock: | $(UV)
 lock-check: | $(UV)
 	$(UV) lock --check
 
-# Tests start their own Dovecot servers; only the binaries are needed (Debian: dovecot-imapd).
-system-packages:
+# Tests and the demo start their own Dovecot servers; only the binaries are needed (Debian: dovecot-imapd).
+dovecot:
 	@command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || { \
 		echo "installing dovecot-imapd (the tests' IMAP servers)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dovecot-imapd; }
+
+system-packages: dovecot
 	@# The deployment test packages serverless.yml with osls, which runs on Node.js (npx).
 	@command -v npx >/dev/null 2>&1 || { \
 		echo "Node.js 20.19+ with npm is needed (npx runs osls for the deployment test): https://nodejs.org"; exit 1; }
@@ -75,6 +79,10 @@ check: $(SYNCED)
 
 drain: $(SYNCED)
 	$(PY) -m shared.cli drain
+
+# The demo runs the tests' servers (tests/harness): it needs what `make test` installs, less Node.js.
+demo: dovecot $(SYNCED)
+	$(PY) infra/demo.py
 
 # The runtime dependencies at uv.lock's versions, as wheels for Lambda's platform (infra/build_package.py).
 package: $(SYNCED)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from shared import bootstrap, claim_owners
+from shared.cli import run_lock
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report, UsageProblem
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
@@ -141,6 +142,17 @@ def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Ex
 
 
 def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    """One drain at a time on a state file: a second leaves the work to the first (run_lock).
+    A dry run writes nothing, so it lists beside a running drain."""
+    if args.dry_run:
+        return _drain(args, app, report)
+    command = "drain --watch" if args.watch else "drain"
+    names = [route.name for route in selected_routes(args, app)] if args.route else None
+    with run_lock.first_drain(app.settings, command, names) as first:
+        return _drain(args, app, report) if first else ExitCode.OK
+
+
+def _drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Scan and copy, again and again, until no route has anything left to enqueue."""
     routes = selected_routes(args, app)
     if args.dry_run:

@@ -129,6 +129,11 @@ class DovecotServer:
         self._proc: subprocess.Popen | None = None
 
     # ---- life ------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The master process's pid, which is also its process group's; None when stopped."""
+        return None if self._proc is None else self._proc.pid
+
     def start(self, attempts: int = 5) -> None:
         self.root.chmod(0o755)  # the imap processes run as nobody
         for sub in ("run", "state", "mail"):

@@ -74,6 +74,32 @@ def _clean_environment() -> dict[str, str]:
     return env
 
 
+def settings_env(
+    gmail, outlook, oauth_server, ca, accounts: list[RouteAccount], outlook_user: str, ms_refresh_token: str, state_db: Path
+) -> dict[str, str]:
+    """The environment of a `python -m shared.cli` that syncs `accounts` (on Dovecot `gmail`) into
+    `outlook_user` (on Dovecot `outlook`), with tokens from `oauth_server` and TLS trusting `ca`:
+    for sync_env, and for `make demo` (infra/demo.py), which runs the same servers."""
+    return _clean_environment() | {
+        "SYNC_ROUTES_JSON": json.dumps([a.as_json() for a in accounts]),
+        "GMAIL_CLIENT_ID": oauth_server.google_client_id,
+        "GMAIL_CLIENT_SECRET": oauth_server.google_client_secret,
+        "OUTLOOK_USER": outlook_user,
+        "MS_CLIENT_ID": oauth_server.ms_client_id,
+        "MS_REFRESH_TOKEN": ms_refresh_token,
+        "GMAIL_IMAP_HOST": gmail.host,
+        "GMAIL_IMAP_PORT": str(gmail.imaps_port),
+        "OUTLOOK_IMAP_HOST": outlook.host,
+        "OUTLOOK_IMAP_PORT": str(outlook.imaps_port),
+        "IMAP_CA_BUNDLE": ca.ca_bundle_path,
+        # The token endpoints are https with the test certificate.
+        "REQUESTS_CA_BUNDLE": ca.ca_bundle_path,
+        "GOOGLE_TOKEN_URI": oauth_server.google_token_uri,
+        "MS_AUTHORITY": oauth_server.ms_authority,
+        "STATE_DB": str(state_db),
+    }
+
+
 @dataclass(frozen=True)
 class Servers:
     """The mail servers as the code under test reaches them: `name` says which dialect, `env` the
@@ -126,24 +152,9 @@ def sync_env(dovecot_pair, oauth_server, test_ca, tmp_path, servers):
             accounts.append(RouteAccount(name, user, token, gmail_folder, outlook_folder))
         outlook_user = outlook.new_user("me")
         ms_token = oauth_server.issue_refresh_token(outlook_user, "microsoft")
-        env = _clean_environment() | {
-            "SYNC_ROUTES_JSON": json.dumps([a.as_json() for a in accounts]),
-            "GMAIL_CLIENT_ID": oauth_server.google_client_id,
-            "GMAIL_CLIENT_SECRET": oauth_server.google_client_secret,
-            "OUTLOOK_USER": outlook_user,
-            "MS_CLIENT_ID": oauth_server.ms_client_id,
-            "MS_REFRESH_TOKEN": ms_token,
-            "GMAIL_IMAP_HOST": gmail.host,
-            "GMAIL_IMAP_PORT": str(gmail.imaps_port),
-            "OUTLOOK_IMAP_HOST": outlook.host,
-            "OUTLOOK_IMAP_PORT": str(outlook.imaps_port),
-            "IMAP_CA_BUNDLE": test_ca.ca_bundle_path,
-            # The token endpoints are https with the test certificate.
-            "REQUESTS_CA_BUNDLE": test_ca.ca_bundle_path,
-            "GOOGLE_TOKEN_URI": oauth_server.google_token_uri,
-            "MS_AUTHORITY": oauth_server.ms_authority,
-            "STATE_DB": str(tmp_path / "state" / "state.db"),
-        } | servers.env
+        env = settings_env(
+            gmail, outlook, oauth_server, test_ca, accounts, outlook_user, ms_token, tmp_path / "state" / "state.db"
+        ) | servers.env
         secrets = [a.refresh_token for a in accounts] + [ms_token, oauth_server.google_client_secret]
         return SyncEnv(env, accounts, outlook_user, ms_token, tmp_path, secrets)
 
