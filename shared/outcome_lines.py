@@ -14,26 +14,30 @@ from shared.queue import ReceivedMessage
 
 log = logging.getLogger("mail_syncer.outcome")
 
-# What an operator should look at: a message sent to the dead letters, then a retried failure or
-# a pause; the rest is the work going as it should.
+# The one log line of each message's outcome, for the Lambda consumer and the CLI alike (the
+# copier logs none of its own). What an operator should look at is a WARNING or an ERROR: a
+# message sent to the dead letters, then a failure to be retried; skips are INFO.
 LEVELS = {
     Outcome.FAILED: logging.WARNING,
-    Outcome.PAUSED: logging.WARNING,
     Outcome.DEAD_LETTERED: logging.ERROR,
     Outcome.QUARANTINED: logging.ERROR,
+    Outcome.SKIPPED: logging.INFO,
 }
+# The work going as it should (a pause is said by the copier once, with its reason): INFO in
+# Lambda; the CLI logs these at DEBUG, where its progress line and summary say the same.
+ROUTINE_LEVEL = logging.INFO
+# How a line says the outcome, where its name alone would not.
+WORDS = {Outcome.DEAD_LETTERED: "moved to the dead letters"}
 
 
 def log_outcomes(results: Sequence[tuple[ReceivedMessage, CopyResult]]) -> None:
-    """The Lambda consumer's lines: each with its SQS messageId, at INFO or above (LEVELS)."""
+    """The Lambda consumer's lines: each with its SQS messageId."""
     for message, result in results:
         log_outcome(result, message_id=message.message_id)
 
 
-def log_outcome(result: CopyResult, *, message_id: str | None = None, level: int | None = None) -> None:
-    """One message's line; `level` None: by its outcome (LEVELS, else INFO). The CLI logs them at
-    DEBUG, where its progress line and summary say the same to a person already."""
-    level = LEVELS.get(result.outcome, logging.INFO) if level is None else level
+def log_outcome(result: CopyResult, *, message_id: str | None = None, routine_level: int = ROUTINE_LEVEL) -> None:
+    level = LEVELS.get(result.outcome, routine_level)
     if log.isEnabledFor(level):
         fields = outcome_fields(result, message_id)
         log.log(level, "%s", outcome_text(result, message_id), extra=fields)
@@ -58,18 +62,16 @@ def outcome_fields(result: CopyResult, message_id: str | None = None) -> dict[st
 
 
 def outcome_text(result: CopyResult, message_id: str | None = None) -> str:
-    """`route alice UID 41: copied as UID 9, 2048 bytes, 35 ms`; `route alice UID 43: failed
-    (attempt 2): BYE server shutting down`. Also what `-v` prints a line per message."""
-    if result.key is not None:
-        text = f"route {result.key.route} UID {result.key.uid}: {result.outcome}"
-    else:
-        text = f"queue message {message_id or '(no id)'}: {result.outcome}"
+    """`route alice UID 41 copied as UID 9, 2048 bytes, 35 ms`; `route alice UID 43 failed
+    (attempt 2): BYE server shutting down`; `queue message m-4 quarantined: queue body: not
+    JSON`. Also what `-v` prints, a line per message."""
+    where = f"route {result.key.route} UID {result.key.uid}" if result.key else f"queue message {message_id or '(no id)'}"
+    text = f"{where} {WORDS.get(result.outcome, result.outcome.value)}"
     if result.dest_uid is not None:
         text += f" as UID {result.dest_uid}"
-    if result.size is not None:
-        text += f", {result.size} bytes"
-    if result.elapsed_ms is not None:
-        text += f", {result.elapsed_ms} ms"
+    facts = [f"{result.size} bytes" if result.size is not None else "", f"{result.elapsed_ms} ms" if result.elapsed_ms is not None else ""]
+    if any(facts):
+        text += ", " + ", ".join(fact for fact in facts if fact)
     if result.outcome is Outcome.FAILED and result.attempts:
         text += f" (attempt {result.attempts})"
     return text + (f": {result.detail}" if result.detail else "")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
 from shared.mailbox.imap import ImapSource, open_folder_watch
 from shared.mailbox.port import ListedMessage
 from shared.mailbox.session import open_session
-from shared.outcome_lines import log_outcome, outcome_text
+from shared.outcome_lines import outcome_text
 from shared.pipeline.consume import consume_queue
 from shared.pipeline.copier import CopyResult, Outcome, lease_for
 from shared.pipeline.reconcile import RouteReconcile, reconcile_routes
@@ -383,7 +382,6 @@ def _consume(
 
     def on_result(result: CopyResult) -> None:
         tally.add(result)
-        log_outcome(result, level=logging.DEBUG)
         if verbose:
             progress.note(outcome_text(result))
         progress.advance(result)

@@ -9,11 +9,13 @@ unprocessed to keep their route's order be due when the one ahead of them is.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shared.outcome_lines import log_outcome
 from shared.pipeline.copier import Copier, CopyResult, Outcome, copy_batch, throttled_visibility
 from shared.queue import MessageQueue, ReceivedMessage
 from shared.queue.port import MAX_VISIBILITY_SECONDS
@@ -111,6 +113,9 @@ def consume_queue(
                 if waited is not None and max_pause_wait is not None and waited > max_pause_wait:
                     parked[message.message_id] = time.time() + waited
             if result.outcome is not Outcome.UNPROCESSED:
+                # Its log line, as the Lambda consumer writes it; the routine ones at DEBUG, where
+                # the CLI's progress line and summary say the same.
+                log_outcome(result, message_id=message.message_id, routine_level=logging.DEBUG)
                 on_result(result)
 
 

@@ -760,7 +760,6 @@ class Copier:
             fingerprint=ref.fingerprint if append_unresolved else None,
             append_unresolved=append_unresolved,
         )
-        log.info("route %s UID %d skipped: %s", ref.route, ref.uid, reason)
         return CopyResult(Outcome.SKIPPED, ref.key, reason)
 
     def _pause_over(self, route: Route) -> Pause | None:
@@ -802,7 +801,6 @@ class Copier:
         # recorded against the new owner's claim.
         self.state.release(ref.key, self.owner, append_outcome_unknown=append_outcome_unknown)
         attempts = self.state.record_failure(ref.key, type(exc).__name__, text)
-        log.warning("route %s UID %d failed (attempt %d): %s", ref.route, ref.uid, attempts, text)
         return CopyResult(Outcome.FAILED, ref.key, text, attempts=attempts)
 
 
@@ -1034,7 +1032,6 @@ def _give_up(message: ReceivedMessage, failed: CopyResult, queue: MessageQueue) 
     count: throttles and waits behind another message never count against it."""
     reason = f"failed {failed.attempts} times; last: {failed.detail}"
     queue.quarantine(message, reason)
-    log.error("route %s UID %d moved to the dead letters: %s", failed.key.route, failed.key.uid, reason)
     return replace(failed, outcome=Outcome.DEAD_LETTERED, detail=reason)
 
 
@@ -1051,11 +1048,10 @@ def _reference(message: ReceivedMessage, *, copier: Copier, queue: MessageQueue)
 
 def _quarantine(message: ReceivedMessage, reason: str, queue: MessageQueue) -> CopyResult:
     """Dead-letter a body that can never become a copy, now: a retry would fail the same way.
-    One log line, after the move, so the line is never there without the dead letter."""
+    Its log line (shared.outcome_lines) comes after the move, never without the dead letter."""
     # The reason is stored in the dead letters, where no log filter scrubs it.
     reason = scrub(reason)
     queue.quarantine(message, reason)
-    log.error("queue message %s (group %s) quarantined: %s", message.message_id, message.group_id, reason)
     return CopyResult(Outcome.QUARANTINED, None, reason)
 
 

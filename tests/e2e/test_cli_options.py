@@ -90,7 +90,7 @@ def test_verbose_prints_a_line_per_message_and_json_logs_are_one_object_a_line(s
 
     assert done.returncode == 0, done.stdout + done.stderr
     copied = read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")
-    lines = re.findall(r"^route work UID (\d+): copied as UID (\d+), (\d+) bytes, (\d+) ms$", done.stdout, re.M)
+    lines = re.findall(r"^route work UID (\d+) copied as UID (\d+), (\d+) bytes, (\d+) ms$", done.stdout, re.M)
     by_uid = {int(uid): (int(dest), int(size)) for uid, dest, size, _ in lines}
     sources = {m.uid: m for m in read_folder(dovecot_pair.gmail, user, "INBOX")}
     assert sorted(by_uid) == uids

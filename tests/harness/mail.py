@@ -16,8 +16,10 @@ own ``append`` rewrites line endings), ``seed``, ``read_folder``, ``corpus``, ``
 from __future__ import annotations
 
 import csv
+import grp
 import hashlib
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -60,10 +62,13 @@ auth_verbose = yes
 # cannot reach a mode-0 socket once it is not root). 2.3.19 still answers each failure
 # on its next 500 ms tick, auth_failure_delay = 0 or not.
 auth_failure_delay = 0
+{unprivileged}
 service auth {{
   user = $default_internal_user
 }}
 service anvil {{
+  # No chroot: a server not started as root cannot chroot, and these are throwaway servers.
+  chroot =
   unix_listener anvil-auth-penalty {{
     mode = 0
   }}
@@ -80,7 +85,7 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid=nobody gid=nogroup home={root}/mail/%u allow_all_users=yes
+  args = uid={mail_user} gid={mail_group} home={root}/mail/%u allow_all_users=yes
 }}
 mail_location = maildir:~/Maildir:LAYOUT=fs
 mail_fsync = never
@@ -92,6 +97,7 @@ protocol imap {{
   mail_max_userip_connections = 50
 }}
 service imap-login {{
+  chroot =
   inet_listener imap {{
     address = 127.0.0.1
     port = {plain_port}
@@ -135,10 +141,20 @@ class DovecotServer:
         return None if self._proc is None else self._proc.pid
 
     def start(self, attempts: int = 5) -> None:
-        self.root.chmod(0o755)  # the imap processes run as nobody
         for sub in ("run", "state", "mail"):
             (self.root / sub).mkdir(exist_ok=True)
-        shutil.chown(self.root / "mail", "nobody", "nogroup")
+        if os.geteuid() == 0:
+            self.root.chmod(0o755)  # the imap processes run as nobody
+            shutil.chown(self.root / "mail", "nobody", "nogroup")
+            mail_user, mail_group, unprivileged = "nobody", "nogroup", ""
+        else:
+            # Started by a user (`make demo` on a laptop): every process runs as that user
+            # (Dovecot's "running without root": its own login and internal users, no chroot).
+            mail_user, mail_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+            unprivileged = (
+                f"default_login_user = {mail_user}\ndefault_internal_user = {mail_user}\n"
+                f"default_internal_group = {mail_group}"
+            )
         (self.root / "oauth2.conf").write_text(_OAUTH2_CONFIG.format(url=self._introspection_url))
         dh = "/usr/share/dovecot/dh.pem"
         for _ in range(attempts):  # free ports are picked, then bound by Dovecot: may race
@@ -152,6 +168,9 @@ class DovecotServer:
                     password=self.password,
                     plain_port=self.plain_port,
                     imaps_port=self.imaps_port,
+                    mail_user=mail_user,
+                    mail_group=mail_group,
+                    unprivileged=unprivileged,
                 )
             )
             self._launch()

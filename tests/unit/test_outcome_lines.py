@@ -74,7 +74,7 @@ def test_each_message_has_a_line_with_route_uid_outcome_and_message_id(lambda_lo
     copied, skipped, failed, quarantined = _lines(lambda_log)
     assert copied == {
         "level": "INFO", "logger": "mail_syncer.outcome",
-        "message": "route alice UID 41: copied as UID 9, 2048 bytes, 35 ms",
+        "message": "route alice UID 41 copied as UID 9, 2048 bytes, 35 ms",
         "route": "alice", "uid": 41, "outcome": "copied", "message_id": "m-1", "dest_uid": 9, "bytes": 2048, "elapsed_ms": 35,
     }  # fmt: skip
     assert skipped | {"level": "INFO"} == skipped
@@ -84,10 +84,10 @@ def test_each_message_has_a_line_with_route_uid_outcome_and_message_id(lambda_lo
     assert (failed["level"], failed["outcome"], failed["message"]) == (
         "WARNING",
         "failed",
-        "route alice UID 43: failed (attempt 2): BYE server shutting down",
+        "route alice UID 43 failed (attempt 2): BYE server shutting down",
     )
     assert (quarantined["level"], quarantined["route"], quarantined["message_id"]) == ("ERROR", None, "m-4")
-    assert quarantined["message"] == "queue message m-4: quarantined: queue body: not JSON"
+    assert quarantined["message"] == "queue message m-4 quarantined: queue body: not JSON"
 
 
 def test_a_secret_in_a_message_line_never_reaches_the_log(lambda_log) -> None:
@@ -99,7 +99,7 @@ def test_a_secret_in_a_message_line_never_reaches_the_log(lambda_log) -> None:
     assert SECRET not in lambda_log.getvalue()
     (line,) = _lines(lambda_log)
     assert line["detail"] == f"login refused for {REDACTED}"
-    assert line["message"] == f"route alice UID 43: failed (attempt 1): login refused for {REDACTED}"
+    assert line["message"] == f"route alice UID 43 failed (attempt 1): login refused for {REDACTED}"
 
 
 def test_every_extra_field_is_scrubbed_and_ready_for_json(lambda_log) -> None:
