@@ -57,6 +57,9 @@ def check(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
     for route in routes:
         _check_source(app, route, report)
     _check_destination(app, report)
+    from shared.cli.status import report_token_health  # status's lines, as check prints them
+
+    report_token_health(app, report)  # the logins above recorded how each token did
     return ExitCode.UNREACHABLE if report.failed else ExitCode.OK
 
 

@@ -235,6 +235,9 @@ def scan_route(
             scan.since = since
             if mark is None:
                 scan.older = max(0, folder.exists - len(uids))
+                if not dry_run:  # for `status`: where the route started, what it left behind
+                    fallback_days = None if route.since else limits.fallback_since_days
+                    state.record_route_start(route.name, since, scan.older, fallback_days)
         scan.found = len(uids)
         if uids and not dry_run and not told:
             on_new_mail(route)
