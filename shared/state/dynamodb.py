@@ -7,10 +7,10 @@ route's open claims, one item), `UID#<uidvalidity>#<uid>` (a claim released, ski
 done), `START` (where its first scan started, put once); under pk `TOKENS`, sk
 `TOKEN_PROBLEM#<name>` (why a token was refused) and `TOKEN_HEALTH#<provider>#<account>` (when it
 last worked: read at each refresh, rewritten once it is an hour old); the gate's probe item under
-pk and sk `HEALTH`. Each change that guards exactly-once is
-one conditional write (on OPEN#, on its version), or one transaction; a batch's finalize is its
-FP# records, then one conditional write on OPEN#. Every read is strongly consistent, so a write
-just made is never missed.
+pk and sk `HEALTH`. Each change that guards exactly-once is one conditional write (on OPEN#, on
+its version), or one transaction; a batch's finalize is its FP# records, then one conditional
+write on OPEN#. Every read is strongly consistent, so a write just made is never missed (but
+TOKEN_HEALTH's before its rewrite, which guards nothing).
 
 Expiry (TTL on `expires_at`): the HEALTH probe and the download counts (pk `DOWNLOADS#<account>`,
 sk `HOUR#<hour>`, kept DOWNLOADS_KEPT_HOURS) carry it, nothing else. Watermarks, claims and
@@ -1102,8 +1102,8 @@ class DynamoStateStore(StateStore):
             raise self._unavailable("HealthCheck", "the health item written was not read back")
 
     # -- requests --------------------------------------------------------------------------
-    def _get(self, pk: str, sk: str) -> dict | None:
-        response = self._call("get_item", TableName=self._table, Key=_item_key(pk, sk), ConsistentRead=True)
+    def _get(self, pk: str, sk: str, *, consistent: bool = True) -> dict | None:
+        response = self._call("get_item", TableName=self._table, Key=_item_key(pk, sk), ConsistentRead=consistent)
         return response.get("Item")
 
     def _query_prefix(
@@ -1172,10 +1172,12 @@ class DynamoStateStore(StateStore):
     def record_token_worked(
         self, provider: str, account: str, tag: str, *, fresh_for: float = TOKEN_WORKED_FRESH_SECONDS
     ) -> bool:
-        # Read first: a read costs a fifth of a write, and most refreshes find the record fresh.
-        # Two processes writing at once both write about now: no condition is needed.
+        # Read first, eventually consistent (a tenth of a write's price), since most refreshes
+        # find the record fresh; one a moment stale only writes again. Two processes writing at
+        # once both write about now: no condition is needed.
         now = self._clock()
-        found = self.read_token_health(provider, account)
+        item = self._get(TOKENS_PK, token_health_sk(provider, account), consistent=False)
+        found = None if item is None else _token_health_from_item(provider, account, item)
         same_token = found is not None and found.tag == tag
         if same_token and now - found.last_worked_at < fresh_for:
             return False
@@ -1195,9 +1197,7 @@ class DynamoStateStore(StateStore):
 
     def read_token_health(self, provider: str, account: str) -> TokenHealth | None:
         item = self._get(TOKENS_PK, token_health_sk(provider, account))
-        if item is None:
-            return None
-        return TokenHealth(provider, account, _str(item, "tag"), _float(item, "first_worked_at"), _float(item, "last_worked_at"))
+        return None if item is None else _token_health_from_item(provider, account, item)
 
     # -- pauses ----------------------------------------------------------------------------
     def pause(self, name: str, until: float, reason: str) -> Pause:
@@ -1272,6 +1272,10 @@ def token_problem_sk(name: str) -> str:
 
 def token_health_sk(provider: str, account: str) -> str:
     return f"TOKEN_HEALTH#{provider}#{account}"
+
+
+def _token_health_from_item(provider: str, account: str, item: dict) -> TokenHealth:
+    return TokenHealth(provider, account, _str(item, "tag"), _float(item, "first_worked_at"), _float(item, "last_worked_at"))
 
 
 def downloads_pk(account: str) -> str:

@@ -1,8 +1,9 @@
 """The state store port: what the pipeline needs to remember, whatever holds it.
 
-Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), a claim per
-source UID (`UID#<uidvalidity>#<uid>`), a failure record per UID (`FAIL#...`), and a fingerprint
-per copied message (`FP#...`).
+Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), where its first
+scan started (`START`), a claim per source UID (`UID#<uidvalidity>#<uid>`), a failure record per
+UID (`FAIL#...`), and a fingerprint per copied message (`FP#...`); per refresh token, when it last
+worked and why it was last refused (never the token).
 DynamoDB keeps the open claims of a route in one item instead (README "State layout in
 DynamoDB"); what the port promises is the same on both.
 Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlite.SqliteStateStore`

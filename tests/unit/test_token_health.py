@@ -3,6 +3,9 @@ fail, and the warnings `status` and `check` show from it (shared.tokens.health).
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from shared.errors import StateStoreUnavailable, TokenRefreshFailed
@@ -189,3 +192,10 @@ def test_a_record_of_the_token_before_is_not_this_ones():
 
     assert seen.health is None and seen.warnings == []
     assert seen.summary().startswith("has not worked here yet; REFUSED since ")
+
+
+def test_the_readme_step_the_testing_warning_points_to_says_to_publish_the_app():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Google: the OAuth client", 1)[1].split("\n### ", 1)[0]
+    step = re.search(r"^5\. (.*?)^6\. ", section, re.MULTILINE | re.DOTALL).group(1)
+    assert "**Publish app**" in step and "In production" in step and "7 days" in step
