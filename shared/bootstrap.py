@@ -23,11 +23,11 @@ from shared.pipeline.scan import ScanLimits
 from shared.queue import MessageQueue
 from shared.settings import Route, Settings, SettingSource, reveal
 from shared.state import StateStore
+from shared.tokens.health import GOOGLE, MICROSOFT
 from shared.tokens.sources import GoogleTokenSource, MicrosoftTokenSource, TokenSource
 from shared.tokens.store import (
-    MICROSOFT,
     PersistedRefreshToken,
-    ProblemRecordingTokens,
+    RecordingTokens,
     SecretTokenStore,
     TokenFile,
     TokenStore,
@@ -109,7 +109,8 @@ class App:
             timeout=settings.imap_timeout,  # every wait for a server, token endpoints included
             fix=_microsoft_fix(source),
         )
-        return ImapAccount(label, settings.outlook_user, endpoint, token_source=ProblemRecordingTokens(tokens, self.state))
+        recording = RecordingTokens(tokens, self.state, provider=MICROSOFT, account=settings.outlook_user, configured=configured)
+        return ImapAccount(label, settings.outlook_user, endpoint, token_source=recording)
 
     def _microsoft_token_store(self, source: SettingSource, configured: str) -> TokenStore:
         settings = self.settings
@@ -169,14 +170,18 @@ class App:
         if route.name not in self._token_sources:
             settings = self.settings
             assert route.gmail_refresh_token is not None and settings.gmail_client_id is not None
-            self._token_sources[route.name] = GoogleTokenSource(
+            configured = route.gmail_refresh_token.get_secret_value()
+            tokens = GoogleTokenSource(
                 account=route.gmail_user,
-                refresh_token=route.gmail_refresh_token.get_secret_value(),
+                refresh_token=configured,
                 client_id=settings.gmail_client_id,
                 client_secret=reveal(settings.gmail_client_secret) or "",
                 token_uri=settings.google_token_uri,
                 timeout=settings.imap_timeout,
                 fix=_google_fix(settings, route),
+            )
+            self._token_sources[route.name] = RecordingTokens(
+                tokens, self.state, provider=GOOGLE, account=route.gmail_user, configured=configured
             )
         return self._token_sources[route.name]
 

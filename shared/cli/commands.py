@@ -62,6 +62,9 @@ def check(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
     for route in routes:
         _check_source(app, route, report)
     _check_destination(app, report)
+    from shared.cli.status import report_token_health  # status's lines, as check prints them
+
+    report_token_health(app, report)  # the logins above recorded how each token did
     return ExitCode.UNREACHABLE if report.failed else ExitCode.OK
 
 
@@ -350,7 +353,7 @@ def _print_start_points(settings: Settings, scans: Sequence[RouteScan], backfill
                 f" before, to copy; {scan.known} copied or tried before, left as they are",
                 flush=True,
             )
-        if scan.older is None or scan.since is None or route is None:
+        if scan.older is None or scan.since is None or route is None or scan.backfilled is not None:
             continue
         why = "--since" if backfill_since == scan.since else "its since" if route.since else (
             f"FALLBACK_SINCE_DAYS={settings.fallback_since_days}"

@@ -80,10 +80,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     _add_verbose_option(consume_parser)
     status_parser = command(
         "status", status.status, "per route: watermark, copied/skipped/failed counts with reasons, dead letters, queue depths",
-        "Per route: the watermark, claims by status with skip reasons, open failure records, dead letters "
-        "with the reason recorded for each; the queue's depths.",
+        "Per route: where its first scan started and the older messages left, the watermark, claims by "
+        "status with skip reasons, open failure records, dead letters with the reason recorded for each; "
+        "the queue's depths; when each refresh token last worked, with a warning before it expires.",
     )
     status_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status_parser.add_argument("--route", metavar="R", action="append", help="only this route (repeatable)")
     redrive_parser = command(
         "redrive", commands.redrive, "put dead-lettered messages back on the queue",
         "Move messages from the dead letters (the SQS DLQ, or the local queue's dead-letter table) back "

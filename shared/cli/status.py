@@ -1,25 +1,34 @@
-"""`status`: per route what was copied, skipped and failed and why; dead letters; the queue; the
-destination's refresh token."""
+"""`status`: per route where it started, what was copied, skipped and failed and why; dead
+letters; the queue; the destination's refresh token; when each refresh token last worked."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from shared import bootstrap
 from shared.cli.report import ExitCode, Report
-from shared.errors import QueueUnavailable
+from shared.errors import QueueUnavailable, StateStoreUnavailable
 from shared.pipeline.budget import in_megabytes
 from shared.pipeline.pauses import iso_time
 from shared.pipeline.redrive import DeadLetterCounts, report_dead_letters
 from shared.redaction import scrub
+from shared.state.port import RouteStart
+from shared.tokens.health import configured_tokens, read_token_states
 
 
 def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
+    known = [route.name for route in app.settings.routes]
+    unknown = [name for name in args.route or () if name not in known]
+    if unknown:
+        print(f"status --route: unknown route {', '.join(map(repr, unknown))} (routes: {', '.join(known)})", file=sys.stderr)
+        return ExitCode.USAGE
+    shown = [route for route in app.settings.routes if not args.route or route.name in args.route]
     app.state.check_health()
     routes = []
-    for route in app.settings.routes:
+    for route in shown:
         mark = app.state.read_watermark(route.name)
         counts = app.state.route_counts(route.name)
         last_scan = app.state.read_scan(route.name)
@@ -29,6 +38,7 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
                 "source": f"{route.gmail_user} {route.gmail_folder}",
                 "destination_folder": route.outlook_folder,
                 "watermark": None if mark is None else {"uidvalidity": mark.uidvalidity, "last_uid": mark.last_uid},
+                "start": _start(app.state.read_route_start(route.name)),
                 "claims": counts.by_status,
                 "skipped_reasons": counts.skipped_reasons,
                 "failures": counts.failures,
@@ -53,6 +63,7 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
         queue = {"where": app.queue.describe(), "error": str(exc)}
     destination = _destination_status(app)
     now = time.time()
+    tokens = read_token_states(app.state, configured_tokens(app.settings, shown), now)
     # Mailboxes that asked to be left alone and have not had their time yet.
     pauses = [
         {"mailbox": pause.name, "until": iso_time(pause.until), "reason": pause.reason}
@@ -63,11 +74,12 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
     budget = app.download_budget()
     downloads = [
         {"account": account, "last_24_hours_bytes": budget.downloaded(account), "budget_bytes": budget.daily_bytes}
-        for account in dict.fromkeys(route.gmail_user for route in app.settings.routes)
+        for account in dict.fromkeys(route.gmail_user for route in shown)
     ]
     if args.json:
         everything = {"routes": routes, "queue": queue, "destination": destination, "pauses": pauses}
-        print(json.dumps(everything | {"downloads": downloads}, indent=2))
+        tokens_json = [token.as_json() for token in tokens]
+        print(json.dumps(everything | {"downloads": downloads, "tokens": tokens_json}, indent=2))
         return ExitCode.OK
     for item in routes:
         mark = item["watermark"]
@@ -90,7 +102,13 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
             print(f"  last scan {scanned['at']} FAILED (failing since {scanned['failing_since']}): {scanned['error']}")
         else:
             print(f"  last scan {scanned['at']} ok")
+        if item["start"] is not None:
+            print(f"  {_start_line(item['start'])}")
     _print_destination(destination)
+    for token in tokens:
+        print(f"{token.what}: {token.summary()}")
+        for warning in token.warnings:
+            print(f"  WARNING: {warning}")
     for pause in pauses:
         print(f"{pause['mailbox']} paused until {pause['until']}: {pause['reason']}")
     for spent in downloads:
@@ -106,6 +124,45 @@ def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
         if not queue["dead_letters_complete"]:
             print("  (dead letters per route: only the first of each route could be looked at)")
     return ExitCode.OK
+
+
+def report_token_health(app: bootstrap.App, report: Report) -> None:
+    """For `check`: a line per refresh token, when it last worked (the logins just made have
+    recorded theirs) or since when it is refused, then its warnings."""
+    try:
+        tokens = read_token_states(app.state, configured_tokens(app.settings, app.settings.routes), time.time())
+    except StateStoreUnavailable as exc:
+        report.fail("tokens", f"when each token last worked cannot be read: {exc}")
+        return
+    for token in tokens:
+        if token.problem is not None:
+            report.fail(token.what, token.summary())
+        elif token.health is None:
+            report.skip(token.what, token.summary())
+        else:
+            report.ok(token.what, token.summary())
+        for warning in token.warnings:
+            report.warn(token.what, warning)
+
+
+def _start(start: RouteStart | None) -> dict | None:
+    if start is None:
+        return None
+    return {
+        "since": start.since.isoformat(),
+        "from": "its since" if start.fallback_days is None else f"FALLBACK_SINCE_DAYS={start.fallback_days}",
+        "older_not_copied": start.older,
+        "first_scan": iso_time(start.at),
+    }
+
+
+def _start_line(start: dict) -> str:
+    """`started 2026-11-24 (FALLBACK_SINCE_DAYS=7); 32 older messages not copied (...)`."""
+    line = f"started {start['since']} ({start['from']})"
+    older = start["older_not_copied"]
+    if older:
+        line += f"; {older} older message{'s' if older != 1 else ''} not copied (drain --since DATE copies them)"
+    return line
 
 
 def _dead_letter_counts(counts: DeadLetterCounts) -> dict:

@@ -56,7 +56,7 @@ class RouteScan:
     # Where a scan without a watermark (a route's first, or after a UIDVALIDITY change) started:
     # the route's `since`, else today less FALLBACK_SINCE_DAYS; None for a scan above a watermark.
     since: dt.date | None = None
-    # On a route's first scan: the folder's messages from before `since`, which are not copied.
+    # On a route's first scan, or a backfill: the folder's messages from before `since`, not copied.
     older: int | None = None
     # A backfill (`backfill_since`, below the watermark): messages from `since` on that this
     # store never queued (counted in `found`), and those it knows already (queued or copied).
@@ -239,6 +239,10 @@ def scan_route(
             uids = source.uids_above(mark.last_uid)
             if backfill_since is not None:
                 backlog = _backlog(route, source, summaries, state, folder, mark, backfill_since, scan)
+                start = state.read_route_start(route.name)
+                if not dry_run and (start is None or backfill_since < start.since):
+                    # `status` says where the route starts now, and what is older still.
+                    state.record_route_start(route.name, backfill_since, scan.older or 0, None, replace=True)
         else:
             since = route.since or limits.today - dt.timedelta(days=limits.fallback_since_days)
             if renumbered and route.since is None and mark.updated_at:
@@ -261,6 +265,9 @@ def scan_route(
                 scan.since = since = backfill_since
             if mark is None:
                 scan.older = max(0, folder.exists - len(uids))
+                if not dry_run:  # for `status`: where the route started, what it left behind
+                    own = route.since is not None or since == backfill_since
+                    state.record_route_start(route.name, since, scan.older, None if own else limits.fallback_since_days)
         scan.found = len(uids) + len(backlog)
         if (uids or backlog) and not dry_run and not told:
             on_new_mail(route)
@@ -330,7 +337,8 @@ def _backlog(
     """A backfill: the references of the messages from `since` on, below the watermark, that this
     store never queued (no claim: neither copied, skipped nor tried). Those it knows are left to
     their records: copied ones stay copied, failed ones wait for `redrive`."""
-    older = [uid for uid in source.uids_since(since) if uid <= mark.last_uid]
+    from_since = source.uids_since(since)
+    older = [uid for uid in from_since if uid <= mark.last_uid]
     backlog: list[MessageRef] = []
     for start in range(0, len(older), CHUNK):
         found, unreadable = summaries.read(older[start : start + CHUNK])
@@ -342,6 +350,7 @@ def _backlog(
             else:
                 scan.known += 1
     scan.since, scan.backfilled = since, len(backlog)
+    scan.older = max(0, folder.exists - len(from_since))  # older than the backfill still
     return backlog
 
 

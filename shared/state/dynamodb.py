@@ -4,10 +4,13 @@ Layout (DESIGN.md "State", with one departure: README "State layout in DynamoDB"
 `ROUTE#<route>` with sk `WATERMARK`, `SCAN` (the last scan's outcome), `OPEN#<uidvalidity>` (the
 route's open claims, one item), `UID#<uidvalidity>#<uid>` (a claim released, skipped or failed),
 `FAIL#<uidvalidity>#<uid>` and `FP#<fingerprint>` (a copy made: also its claim's record once
-done); the gate's probe item under pk and sk `HEALTH`. Each change that guards exactly-once is
-one conditional write (on OPEN#, on its version), or one transaction; a batch's finalize is its
-FP# records, then one conditional write on OPEN#. Every read is strongly consistent, so a write
-just made is never missed.
+done), `START` (where its first scan started, put once); under pk `TOKENS`, sk
+`TOKEN_PROBLEM#<name>` (why a token was refused) and `TOKEN_HEALTH#<provider>#<account>` (when it
+last worked: read at each refresh, rewritten once it is an hour old); the gate's probe item under
+pk and sk `HEALTH`. Each change that guards exactly-once is one conditional write (on OPEN#, on
+its version), or one transaction; a batch's finalize is its FP# records, then one conditional
+write on OPEN#. Every read is strongly consistent, so a write just made is never missed (but
+TOKEN_HEALTH's before its rewrite, which guards nothing).
 
 Expiry (TTL on `expires_at`): the HEALTH probe and the download counts (pk `DOWNLOADS#<account>`,
 sk `HOUR#<hour>`, kept DOWNLOADS_KEPT_HOURS) carry it, nothing else. Watermarks, claims and
@@ -19,6 +22,7 @@ overwritten by each scan, so it needs no expiry either.
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 import time
 from collections import Counter
@@ -30,6 +34,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.errors import ClaimLost, StateStoreUnavailable
 from shared.state.port import (
+    TOKEN_WORKED_FRESH_SECONDS,
     Claim,
     ClaimOutcome,
     ClaimResult,
@@ -40,8 +45,10 @@ from shared.state.port import (
     HolderProbe,
     Pause,
     RouteCounts,
+    RouteStart,
     ScanRecord,
     StateStore,
+    TokenHealth,
     TokenProblem,
     UidKey,
     Watermark,
@@ -66,6 +73,8 @@ WATERMARK_SK = "WATERMARK"
 SCAN_SK = "SCAN"
 # Up to where a route's messages may be in the destination with no record (set_lookup_bound).
 LOOKUP_SK = "LOOKUP"
+# Where a route's first scan started (record_route_start).
+START_SK = "START"
 _HEALTH_KEY = {"pk": {"S": "HEALTH"}, "sk": {"S": "HEALTH"}}
 
 T = TypeVar("T")
@@ -235,7 +244,32 @@ class DynamoStateStore(StateStore):
             failing_since=_optional_float(item, "failing_since"),
         )
 
-    # -- claims ----------------------------------------------------------------------------
+    def record_route_start(
+        self, route: str, since: dt.date, older: int, fallback_days: int | None, *, replace: bool = False
+    ) -> None:
+        item = _item_key(route_pk(route), START_SK) | {
+            "since": _s(since.isoformat()),
+            "older": _n(older),
+            "at": _n(self._clock()),
+        }
+        if fallback_days is not None:
+            item["fallback_days"] = _n(fallback_days)
+        # Put once (a route's first scans are few): the first start stays unless replaced.
+        condition = {} if replace else {"ConditionExpression": "attribute_not_exists(pk)"}
+        try:
+            self._call("put_item", TableName=self._table, Item=item, **condition)
+        except _ConditionFailed:
+            pass
+
+    def read_route_start(self, route: str) -> RouteStart | None:
+        item = self._get(route_pk(route), START_SK)
+        if item is None:
+            return None
+        return RouteStart(
+            route, dt.date.fromisoformat(_str(item, "since")), _int(item, "older"),
+            _optional_int(item, "fallback_days"), _float(item, "at"),
+        )
+
     # -- claims ----------------------------------------------------------------------------
     # A claim lives in one of two places (README "State layout in DynamoDB"): while it is open
     # (in progress or appending, with an owner), as an entry of the route's OPEN#<uidvalidity>
@@ -1081,8 +1115,8 @@ class DynamoStateStore(StateStore):
             raise self._unavailable("HealthCheck", "the health item written was not read back")
 
     # -- requests --------------------------------------------------------------------------
-    def _get(self, pk: str, sk: str) -> dict | None:
-        response = self._call("get_item", TableName=self._table, Key=_item_key(pk, sk), ConsistentRead=True)
+    def _get(self, pk: str, sk: str, *, consistent: bool = True) -> dict | None:
+        response = self._call("get_item", TableName=self._table, Key=_item_key(pk, sk), ConsistentRead=consistent)
         return response.get("Item")
 
     def _query_prefix(
@@ -1146,6 +1180,37 @@ class DynamoStateStore(StateStore):
         if item is None:
             return None
         return TokenProblem(name, _str(item, "error"), _float(item, "first_at"), _float(item, "last_at"))
+
+    # -- token health (pk TOKENS) ------------------------------------------------------------
+    def record_token_worked(
+        self, provider: str, account: str, tag: str, *, fresh_for: float = TOKEN_WORKED_FRESH_SECONDS
+    ) -> bool:
+        # Read first, eventually consistent (a tenth of a write's price), since most refreshes
+        # find the record fresh; one a moment stale only writes again. Two processes writing at
+        # once both write about now: no condition is needed.
+        now = self._clock()
+        item = self._get(TOKENS_PK, token_health_sk(provider, account), consistent=False)
+        found = None if item is None else _token_health_from_item(provider, account, item)
+        same_token = found is not None and found.tag == tag
+        if same_token and now - found.last_worked_at < fresh_for:
+            return False
+        self._call(
+            "put_item",
+            TableName=self._table,
+            Item=_item_key(TOKENS_PK, token_health_sk(provider, account))
+            | {
+                "provider": _s(provider),
+                "account": _s(account),
+                "tag": _s(tag),
+                "first_worked_at": _n(found.first_worked_at if same_token else now),
+                "last_worked_at": _n(now),
+            },
+        )
+        return True
+
+    def read_token_health(self, provider: str, account: str) -> TokenHealth | None:
+        item = self._get(TOKENS_PK, token_health_sk(provider, account))
+        return None if item is None else _token_health_from_item(provider, account, item)
 
     # -- pauses ----------------------------------------------------------------------------
     def pause(self, name: str, until: float, reason: str) -> Pause:
@@ -1216,6 +1281,14 @@ PAUSES_PK = "PAUSES"
 
 def token_problem_sk(name: str) -> str:
     return f"TOKEN_PROBLEM#{name}"
+
+
+def token_health_sk(provider: str, account: str) -> str:
+    return f"TOKEN_HEALTH#{provider}#{account}"
+
+
+def _token_health_from_item(provider: str, account: str, item: dict) -> TokenHealth:
+    return TokenHealth(provider, account, _str(item, "tag"), _float(item, "first_worked_at"), _float(item, "last_worked_at"))
 
 
 def downloads_pk(account: str) -> str:

@@ -1,8 +1,9 @@
 """The state store port: what the pipeline needs to remember, whatever holds it.
 
-Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), a claim per
-source UID (`UID#<uidvalidity>#<uid>`), a failure record per UID (`FAIL#...`), and a fingerprint
-per copied message (`FP#...`).
+Layout (DESIGN.md): per route a WATERMARK, the outcome of its last scan (`SCAN`), where its first
+scan started (`START`), a claim per source UID (`UID#<uidvalidity>#<uid>`), a failure record per
+UID (`FAIL#...`), and a fingerprint per copied message (`FP#...`); per refresh token, when it last
+worked and why it was last refused (never the token).
 DynamoDB keeps the open claims of a route in one item instead (README "State layout in
 DynamoDB"); what the port promises is the same on both.
 Adapters: `shared.state.dynamodb.DynamoStateStore` (AWS) and `shared.state.sqlite.SqliteStateStore`
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,15 +31,20 @@ __all__ = [
     "CopiedMessage",
     "FailureRecord",
     "RouteCounts",
+    "RouteStart",
     "ScanRecord",
     "Pause",
     "StateStore",
+    "TokenHealth",
     "UidKey",
     "Watermark",
 ]
 
 # Failure text kept in state is cut here: enough to act on, never a whole server dump.
 MAX_ERROR_TEXT = 1000
+# A token's "last worked" is rewritten only once it is this old (seconds): a write an hour per
+# token at most, however many runs and Lambda containers refresh it.
+TOKEN_WORKED_FRESH_SECONDS = 3600.0
 
 
 class ClaimStatus(StrEnum):
@@ -193,6 +200,18 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     def read_scan(self, route: str) -> ScanRecord | None: ...
+
+    @abc.abstractmethod
+    def record_route_start(
+        self, route: str, since: dt.date, older: int, fallback_days: int | None, *, replace: bool = False
+    ) -> None:
+        """Where the route's first scan started (`since`), how many messages of its folder were
+        older (`older`: never copied), and `fallback_days` when `since` came from
+        FALLBACK_SINCE_DAYS (None: the route's own since); `at` is now. Set once per route: a
+        later call leaves the first, unless `replace` (a start moved back on purpose)."""
+
+    @abc.abstractmethod
+    def read_route_start(self, route: str) -> RouteStart | None: ...
 
     # -- copies this store may not know of ---------------------------------------------------
     @abc.abstractmethod
@@ -384,6 +403,20 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def read_token_problem(self, name: str) -> TokenProblem | None: ...
 
+    # -- token health: when each refresh token last worked, for `status` and `check` ---------
+    @abc.abstractmethod
+    def record_token_worked(
+        self, provider: str, account: str, tag: str, *, fresh_for: float = TOKEN_WORKED_FRESH_SECONDS
+    ) -> bool:
+        """Record that the refresh token of `account` at `provider` worked now. `tag` tells one
+        configured token from the next (shared.tokens.health.token_tag; never the token): a
+        record of another tag starts over, with `first_worked_at` now too. Writes nothing and
+        returns False when the record has this tag and worked less than `fresh_for` seconds ago;
+        True when it wrote."""
+
+    @abc.abstractmethod
+    def read_token_health(self, provider: str, account: str) -> TokenHealth | None: ...
+
     # -- pauses: a mailbox that asked to be left alone -------------------------------------
     @abc.abstractmethod
     def pause(self, name: str, until: float, reason: str) -> Pause:
@@ -409,6 +442,29 @@ class StateStore(abc.ABC):
     def downloads(self, account: str, since_hour: int) -> dict[int, int]:
         """The bytes `account` downloaded in each hour from `since_hour` on, by hour; hours with
         none are left out."""
+
+
+@dataclass(frozen=True)
+class TokenHealth:
+    """When a refresh token (one account's at one provider) first and last worked: a refresh
+    that gave an access token. Neither the token nor anything it could be read back from."""
+
+    provider: str  # "google", "microsoft"
+    account: str
+    tag: str  # tells a replaced token from the one before it (shared.tokens.health.token_tag)
+    first_worked_at: float
+    last_worked_at: float
+
+
+@dataclass(frozen=True)
+class RouteStart:
+    """Where a route's first scan started, and what of its folder was older: never copied."""
+
+    route: str
+    since: dt.date
+    older: int
+    fallback_days: int | None  # since came from FALLBACK_SINCE_DAYS; None: the route's own since
+    at: float
 
 
 @dataclass(frozen=True)

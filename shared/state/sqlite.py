@@ -1,8 +1,8 @@
 """The state store in one SQLite file (the embedded adapter, for a local process).
 
-The tables mirror the DynamoDB layout (DESIGN.md "State"): a watermark and a last-scan record per
-route, a claim and a failure record per source UID, a fingerprint record per copied message, and
-a health row.
+The tables mirror the DynamoDB layout (DESIGN.md "State"): a watermark, a last-scan record and its
+first scan's start per route, a claim and a failure record per source UID, a fingerprint record
+per copied message, when each refresh token last worked, and a health row.
 
 Concurrency: one connection per store, used under a lock, so threads take turns; processes
 sharing the file are kept apart by SQLite itself. Every change reads and writes inside
@@ -12,6 +12,7 @@ find a claim free. WAL mode lets readers go on while a writer works.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sqlite3
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 from shared.errors import ClaimLost, StateStoreUnavailable
 from shared.state import sqlite_file
 from shared.state.port import (
+    TOKEN_WORKED_FRESH_SECONDS,
     Claim,
     ClaimOutcome,
     ClaimResult,
@@ -34,8 +36,10 @@ from shared.state.port import (
     HolderProbe,
     Pause,
     RouteCounts,
+    RouteStart,
     ScanRecord,
     StateStore,
+    TokenHealth,
     TokenProblem,
     UidKey,
     Watermark,
@@ -124,6 +128,21 @@ CREATE TABLE IF NOT EXISTS downloads (
     hour INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     PRIMARY KEY (account, hour)
+);
+CREATE TABLE IF NOT EXISTS route_starts (
+    route TEXT PRIMARY KEY,
+    since TEXT NOT NULL,
+    older INTEGER NOT NULL,
+    fallback_days INTEGER,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS token_health (
+    provider TEXT NOT NULL,
+    account TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    first_worked_at REAL NOT NULL,
+    last_worked_at REAL NOT NULL,
+    PRIMARY KEY (provider, account)
 );
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -227,6 +246,23 @@ class SqliteStateStore(StateStore):
     def read_scan(self, route: str) -> ScanRecord | None:
         with self._reading() as db:
             return self._select_scan(db, route)
+
+    def record_route_start(
+        self, route: str, since: dt.date, older: int, fallback_days: int | None, *, replace: bool = False
+    ) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        with self._writing() as db:
+            db.execute(
+                f"{verb} INTO route_starts (route, since, older, fallback_days, at) VALUES (?, ?, ?, ?, ?)",
+                (route, since.isoformat(), older, fallback_days, self._clock()),
+            )
+
+    def read_route_start(self, route: str) -> RouteStart | None:
+        with self._reading() as db:
+            row = db.execute("SELECT * FROM route_starts WHERE route = ?", (route,)).fetchone()
+        if row is None:
+            return None
+        return RouteStart(route, dt.date.fromisoformat(row["since"]), row["older"], row["fallback_days"], row["at"])
 
     # -- claims ----------------------------------------------------------------------------
     def claim_uid(
@@ -699,6 +735,34 @@ class SqliteStateStore(StateStore):
         with self._token_problem_table() as db:
             row = db.execute("SELECT * FROM token_problems WHERE name = ?", (name,)).fetchone()
         return None if row is None else TokenProblem(name, row["error"], row["first_at"], row["last_at"])
+
+    # -- token health ----------------------------------------------------------------------
+    def record_token_worked(
+        self, provider: str, account: str, tag: str, *, fresh_for: float = TOKEN_WORKED_FRESH_SECONDS
+    ) -> bool:
+        now = self._clock()
+        with self._writing() as db:
+            found = self._select_token_health(db, provider, account)
+            if found is not None and found.tag == tag and now - found.last_worked_at < fresh_for:
+                return False
+            first = found.first_worked_at if found is not None and found.tag == tag else now
+            db.execute(
+                "INSERT OR REPLACE INTO token_health (provider, account, tag, first_worked_at, last_worked_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (provider, account, tag, first, now),
+            )
+            return True
+
+    def read_token_health(self, provider: str, account: str) -> TokenHealth | None:
+        with self._reading() as db:
+            return self._select_token_health(db, provider, account)
+
+    @staticmethod
+    def _select_token_health(db: sqlite3.Connection, provider: str, account: str) -> TokenHealth | None:
+        row = db.execute("SELECT * FROM token_health WHERE provider = ? AND account = ?", (provider, account)).fetchone()
+        if row is None:
+            return None
+        return TokenHealth(provider, account, row["tag"], row["first_worked_at"], row["last_worked_at"])
 
     # -- pauses ----------------------------------------------------------------------------
     def pause(self, name: str, until: float, reason: str) -> Pause:

@@ -37,11 +37,11 @@ from shared.aws import SecretMissing, SecretUnreadable, error_code, read_json_se
 from shared.errors import MailSyncerError, StateStoreUnavailable, TokenRefreshFailed
 from shared.redaction import register_secret, scrub
 from shared.state.port import StateStore
+from shared.tokens.health import MICROSOFT, token_problem_name, token_tag
 from shared.tokens.sources import TokenSource
 
 log = logging.getLogger("mail_syncer.tokens")
 
-MICROSOFT = "microsoft"
 # A staging label of our own: a version put with it is not current until the compare-and-set
 # moves AWSCURRENT onto it.
 PENDING_STAGE = "MAIL_SYNCER_PENDING"
@@ -337,18 +337,27 @@ def _key_in(data: dict, setting: str) -> str:
     return next((key for key in data if key.lower() == setting.lower()), setting)
 
 
-# -- token problems in state ------------------------------------------------------------------
+# -- how each token is doing, in state ----------------------------------------------------
 
 
-class ProblemRecordingTokens:
-    """A token source that records a refused refresh token in the state store (for `status`),
-    and clears the record once a refresh works again."""
+class RecordingTokens:
+    """A token source that records in the state store how its refresh token is doing, for
+    `status` and `check` (shared.tokens.health): when a refresh worked, and why one was refused
+    (invalid_grant) until a refresh works again. Every refresh passes here, and an XOAUTH2 login
+    only ever uses the access token a refresh just gave, so this is the one place to record it.
 
-    def __init__(self, inner: TokenSource, state: StateStore, name: str = MICROSOFT) -> None:
+    A refresh that worked is told by a new access token; it is recorded with the configured
+    token's tag (never the token), and the store writes it once an hour at most."""
+
+    def __init__(self, inner: TokenSource, state: StateStore, *, provider: str, account: str, configured: str) -> None:
         self._inner = inner
         self._state = state
-        self._name = name
+        self._provider = provider
+        self._account = account
+        self._tag = token_tag(configured)
+        self._problem_name = token_problem_name(provider, account)
         self._cleared = False
+        self._last_token: str | None = None
         self.endpoint = getattr(inner, "endpoint", None)  # where a refresh goes (session.py reads it)
 
     def access_token(self) -> str:
@@ -356,20 +365,23 @@ class ProblemRecordingTokens:
             token = self._inner.access_token()
         except TokenRefreshFailed as exc:
             if exc.refused:
-                self._record(scrub(str(exc)))
+                self._recorded(self._state.record_token_problem, self._problem_name, scrub(str(exc)))
                 self._cleared = False
             raise
+        if token != self._last_token:
+            self._last_token = token
+            self._recorded(self._state.record_token_worked, self._provider, self._account, self._tag)
         if not self._cleared:
-            self._record(None)  # once per process: the token works (again)
+            self._recorded(self._state.record_token_problem, self._problem_name, None)  # once per process
             self._cleared = True
         return token
 
     def invalidate(self) -> None:
         self._inner.invalidate()
 
-    def _record(self, error: str | None) -> None:
+    def _recorded(self, record: Callable[..., object], *args: object) -> None:
         try:
-            self._state.record_token_problem(self._name, error)
+            record(*args)
         except StateStoreUnavailable as exc:
-            # The token's own error is what the caller must see; this is only for `status`.
-            log.warning("could not record the %s token's state: %s", self._name, exc)
+            # The token's own error (or its access token) is what the caller needs; this is for `status`.
+            log.warning("could not record the state of the %s token of %s: %s", self._provider, self._account, exc)

@@ -12,12 +12,14 @@ method name recorded in `calls`, so a test can also check what was, or was not, 
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.errors import StateStoreUnavailable
 from shared.state.port import (
+    TOKEN_WORKED_FRESH_SECONDS,
     Claim,
     ClaimResult,
     ClaimStatus,
@@ -26,8 +28,10 @@ from shared.state.port import (
     HolderProbe,
     Pause,
     RouteCounts,
+    RouteStart,
     ScanRecord,
     StateStore,
+    TokenHealth,
     TokenProblem,
     UidKey,
     Watermark,
@@ -105,6 +109,16 @@ class FailingStateStore(StateStore):
     def read_scan(self, route: str) -> ScanRecord | None:
         self._enter("read_scan")
         return self.inner.read_scan(route)
+
+    def record_route_start(
+        self, route: str, since: dt.date, older: int, fallback_days: int | None, *, replace: bool = False
+    ) -> None:
+        self._enter("record_route_start")
+        self.inner.record_route_start(route, since, older, fallback_days, replace=replace)
+
+    def read_route_start(self, route: str) -> RouteStart | None:
+        self._enter("read_route_start")
+        return self.inner.read_route_start(route)
 
     def claim_uid(
         self,
@@ -211,6 +225,16 @@ class FailingStateStore(StateStore):
     def read_token_problem(self, name: str) -> TokenProblem | None:
         self._enter("read_token_problem")
         return self.inner.read_token_problem(name)
+
+    def record_token_worked(
+        self, provider: str, account: str, tag: str, *, fresh_for: float = TOKEN_WORKED_FRESH_SECONDS
+    ) -> bool:
+        self._enter("record_token_worked")
+        return self.inner.record_token_worked(provider, account, tag, fresh_for=fresh_for)
+
+    def read_token_health(self, provider: str, account: str) -> TokenHealth | None:
+        self._enter("read_token_health")
+        return self.inner.read_token_health(provider, account)
 
     def pause(self, name: str, until: float, reason: str) -> Pause:
         self._enter("pause")

@@ -52,7 +52,12 @@ def test_all_good_sqlite(sync_env, dovecot_pair):
         f"ok destination {setup.outlook_user} at 127.0.0.1:{setup.env['OUTLOOK_IMAP_PORT']}: "
         "'Gmail/Home' will be created, 'Gmail/Work' exists"
     )
-    assert len(out) == 6
+    # Each refresh token, as the logins above left it: it worked just now, for the first time.
+    worked = r"last worked (\S+) \(first \1\)"
+    assert re.fullmatch(rf"ok token google {re.escape(work.gmail_user)} {worked}", out[6]), out[6]
+    assert re.fullmatch(rf"ok token google {re.escape(home.gmail_user)} {worked}", out[7]), out[7]
+    assert re.fullmatch(rf"ok token microsoft {re.escape(setup.outlook_user)} {worked}", out[8]), out[8]
+    assert len(out) == 9
     assert_clean(done, setup)
 
 
@@ -184,8 +189,10 @@ def test_refused_microsoft_token_names_the_destination(sync_env, oauth_server):
     done = setup.cli("check")
     assert done.returncode == 5
     out = lines(done)
-    assert out[-1].startswith(f"FAIL destination destination {setup.outlook_user}: token refresh failed: Microsoft token refresh")
-    assert "invalid_grant" in out[-1]
+    [destination] = [line for line in out if line.startswith("FAIL destination")]
+    assert destination.startswith(f"FAIL destination destination {setup.outlook_user}: token refresh failed: Microsoft token refresh")
+    assert "invalid_grant" in destination
+    assert re.fullmatch(rf"FAIL token microsoft {re.escape(setup.outlook_user)} has not worked here yet; REFUSED since \S+", out[-1])
     assert_clean(done, setup)
 
 

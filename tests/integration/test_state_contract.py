@@ -6,6 +6,7 @@ A controllable clock moves leases past their expiry without sleeping.
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing
 import re
 import socket
@@ -30,7 +31,9 @@ from shared.state.port import (
     HolderState,
     Pause,
     RouteCounts,
+    RouteStart,
     ScanRecord,
+    TokenHealth,
     UidKey,
     Watermark,
 )
@@ -762,6 +765,56 @@ def test_token_problem_keeps_its_first_time_until_cleared(store, clock):
     assert store.read_token_problem("microsoft") is None
     store.record_token_problem("microsoft", None)  # clearing nothing is fine
     assert store.read_token_problem("microsoft") is None
+
+
+# -- token health --------------------------------------------------------------------------
+def test_token_health_is_written_once_an_hour_at_most(store, clock):
+    assert store.read_token_health("google", "alice@gmail.test") is None
+    assert store.record_token_worked("google", "alice@gmail.test", "tag-1") is True
+    clock.advance(3599)
+
+    # Fresh: every refresh of the hour after it writes nothing.
+    assert store.record_token_worked("google", "alice@gmail.test", "tag-1") is False
+    assert store.read_token_health("google", "alice@gmail.test") == TokenHealth("google", "alice@gmail.test", "tag-1", START, START)
+
+    clock.advance(1)
+    assert store.record_token_worked("google", "alice@gmail.test", "tag-1") is True
+    assert store.read_token_health("google", "alice@gmail.test") == TokenHealth(
+        "google", "alice@gmail.test", "tag-1", START, START + 3600
+    )
+    # One record per provider and account.
+    assert store.read_token_health("google", "bob@gmail.test") is None
+    assert store.read_token_health("microsoft", "alice@gmail.test") is None
+
+
+def test_a_replaced_token_starts_its_health_record_over(store, clock):
+    store.record_token_worked("microsoft", "me@outlook.test", "old")
+    clock.advance(60)
+
+    # Another tag: written at once, however fresh the old token's record.
+    assert store.record_token_worked("microsoft", "me@outlook.test", "new") is True
+
+    assert store.read_token_health("microsoft", "me@outlook.test") == TokenHealth(
+        "microsoft", "me@outlook.test", "new", START + 60, START + 60
+    )
+    clock.advance(10)
+    assert store.record_token_worked("microsoft", "me@outlook.test", "new", fresh_for=5) is True
+    assert store.read_token_health("microsoft", "me@outlook.test").first_worked_at == START + 60
+
+
+# -- route starts --------------------------------------------------------------------------
+def test_route_start_is_kept_from_the_first_scan(store, clock):
+    assert store.read_route_start(ROUTE) is None
+    store.record_route_start(ROUTE, dt.date(2026, 11, 24), 32, 7)
+    clock.advance(60)
+    store.record_route_start(ROUTE, dt.date(2026, 11, 25), 0, 7)  # a later first scan: the first stays
+
+    assert store.read_route_start(ROUTE) == RouteStart(ROUTE, dt.date(2026, 11, 24), 32, 7, START)
+    assert store.read_route_start("other") is None
+
+    # A route's own since: no fallback days; `replace` moves a start on purpose.
+    store.record_route_start(ROUTE, dt.date(2020, 1, 1), 0, None, replace=True)
+    assert store.read_route_start(ROUTE) == RouteStart(ROUTE, dt.date(2020, 1, 1), 0, None, START + 60)
 
 
 # -- the holder of a claim (shared.claim_owners) -------------------------------------------

@@ -108,6 +108,32 @@ def test_a_first_scan_tells_where_it_started_and_how_many_older_messages_it_leav
     assert (later.since, later.found, later.older) == (None, 1, None)  # above the watermark: nothing left behind
 
 
+def test_a_first_scan_records_its_start_for_status_and_later_scans_leave_it(world):
+    day = FIRST_SCAN_DAY
+    arrive_on(world, "work", *[day - dt.timedelta(days=30)] * 3, day)
+
+    scan(world, dry_run=True)
+    assert world.state.read_route_start("work") is None  # a dry run writes nothing
+    scan(world)
+    arrive_on(world, "work", day)
+    scan(world)
+
+    start = world.state.read_route_start("work")
+    assert (start.since, start.older, start.fallback_days) == (day - dt.timedelta(days=FALLBACK_DAYS), 3, FALLBACK_DAYS)
+    assert world.state.calls_to("record_route_start") == 1
+
+
+def test_a_routes_own_since_is_recorded_as_its_start(world):
+    since = FIRST_SCAN_DAY - dt.timedelta(days=40)
+    world.routes["work"] = make_route("work", since=since)
+    arrive_on(world, "work", since - dt.timedelta(days=1), FIRST_SCAN_DAY)
+
+    scan(world)
+
+    start = world.state.read_route_start("work")
+    assert (start.since, start.older, start.fallback_days) == (since, 1, None)
+
+
 def test_a_reference_carries_the_fingerprint_and_size_of_its_message(world):
     body = email("Invoice", body="x" * 300)
     world.arrive("work", body, internaldate=noon(FIRST_SCAN_DAY), gmail_msgid=991)
