@@ -150,7 +150,8 @@ def _start(start: RouteStart | None) -> dict | None:
         return None
     return {
         "since": start.since.isoformat(),
-        "from": "its since" if start.fallback_days is None else f"FALLBACK_SINCE_DAYS={start.fallback_days}",
+        # No fallback: the route's own since, or a date a backfill (`drain --since`) reached back to.
+        "from": "its since, or drain --since" if start.fallback_days is None else f"FALLBACK_SINCE_DAYS={start.fallback_days}",
         "older_not_copied": start.older,
         "first_scan": iso_time(start.at),
     }

@@ -75,6 +75,9 @@ def test_drain_since_copies_the_older_mail_the_first_run_left_and_nothing_twice(
     source = read_folder(dovecot_pair.gmail, user, "INBOX")
     copied = read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")
     assert_copied_exactly(source[1:], copied)  # all but the oldest, each once
+    # status says where the route starts now, and that only the oldest one is left behind.
+    shown = setup.cli("status").stdout
+    assert f"  started {since} (its since, or drain --since); 1 older message not copied" in shown, shown
     again = setup.cli("drain", "--since", since)
     assert "route work: 0 copied" in again.stdout and "0 older message(s) never copied before" in again.stdout
     assert len(read_folder(dovecot_pair.outlook, setup.outlook_user, "Work")) == 5

@@ -98,7 +98,7 @@ def test_status_shows_where_each_route_started_and_what_it_left(sync_env, doveco
     lines = shown.stdout.splitlines()
     started = date(7)  # FALLBACK_SINCE_DAYS defaults to 7
     assert f"  started {started} (FALLBACK_SINCE_DAYS=7); 3 older messages not copied (drain --since DATE copies them)" in lines
-    assert "  started 2020-01-01 (its since)" in lines
+    assert "  started 2020-01-01 (its since, or drain --since)" in lines
     routes = json.loads(setup.cli("status", "--json").stdout)["routes"]
     assert routes[0]["start"] | {"first_scan": None} == {
         "since": started, "from": "FALLBACK_SINCE_DAYS=7", "older_not_copied": 3, "first_scan": None,
