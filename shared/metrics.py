@@ -80,9 +80,9 @@ def batch_documents(results: Iterable[CopyResult], *, namespace: str, now: float
 
 
 def paused_provider(result: CopyResult) -> str:
-    """Whose pause held a PAUSED message back. Its detail starts with the pause's name
-    (pauses.describe): "destination" for Outlook, "source <account>" for a Gmail account."""
-    return OUTLOOK if result.detail.startswith(f"{DESTINATION} ") else GMAIL
+    """Whose pause held a PAUSED message back: the destination's is Outlook's, a source
+    account's Gmail's."""
+    return OUTLOOK if result.paused_by == DESTINATION else GMAIL
 
 
 def write(documents: Sequence[dict[str, Any]], out: TextIO | None = None) -> None:

@@ -136,6 +136,8 @@ class CopyResult:
     size: int | None = field(default=None, compare=False)
     internaldate: dt.datetime | None = field(default=None, compare=False)
     elapsed_ms: int | None = field(default=None, compare=False)
+    # PAUSED: whose pause holds it back, the pause's name (DESTINATION, or a source account's).
+    paused_by: str | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -787,7 +789,7 @@ class Copier:
         return self._waits_for(ref.key, pause)
 
     def _waits_for(self, key: UidKey, pause: Pause) -> CopyResult:
-        return CopyResult(Outcome.PAUSED, key, describe(pause), retry_after=pause.until - self.clock())
+        return CopyResult(Outcome.PAUSED, key, describe(pause), retry_after=pause.until - self.clock(), paused_by=pause.name)
 
     def _let_go(self, ref: MessageRef, *, append_outcome_unknown: bool) -> None:
         try:

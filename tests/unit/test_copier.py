@@ -336,7 +336,7 @@ def test_a_throttle_met_while_looking_for_a_message_again_pauses_the_source(worl
 
     assert (result.outcome, result.retry_after) == (Outcome.PAUSED, 60)
     account = world.routes["work"].gmail_user
-    assert [pause.name for pause in world.state.inner.pauses()] == [f"source {account}"]
+    assert [pause.name for pause in world.state.inner.pauses()] == [f"source {account}"] == [result.paused_by]
     assert world.failure(ref) is None
 
 
@@ -530,7 +530,7 @@ def test_a_throttled_append_pauses_the_destination_and_spends_no_attempt(world):
 
     result = world.copier().copy_message(ref)
 
-    assert (result.outcome, result.retry_after) == (Outcome.PAUSED, 2.5)
+    assert (result.outcome, result.retry_after, result.paused_by) == (Outcome.PAUSED, 2.5, "destination")
     assert result.detail.startswith("destination paused until ") and "suggested backoff 2500 ms" in result.detail
     assert throttled_visibility(result) == 4  # ceil(2.5) + 1: never received a moment early
     assert world.claim(ref).status is ClaimStatus.FAILED  # released: a refusal, nothing landed

@@ -26,7 +26,8 @@ def _copied(route: str, uid: int, *, size: int, age_seconds: float) -> CopyResul
 
 def _paused(route: str, uid: int, pause_name: str) -> CopyResult:
     return CopyResult(
-        Outcome.PAUSED, UidKey(route, 1, uid), describe(Pause(pause_name, NOW + 60, "THROTTLED")), retry_after=60
+        Outcome.PAUSED, UidKey(route, 1, uid), describe(Pause(pause_name, NOW + 60, "THROTTLED")), retry_after=60,
+        paused_by=pause_name,
     )
 
 
