@@ -167,29 +167,29 @@ class DynamoStateStore(StateStore):
         )
 
     def set_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        self._put_lookup_bound(route, uidvalidity, last_uid, "attribute_not_exists(pk)")  # the first bound stays
+
+    def widen_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
+        # Unless it covers this UID already.
+        self._put_lookup_bound(
+            route, uidvalidity, last_uid, "attribute_not_exists(pk) OR uidvalidity <> :v OR last_uid < :u",
+            {":v": _n(uidvalidity), ":u": _n(last_uid)},
+        )
+
+    def _put_lookup_bound(
+        self, route: str, uidvalidity: int, last_uid: int, condition: str, values: dict | None = None
+    ) -> None:
         try:
             self._call(
                 "put_item",
                 TableName=self._table,
                 Item=_item_key(route_pk(route), LOOKUP_SK)
                 | {"uidvalidity": _n(uidvalidity), "last_uid": _n(last_uid), "updated_at": _n(self._clock())},
-                ConditionExpression="attribute_not_exists(pk)",  # the first bound stays
+                ConditionExpression=condition,
+                **({"ExpressionAttributeValues": values} if values else {}),
             )
         except _ConditionFailed:
             pass
-
-    def widen_lookup_bound(self, route: str, uidvalidity: int, last_uid: int) -> None:
-        try:
-            self._call(
-                "put_item",
-                TableName=self._table,
-                Item=_item_key(route_pk(route), LOOKUP_SK)
-                | {"uidvalidity": _n(uidvalidity), "last_uid": _n(last_uid), "updated_at": _n(self._clock())},
-                ConditionExpression="attribute_not_exists(pk) OR uidvalidity <> :v OR last_uid < :u",
-                ExpressionAttributeValues={":v": _n(uidvalidity), ":u": _n(last_uid)},
-            )
-        except _ConditionFailed:
-            pass  # it covers this UID already
 
     def read_lookup_bound(self, route: str) -> Watermark | None:
         item = self._get(route_pk(route), LOOKUP_SK)
