@@ -132,6 +132,8 @@ def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exi
 
 def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     routes = selected_routes(args, app)
+    if not args.dry_run:
+        _queue_of(app, routes)  # --route where the queue cannot do it: refused before any scan
     scans = _scan(args, app, routes, copying_next=not args.dry_run)
     if args.dry_run:
         _print_scans(scans, dry_run=True)
@@ -163,6 +165,7 @@ def _drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
         scans = _scan(args, app, routes, copying_next=False)
         _print_scans(scans, dry_run=True)
         return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
+    _queue_of(app, routes)  # --route where the queue cannot do it: refused before any scan
     tally = RunTally()
     while True:
         scans = _scan(args, app, routes)
@@ -381,7 +384,9 @@ def _consume(
     app.state.check_health()  # the gate, also when consuming alone
     lease = app.settings.lease_seconds
     queue = _queue_of(app, routes)
-    progress = Progress(total=queue.depths().visible, quiet=app.settings.log_format == "json" or not show_progress)
+    progress = Progress(
+        total=queue.depths().visible, quiet=not show_progress, json_logs=app.settings.log_format == "json"
+    )
 
     def on_result(result: CopyResult) -> None:
         tally.add(result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter, defaultdict
@@ -18,6 +19,8 @@ from shared.pipeline.scan import RouteScan
 from shared.settings import Route
 from shared.state import Claim, Pause
 
+log = logging.getLogger("mail_syncer.progress")
+
 # Not on a terminal (cron, CI, a log file): one line this often instead of a redrawn one.
 LOG_EVERY_SECONDS = 10.0
 # While a run waits for the same thing, it says so again this often.
@@ -29,18 +32,22 @@ class Progress:
     LOG_EVERY_SECONDS. It counts messages, each by its latest outcome (a message failed once and
     copied on its retry is one copied message), as the summary does. While it is drawn, log lines
     (shared.logs.live_line) and `note`s clear it first and draw it again after, so no two share a
-    line. `quiet`: nothing drawn (JSON logs own stderr), notes still written."""
+    line. `quiet`: nothing drawn (a watch's round prints its own line), waits still said.
+    `json_logs`: nothing drawn, and waits said as log records: JSON log lines own stderr."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, clock=time.monotonic, *, quiet: bool = False) -> None:
+    def __init__(
+        self, total: int, stream: TextIO | None = None, clock=time.monotonic, *, quiet: bool = False, json_logs: bool = False
+    ) -> None:
         self.total = total
         self.stream = stream or sys.stderr
         self.clock = clock
         self.started = clock()
-        self.quiet = quiet
+        self.quiet = quiet or json_logs
+        self.json_logs = json_logs
         self.latest: dict[object, Outcome] = {}  # message (its key, else the result) -> latest outcome
         self._last_shown = 0.0
         self._shown_line: str | None = None  # what was last drawn or written
-        self._tty = self.stream.isatty() and not quiet
+        self._tty = self.stream.isatty() and not self.quiet
         self._drawn = False  # a line is on the terminal now, without its newline
         self._wait_shown: tuple | None = None
         self._wait_shown_at = 0.0
@@ -68,7 +75,10 @@ class Progress:
         if what == self._wait_shown and now - self._wait_shown_at < WAIT_REMINDER_SECONDS:
             return
         self._wait_shown, self._wait_shown_at = what, now
-        self.note(describe_wait(wait), self.stream)
+        if self.json_logs:
+            log.info("%s", describe_wait(wait))
+        else:
+            self.note(describe_wait(wait), self.stream)
 
     def finish(self) -> None:
         """The last count, unless it is on screen already; the terminal's line ended."""
