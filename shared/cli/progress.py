@@ -45,7 +45,7 @@ class Progress:
         self.quiet = quiet or json_logs
         self.json_logs = json_logs
         self.latest: dict[object, Outcome] = {}  # message (its key, else the result) -> latest outcome
-        self._last_shown = 0.0
+        self._last_shown = self.started  # the first line after LOG_EVERY_SECONDS (0.2 s on a terminal)
         self._shown_line: str | None = None  # what was last drawn or written
         self._tty = self.stream.isatty() and not self.quiet
         self._drawn = False  # a line is on the terminal now, without its newline

@@ -157,8 +157,10 @@ def test_on_a_terminal_a_log_line_clears_the_progress_line_and_it_is_drawn_again
     log.addHandler(handler)
     log.propagate = False
     try:
-        progress = Progress(total=2, stream=terminal)
+        ticks = iter(range(100))  # a second between looks: every advance draws
+        progress = Progress(total=2, stream=terminal, clock=lambda: next(ticks))
         progress.advance(result(1, Outcome.COPIED))
+        assert terminal.getvalue().startswith("\r1/2 done")  # drawn, without its newline
         log.warning("route work: something to say")
         progress.note("route work UID 2: copied")
         progress.advance(result(2, Outcome.COPIED))
