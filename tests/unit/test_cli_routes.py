@@ -9,16 +9,11 @@ import pytest
 
 from shared.cli import main as cli_main
 from shared.cli import commands
-from shared.settings import Settings
 
 
 @pytest.fixture
-def two_routes_on_sqs(monkeypatch, tmp_path):
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-    monkeypatch.delenv("AWS_SECRETS_MANAGER_SECRET_IDS", raising=False)
-    monkeypatch.setattr("signal.signal", lambda *args: None)
-    monkeypatch.chdir(tmp_path)
+def two_routes_on_sqs(bare, monkeypatch):
+    tmp_path = bare
     routes = [
         {"name": name, "gmail_user": f"{name}@gmail.test", "gmail_password": "source-password", "auth": "password",
          "outlook_folder": name.title()}

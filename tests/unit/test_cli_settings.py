@@ -7,18 +7,6 @@ from __future__ import annotations
 import pytest
 
 from shared.cli import main as cli_main
-from shared.settings import Settings
-
-
-@pytest.fixture
-def bare(monkeypatch, tmp_path):
-    """No setting in the environment, an empty folder (no .env)."""
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-    monkeypatch.delenv("AWS_SECRETS_MANAGER_SECRET_IDS", raising=False)
-    monkeypatch.setattr("signal.signal", lambda *args: None)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_a_fresh_clone_names_every_missing_setting_and_where_they_are_described(bare, capsys):
