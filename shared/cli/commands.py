@@ -19,6 +19,8 @@ from shared import bootstrap, claim_owners
 from shared.cli import run_lock
 from shared.cli.progress import Progress, RunTally
 from shared.cli.report import ExitCode, Report, UsageProblem
+from shared.cli.route_option import selected_routes
+from shared.cli.status import report_token_health
 from shared.errors import ImapFailure, QueueUnavailable, StateStoreUnavailable
 from shared.mailbox.imap import ImapSource, open_folder_watch
 from shared.mailbox.port import ListedMessage
@@ -62,9 +64,7 @@ def check(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
     for route in routes:
         _check_source(app, route, report)
     _check_destination(app, report)
-    from shared.cli.status import report_token_health  # status's lines, as check prints them
-
-    report_token_health(app, report)  # the logins above recorded how each token did
+    report_token_health(app, report)  # status's token lines; the logins above recorded how each did
     return ExitCode.UNREACHABLE if report.failed else ExitCode.OK
 
 
@@ -117,13 +117,13 @@ SCAN_ACCOUNTS_AT_ONCE = 8
 
 
 def scan(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    scans = _scan(args, app, selected_routes(args, app), copying_next=False)
+    scans = _scan(args, app, selected_routes(args, app.settings), copying_next=False)
     _print_scans(scans, dry_run=args.dry_run)
     return ExitCode.UNREACHABLE if any(s.error for s in scans) else ExitCode.OK
 
 
 def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    routes = selected_routes(args, app)
+    routes = selected_routes(args, app.settings)
     tally = RunTally()
     _consume(app, tally, routes, verbose=args.verbose)
     _print_summary(app, tally, routes)
@@ -131,7 +131,7 @@ def consume(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exi
 
 
 def run_once(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    routes = selected_routes(args, app)
+    routes = selected_routes(args, app.settings)
     if not args.dry_run:
         _queue_of(app, routes)  # --route where the queue cannot do it: refused before any scan
     scans = _scan(args, app, routes, copying_next=not args.dry_run)
@@ -151,14 +151,14 @@ def drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitC
     if args.dry_run:
         return _drain(args, app, report)
     command = "drain --watch" if args.watch else "drain"
-    names = [route.name for route in selected_routes(args, app)] if args.route else None
+    names = [route.name for route in selected_routes(args, app.settings)] if args.route else None
     with run_lock.first_drain(app.settings, command, names) as first:
         return _drain(args, app, report) if first else ExitCode.OK
 
 
 def _drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Scan and copy, again and again, until no route has anything left to enqueue."""
-    routes = selected_routes(args, app)
+    routes = selected_routes(args, app.settings)
     if args.dry_run:
         if args.watch:
             raise UsageProblem("--dry-run and --watch: a dry run lists what would be copied now, then ends")
@@ -177,19 +177,6 @@ def _drain(args: argparse.Namespace, app: bootstrap.App, report: Report) -> Exit
     if args.watch:
         return _watch(args, app, tally, routes)
     return _exit_code(tally)
-
-
-def selected_routes(args: argparse.Namespace, app: bootstrap.App) -> list[Route]:
-    """The routes `--route` names (each known), in the settings' order; every route without it."""
-    routes = app.settings.routes
-    names = getattr(args, "route", None)
-    if not names:
-        return list(routes)
-    known = [route.name for route in routes]
-    unknown = [name for name in dict.fromkeys(names) if name not in known]
-    if unknown:
-        raise UsageProblem(f"--route: unknown route {', '.join(map(repr, unknown))} (routes: {', '.join(known)})")
-    return [route for route in routes if route.name in names]
 
 
 def _watch(args: argparse.Namespace, app: bootstrap.App, tally: RunTally, routes: Sequence[Route]) -> ExitCode:
@@ -260,7 +247,7 @@ def _round_lines(routes: Sequence[Route], tally: RunTally) -> list[str]:
 
 def reconcile(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
     """Record as copied what each route's destination folder holds already; copies nothing."""
-    routes = selected_routes(args, app)
+    routes = selected_routes(args, app.settings)
     app.state.check_health()  # the gate: what is recorded must be kept
     limits = app.scan_limits()
     results = reconcile_routes(

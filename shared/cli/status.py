@@ -9,7 +9,8 @@ import sys
 import time
 
 from shared import bootstrap
-from shared.cli.report import ExitCode, Report
+from shared.cli.report import ExitCode, Report, UsageProblem
+from shared.cli.route_option import selected_routes
 from shared.errors import QueueUnavailable, StateStoreUnavailable
 from shared.pipeline.budget import in_megabytes
 from shared.pipeline.pauses import iso_time
@@ -20,12 +21,11 @@ from shared.tokens.health import configured_tokens, read_token_states
 
 
 def status(args: argparse.Namespace, app: bootstrap.App, report: Report) -> ExitCode:
-    known = [route.name for route in app.settings.routes]
-    unknown = [name for name in args.route or () if name not in known]
-    if unknown:
-        print(f"status --route: unknown route {', '.join(map(repr, unknown))} (routes: {', '.join(known)})", file=sys.stderr)
+    try:
+        shown = selected_routes(args, app.settings)
+    except UsageProblem as exc:
+        print(f"status {exc}", file=sys.stderr)  # as redrive says it: `status --route: ...`
         return ExitCode.USAGE
-    shown = [route for route in app.settings.routes if not args.route or route.name in args.route]
     app.state.check_health()
     routes = []
     for route in shown:

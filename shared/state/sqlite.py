@@ -328,16 +328,8 @@ class SqliteStateStore(StateStore):
     def mark_appending(
         self, key: UidKey, owner: str, *, dest_uidvalidity: int | None = None, dest_uid_floor: int | None = None
     ) -> None:
-        with self._writing() as db:
-            claim = self._owned_claim(db, key, owner)
-            appending = replace(
-                claim,
-                status=ClaimStatus.APPENDING,
-                updated_at=self._clock(),
-                dest_uidvalidity=dest_uidvalidity,
-                dest_uid_floor=dest_uid_floor,
-            )
-            self._save_claim(db, appending)
+        if not self.mark_appending_many([key], owner, dest_uidvalidity=dest_uidvalidity, dest_uid_floor=dest_uid_floor):
+            raise claim_lost(key, owner, self.get_claim(key))
 
     def mark_appending_many(
         self,
